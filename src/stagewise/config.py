@@ -1,0 +1,342 @@
+"""Typed config schemas: every default of the project lives here.
+
+`train.yaml` composes one YAML per group on top of `TrainConfig`, which is registered in Hydra's ConfigStore
+as ``train_schema``. Because the schema is a structured config, a key that is not declared here or a value of
+the wrong type fails at compose time, and OmegaConf's error names the full key (e.g. ``stage.learning_rte``).
+
+Groups and what they hold (see README "Config reference"):
+    model      which checkpoint, dtype, attention, LoRA, the tiny offline model's shape
+    data       sources (jsonl/parquet/arrow/HF id/generator), adapters, mixture, lengths, packing
+    stage      which recipe runs (vocab, sft, grpo, rejection_sampling, eval) and its optimisation schedule
+    algorithm  the objective inside the stage (sft; grpo, dr_grpo, dapo, gspo): one file is one variant
+    hardware   processes, precision, DeepSpeed ZeRO stage/offload, micro-batch and accumulation
+    reward     weighted reward functions          env      single-turn or code-execution environment
+    rollout    generation backend and sampling    logger   console/jsonl plus optional W&B/TensorBoard
+    paths      where runs and caches go           pipeline an ordered list of stages with overrides
+Secrets (API keys) are never config values: configs name the *environment variable* that holds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+DEEPANALYZE_TAGS: List[str] = [
+    "<Analyze>", "</Analyze>", "<Understand>", "</Understand>", "<Code>", "</Code>",
+    "<Execute>", "</Execute>", "<Answer>", "</Answer>",
+]
+REASONING_TAGS: List[str] = ["<think>", "</think>", "<answer>", "</answer>"]
+
+R1_ZERO_SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
+    "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+    "respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"
+)
+
+
+# --------------------------------------------------------------------------------------------------- model
+@dataclass
+class TinyModelConfig:
+    """Shape of the offline Qwen3-architecture model built when ``model.name_or_path == "stagewise-tiny"``."""
+
+    seed: int = 0
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 48
+    max_position_embeddings: int = 4096
+    # Pad the embedding matrix to a multiple of this, as Qwen checkpoints do (151936 rows for ~151.7K tokens).
+    pad_vocab_to_multiple_of: int = 64
+    tie_word_embeddings: bool = False
+    # Ship the DeepAnalyze action tags as single tokens (set false to exercise stage=vocab on a bare vocab).
+    with_deepanalyze_tags: bool = True
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 64
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "stagewise-tiny"
+    revision: Optional[str] = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    # auto picks flash_attention_2 when installed on a GPU, else sdpa.
+    attn_implementation: str = "auto"  # auto | eager | sdpa | flash_attention_2
+    trust_remote_code: bool = False
+    tokenizer: Optional[str] = None  # defaults to name_or_path
+    chat_template: Optional[str] = None  # a jinja string or a path to a .jinja file; overrides the tokenizer's
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+@dataclass
+class SourceConfig:
+    """One data source. ``path`` is a local file/folder, an HF hub id, or ``generator:<name>``."""
+
+    path: str = MISSING
+    # messages | prompt_completion | bespoke_stratos | numina_tir | deepanalyze | deepanalyze_rl | countdown | auto
+    adapter: str = "auto"
+    split: str = "train"
+    name: Optional[str] = None  # label used in the mixture report; defaults to the file stem
+    num_samples: Optional[int] = None  # an absolute count (sampled with replacement only if larger than the source)
+    ratio: Optional[float] = None  # or a fraction of the source
+    generator_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    sources: List[SourceConfig] = field(default_factory=list)
+    eval_sources: List[SourceConfig] = field(default_factory=list)
+    eval_fraction: float = 0.0  # held out from `sources` when no eval_sources are given
+    max_length: int = 2048
+    overlong: str = "drop"  # drop (ms-swift `delete`) | truncate
+    packing: bool = False
+    on_bad_row: str = "error"  # error | skip
+    system_prompt: Optional[str] = None  # for prompt datasets (GRPO); None keeps the data's own
+    num_proc: int = 1
+    cache_dir: Optional[str] = None  # defaults to ${paths.cache_dir}/tokenized
+    max_prompt_length: int = 1024
+    # Execute spans (`<Execute>`..`</Execute>`, both tags) carry no loss: DeepAnalyze's SFT rule.
+    mask_execute: bool = True
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------------- stage
+@dataclass
+class StageConfig:
+    """Which recipe runs and its schedule. Fields that a stage does not read are ignored by it."""
+
+    name: str = "sft"  # vocab | sft | grpo | rejection_sampling | eval
+    # optimisation (sft, grpo)
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    lr_scheduler: str = "cosine"  # cosine | linear | constant | constant_with_warmup
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    num_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_epochs
+    # bookkeeping
+    logging_steps: int = 1
+    eval_steps: int = 0  # 0 = no periodic eval
+    save_steps: int = 0  # 0 = only final/
+    save_total_limit: int = 2
+    samples_steps: int = 1  # GRPO: write samples/step_<N>.parquet every N steps
+    # GRPO
+    prompts_per_step: int = 16
+    mini_batch_size: int = 0  # prompts per optimizer step inside one rollout batch; 0 = all (on-policy)
+    ppo_epochs: int = 1
+    # vocab (DeepAnalyze stage 0)
+    new_tokens: List[str] = field(default_factory=lambda: list(DEEPANALYZE_TAGS))
+    init: str = "subtoken_mean"  # subtoken_mean | random
+    # rejection_sampling
+    acceptance_threshold: float = 0.8
+    best_per_prompt: bool = False
+    general_data_ratio: float = 0.0
+    # eval
+    pass_k: List[int] = field(default_factory=lambda: [1])
+    num_eval_prompts: int = 0  # 0 = all
+    # early stopping on an eval metric (sft, grpo)
+    early_stopping_metric: Optional[str] = None
+    early_stopping_patience: int = 0
+
+
+# ----------------------------------------------------------------------------------------------- algorithm
+@dataclass
+class AlgorithmConfig:
+    """The objective. `sft` reads none of the GRPO fields; a GRPO variant sets them all in one file."""
+
+    name: str = "sft"  # sft | grpo | dr_grpo | dapo | gspo
+    # advantages
+    adv_scale: str = "group"  # group | batch | none
+    # policy ratio and clipping
+    ratio_level: str = "token"  # token (GRPO) | sequence (GSPO)
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    dual_clip_c: Optional[float] = None  # e.g. 3.0; None disables dual clip
+    loss_agg: str = "seq_mean_token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+    loss_agg_max_tokens: Optional[int] = None  # Dr. GRPO constant; defaults to rollout.max_new_tokens
+    # KL to a reference (off by default, as in DeepAnalyze)
+    beta: float = 0.0
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    # sampling filters
+    filter_zero_std_groups: bool = False
+    max_resample_rounds: int = 0  # dynamic sampling: extra generation rounds to refill filtered groups
+    mask_truncated: bool = False
+    # vLLM/trainer mismatch correction (truncated importance sampling)
+    tis_cap: Optional[float] = 2.0
+    entropy_coef: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------ hardware
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0  # 0 = off, 2, 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    zero3_save_16bit_model: bool = True
+
+
+@dataclass
+class HardwareConfig:
+    num_processes: int = 1
+    num_machines: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    per_device_batch_size: int = 4
+    grad_accum_steps: int = 1
+    gradient_checkpointing: bool = False
+    use_liger: bool = False  # only takes effect when liger-kernel is installed and a GPU is present
+    cpu: bool = False  # force CPU even when a GPU is present
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logprob_chunk_size: int = 1024  # tokens per chunk when computing log-probs without full-vocab logits
+
+
+# ------------------------------------------------------------------------------------------------- reward
+@dataclass
+class RewardFnConfig:
+    """One reward: a registered name or ``my_pkg.mod:fn`` / ``path/to/file.py:fn``."""
+
+    name: str = MISSING
+    weight: float = 1.0
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardConfig:
+    functions: List[RewardFnConfig] = field(default_factory=list)
+    timeout_s: float = 10.0  # per call of a slow reward (sympy, judge)
+    num_workers: int = 4
+
+
+# ---------------------------------------------------------------------------------------------------- env
+@dataclass
+class EnvConfig:
+    name: str = "single_turn"  # single_turn | code_sandbox
+    max_turns: int = 1
+    max_context_tokens: int = 32768
+    workspace_root: Optional[str] = None
+    timeout_s: float = 10.0
+    memory_mb: int = 2048
+    stateful: bool = False
+    max_output_chars: int = 8192
+    num_workers: int = 8
+
+
+# ------------------------------------------------------------------------------------------------ rollout
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"  # hf | vllm | vllm_server
+    n: int = 8  # samples per prompt (GRPO group size)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 256
+    stop: List[str] = field(default_factory=list)
+    batch_size: int = 64  # sequences per generate() call for the hf backend
+    # vLLM
+    gpu_memory_utilization: float = 0.5
+    enable_sleep_mode: bool = True
+    server_url: Optional[str] = None
+    tensor_parallel_size: int = 1
+
+
+# ------------------------------------------------------------------------------------------------- logger
+@dataclass
+class LoggerConfig:
+    sinks: List[str] = field(default_factory=lambda: ["console", "jsonl"])  # + wandb, tensorboard
+    project: str = "stagewise"
+    wandb_mode: str = "online"  # online | offline | disabled
+    wandb_entity: Optional[str] = None
+    progress_bar: bool = True
+
+
+# -------------------------------------------------------------------------------------------------- paths
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    output_dir: str = "outputs"
+    cache_dir: str = "${paths.output_dir}/.cache"
+    data_dir: str = "data"
+
+
+# ----------------------------------------------------------------------------------------------- pipeline
+@dataclass
+class PipelineStageConfig:
+    name: str = MISSING
+    overrides: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PipelineConfig:
+    name: Optional[str] = None  # None = run the single stage given by `stage=`
+    stages: List[PipelineStageConfig] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ top level
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    task_name: str = "train"
+    # One id for every rank of a run (see stagewise.run_folder.run_id); the run folder is
+    # ${paths.output_dir}/${task_name}/${run_id}. Set it to reuse a folder, e.g. to resume.
+    run_id: str = "${stagewise_run_id:}"
+    run_dir: Optional[str] = None  # filled in by train.py from Hydra's output dir
+    seed: int = 0
+    resume: str = "auto"  # auto (latest checkpoint in run_dir, if any) | never | <checkpoint path>
+    tags: List[str] = field(default_factory=list)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+
+
+def validate_config(cfg) -> None:
+    """Re-check a composed config against the schema; raise naming the first unknown key.
+
+    Hydra's ``+key=value`` appends with the struct flag lifted, so a misspelt ``+stage.learnin_rate`` would slip
+    through composition. Types were already checked by OmegaConf on assignment.
+    """
+    import dataclasses
+
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    def walk(node, schema, path: str) -> None:
+        if isinstance(node, DictConfig) and dataclasses.is_dataclass(schema):
+            fields = {f.name: f for f in dataclasses.fields(schema)}
+            for key in node.keys():
+                if key not in fields:
+                    raise KeyError(f"unknown config key {path}{key!s} (not a field of {schema.__name__}; "
+                                   f"valid keys: {sorted(fields)})")
+                walk(node._get_node(key), OmegaConf.get_type(node, key), f"{path}{key}.")
+        elif isinstance(node, ListConfig):
+            for i, item in enumerate(node._iter_ex(resolve=False)):
+                walk(item, OmegaConf.get_type(item) if isinstance(item, DictConfig) else None, f"{path[:-1]}[{i}].")
+
+    walk(cfg, TrainConfig, "")

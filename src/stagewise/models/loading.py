@@ -1,0 +1,102 @@
+"""Load any HF causal LM (hub id or local path) or the offline tiny model, with dtype and attention options."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from stagewise.config import ModelConfig
+from stagewise.models.tiny import TINY_NAME, build_tiny
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``auto`` is bf16 on a GPU that supports it and fp32 on CPU (bf16 matmuls on CPU are slow and inexact)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"model.dtype={name!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_attn_implementation(name: str) -> str:
+    if name != "auto":
+        if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ImportError("model.attn_implementation=flash_attention_2 needs flash-attn: pip install 'stagewise[gpu]'")
+        return name
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are exactly ``org/name``; anything else (``./x``, ``/abs``, ``a/b/c``, ``ckpt``) is a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") != 1
+
+
+def check_model_path(name: str) -> None:
+    """A local-looking path that does not exist is an error naming it (not a confusing hub 404)."""
+    if name == TINY_NAME:
+        return
+    p = Path(name).expanduser()
+    if p.exists():
+        if p.is_dir() and not (p / "config.json").exists():
+            raise ModelNotFoundError(f"model path {str(p)!r} exists but has no config.json (is it an HF model folder?)")
+        return
+    if _looks_like_path(name):
+        raise ModelNotFoundError(f"model path {name!r} does not exist")
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    if cfg.name_or_path == TINY_NAME and cfg.tokenizer is None:
+        from stagewise.models.tiny import tiny_tokenizer
+
+        tok = tiny_tokenizer(cfg.tiny.with_deepanalyze_tags)
+    else:
+        name = cfg.tokenizer or cfg.name_or_path
+        check_model_path(name)
+        tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if cfg.chat_template:
+        tpl = cfg.chat_template
+        tok.chat_template = Path(tpl).read_text() if tpl.endswith(".jinja") else tpl
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, dtype: torch.dtype | None = None):
+    """Return ``(model, tokenizer)``. The model is on CPU; the stage moves it (Accelerate does)."""
+    dtype = dtype or resolve_dtype(cfg.dtype)
+    attn = resolve_attn_implementation(cfg.attn_implementation)
+    if cfg.name_or_path == TINY_NAME:
+        model, tok = build_tiny(cfg.tiny, dtype=dtype, attn_implementation=attn)
+        if cfg.chat_template:
+            tok = load_tokenizer(cfg)
+        return model, tok
+    check_model_path(cfg.name_or_path)
+    tok = load_tokenizer(cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.name_or_path,
+        revision=cfg.revision,
+        dtype=dtype,
+        attn_implementation=attn,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    log.info("loaded %s (%.1fM params, %s, attn=%s)", cfg.name_or_path, num_params(model) / 1e6, dtype, attn)
+    return model, tok
+
+
+def num_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,124 @@
+"""Metric sinks: console, metrics.jsonl, W&B, TensorBoard, chosen by ``logger.sinks``.
+
+Only the main process writes. Every record in metrics.jsonl is ``{"step", "stage", ...metrics}`` with plain
+floats. Secrets never reach a tracker: the config holds env-var names, not keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+log = logging.getLogger("stagewise")
+
+SINKS = ("console", "jsonl", "wandb", "tensorboard")
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # json has no NaN/inf; keep them visible as strings
+    return v
+
+
+def format_metrics_line(step: int, metrics: Mapping[str, Any]) -> str:
+    parts = [f"step {step:>5}"]
+    for k, v in metrics.items():
+        v = _plain(v)
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    return " | ".join(parts)
+
+
+class Tracker:
+    """Fan metrics out to the configured sinks. ``console_formatter(step, metrics) -> str`` customises the console."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str | os.PathLike, *, stage: str, is_main: bool = True,
+                 console_formatter: Callable[[int, Mapping[str, Any]], str] | None = None):
+        self.stage = stage
+        self.is_main = is_main
+        self.run_dir = Path(run_dir)
+        self.console_formatter = console_formatter or format_metrics_line
+        sinks = list(cfg.logger.sinks)
+        unknown = [s for s in sinks if s not in SINKS]
+        if unknown:
+            raise ValueError(f"logger.sinks has unknown sink(s) {unknown}; choose from {list(SINKS)}")
+        self.sinks = sinks if is_main else []
+        self._jsonl = None
+        self._wandb = None
+        self._tb = None
+        if not self.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if "jsonl" in sinks:
+            self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if "wandb" in sinks:
+            import wandb
+
+            self._wandb = wandb.init(
+                project=cfg.logger.project,
+                entity=cfg.logger.wandb_entity,
+                name=f"{cfg.task_name}/{cfg.run_id}",
+                id=str(cfg.run_id).replace("/", "-") + f"-{stage}",
+                resume="allow",
+                dir=str(self.run_dir),
+                mode=cfg.logger.wandb_mode,
+                config=OmegaConf.to_container(cfg, resolve=True),
+                tags=list(cfg.tags),
+            )
+        if "tensorboard" in sinks:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        if not self.is_main:
+            return
+        clean = {k: _plain(v) for k, v in metrics.items()}
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, "stage": self.stage, "time": time.time(), **clean}) + "\n")
+        if "console" in self.sinks:
+            log.info(self.console_formatter(step, clean))
+        numeric = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", enabled: bool = True,
+             initial: int = 0):
+    """A tqdm bar on the main process only (disabled elsewhere and when logger.progress_bar is false)."""
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, initial=initial, dynamic_ncols=True,
+                leave=False)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

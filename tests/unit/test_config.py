@@ -1,0 +1,103 @@
+"""Every config file composes; bad keys and types fail at compose time naming the key; --cfg job round-trips."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import CONF_DIR, REPO, compose, run_train
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "local"))
+
+
+def _options(group: str) -> list[str]:
+    return sorted(str(p.relative_to(CONF_DIR / group).with_suffix("")) for p in (CONF_DIR / group).rglob("*.yaml"))
+
+
+CASES = [(g, o) for g in GROUPS for o in _options(g)]
+
+
+def test_every_group_has_files():
+    for g in ("model", "data", "stage", "algorithm", "hardware", "reward", "env", "rollout", "logger", "paths",
+              "pipeline", "experiment"):
+        assert g in GROUPS, f"conf/{g}/ is missing"
+    assert any(c[0] == "experiment" for c in CASES), "no experiment files"
+
+
+@pytest.mark.parametrize("group,option", CASES, ids=[f"{g}={o}" for g, o in CASES])
+def test_every_config_file_composes(group, option):
+    cfg = compose([f"{group}={option}"])
+    # the composed config must resolve fully (except values only known inside a Hydra run)
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert isinstance(container["stage"]["name"], str)
+    if group in ("model", "stage", "algorithm", "hardware", "rollout"):
+        raw = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+        for key, value in raw.items():
+            if key == "defaults" or OmegaConf.is_config(value):
+                continue
+            assert cfg[group][key] == value, f"{group}/{option}.yaml sets {key}={value} but composed {cfg[group][key]}"
+
+
+def test_launcher_presets_compose():
+    for p in sorted((CONF_DIR / "hydra" / "launcher").glob("*.yaml")):
+        cfg = compose([f"hydra/launcher={p.stem}"], return_hydra_config=True)
+        assert cfg.hydra.launcher._target_.startswith("hydra_plugins"), p
+
+
+@pytest.mark.parametrize("override,key", [
+    ("stage.learning_rte=1e-4", "learning_rte"),
+    ("+stage.learning_rte=1e-4", "learning_rte"),
+    ("model.lora.rank=8", "rank"),
+    ("hardware.per_device_batch=2", "per_device_batch"),
+])
+def test_misspelt_override_fails_naming_the_key(override, key):
+    with pytest.raises(Exception) as err:
+        compose([override])
+    assert key in str(err.value)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("stage.learning_rate=fast", "learning_rate"),
+    ("hardware.num_processes=two", "num_processes"),
+    ("rollout.n=1.5", "n"),
+])
+def test_wrong_type_fails_naming_the_key(override, key):
+    with pytest.raises(Exception) as err:
+        compose([override])
+    assert key in str(err.value)
+    assert isinstance(err.value.__cause__ or err.value, (ValidationError, ConfigKeyError, Exception))
+
+
+def test_unknown_key_in_a_yaml_file_fails(tmp_path):
+    bad = tmp_path / "conf"
+    import shutil
+
+    shutil.copytree(CONF_DIR, bad)
+    (bad / "stage" / "bad.yaml").write_text("name: sft\nlearnin_rate: 1.0\n")
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(bad), version_base="1.3"):
+        with pytest.raises(Exception) as err:
+            hydra_compose(config_name="train", overrides=["stage=bad"])
+    assert "learnin_rate" in str(err.value)
+
+
+def test_cfg_job_round_trips(tmp_path):
+    """`python train.py --cfg job` prints a config that, fed back as the config, composes to the same thing."""
+    proc = run_train(["--cfg", "job", "stage=vocab", "stage.learning_rate=3e-5", "rollout.n=5"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    printed = OmegaConf.create(proc.stdout)
+    assert printed.stage.name == "vocab" and printed.stage.learning_rate == 3e-5 and printed.rollout.n == 5
+    # feed the printed config back in as the primary config: it must compose to the identical config
+    conf = tmp_path / "printed"
+    conf.mkdir()
+    (conf / "job.yaml").write_text(proc.stdout)
+    proc2 = run_train(["--config-dir", str(conf), "--config-name", "job", "--cfg", "job"], cwd=tmp_path)
+    assert proc2.returncode == 0, proc2.stderr
+    assert OmegaConf.create(proc2.stdout) == printed
+    # and the train.py help names the groups
+    assert (REPO / "train.py").exists()

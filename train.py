@@ -1,0 +1,61 @@
+"""stagewise: one entry point for every stage and pipeline.
+
+    python train.py                                  # default tiny curriculum on CPU
+    python train.py stage=vocab model=deepseek_r1_0528_qwen3_8b
+    python train.py experiment=deepscaler/qwen3_4b_lora hardware=8xa100
+    python train.py -m algorithm=grpo,dr_grpo seed=0,1 hydra/launcher=slurm
+
+It composes the config (unknown keys and wrong types fail here, naming the key), fixes the run folder, relaunches
+itself under torchrun when `hardware.num_processes` > 1, and dispatches to one stage file or to the pipeline runner.
+Stages are end-of-chain code: this file imports them, the library never does.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from stagewise.config import register_configs, validate_config
+from stagewise.run_folder import register_resolvers
+
+STAGES = {
+    "vocab": "stagewise.stages.vocab",
+    "sft": "stagewise.stages.sft",
+    "grpo": "stagewise.stages.grpo",
+    "rejection_sampling": "stagewise.stages.rejection_sampling",
+    "eval": "stagewise.stages.eval",
+}
+
+register_resolvers()
+register_configs()
+
+
+def run_stage(cfg: DictConfig):
+    if cfg.stage.name not in STAGES:
+        raise ValueError(f"stage.name={cfg.stage.name!r} is not one of {sorted(STAGES)}")
+    module = importlib.import_module(STAGES[cfg.stage.name])
+    return module.run(cfg)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig):
+    from stagewise.launch import needs_relaunch, relaunch_distributed
+
+    validate_config(cfg)
+    with open_dict(cfg):
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
+        cfg.run_id = str(cfg.run_id)  # resolve once; children inherit it through $STAGEWISE_RUN_ID
+    if cfg.pipeline.name:
+        from stagewise.pipeline import run_pipeline
+
+        return run_pipeline(cfg, HydraConfig.get().overrides.task)
+    if needs_relaunch(cfg):
+        return relaunch_distributed(cfg, __file__, HydraConfig.get().overrides.task)
+    return run_stage(cfg)
+
+
+if __name__ == "__main__":
+    main()
