@@ -1,0 +1,97 @@
+"""Build the Accelerator from ``hardware=``: processes, precision and DeepSpeed ZeRO through Accelerate's plugin.
+
+Gradient accumulation is done by the stages themselves: they normalise each micro-batch loss by the number of
+trained tokens (or sequences) over the whole optimizer step, across micro-batches and ranks, and call
+`backward_micro_batch` below, which marks the accumulation boundary explicitly. Accelerate's own 1/K loss scaling
+is therefore never used (Accelerator has gradient_accumulation_steps=1 unless DeepSpeed is on, and we call
+DeepSpeed's backward with ``scale_wrt_gas=False``). Gradient clipping is done by DeepSpeed when it is on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def deepspeed_plugin(hw: DictConfig, max_grad_norm: float) -> DeepSpeedPlugin | None:
+    ds = hw.deepspeed
+    if ds.zero_stage == 0:
+        return None
+    if ds.zero_stage not in (2, 3):
+        raise ValueError(f"hardware.deepspeed.zero_stage={ds.zero_stage} is not one of 0, 2, 3")
+    plugin = DeepSpeedPlugin(
+        zero_stage=ds.zero_stage,
+        gradient_accumulation_steps=hw.grad_accum_steps,
+        gradient_clipping=max_grad_norm if max_grad_norm > 0 else None,
+        offload_optimizer_device="cpu" if ds.offload_optimizer else "none",
+        offload_param_device="cpu" if ds.offload_params and ds.zero_stage == 3 else "none",
+        zero3_save_16bit_model=ds.zero3_save_16bit_model,
+        zero3_init_flag=False,
+    )
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = hw.per_device_batch_size
+    return plugin
+
+
+def build_accelerator(cfg: DictConfig) -> Accelerator:
+    hw = cfg.hardware
+    cpu = hw.cpu or not torch.cuda.is_available()
+    mp = hw.mixed_precision
+    if cpu and mp != "no":
+        log.warning("hardware.mixed_precision=%s ignored on CPU (fp32)", mp)
+        mp = "no"
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    acc = Accelerator(cpu=cpu, mixed_precision=mp, deepspeed_plugin=deepspeed_plugin(hw, cfg.stage.max_grad_norm),
+                      step_scheduler_with_optimizer=False)
+    return acc
+
+
+def uses_deepspeed(acc: Accelerator) -> bool:
+    return acc.state.deepspeed_plugin is not None
+
+
+def backward_micro_batch(acc: Accelerator, model, loss: torch.Tensor, last: bool) -> None:
+    """Backward one micro-batch of an accumulated step. ``loss`` is already normalised for the whole step and
+    multiplied by the world size (gradients are averaged over ranks). ``last`` marks the accumulation boundary:
+    only then are gradients synchronised (DDP) or reduced and stepped (DeepSpeed)."""
+    acc.gradient_state._set_sync_gradients(last)
+    if uses_deepspeed(acc):
+        acc.backward(loss, scale_wrt_gas=False)
+    elif last or acc.num_processes == 1:
+        acc.backward(loss)
+    else:
+        with acc.no_sync(model):
+            acc.backward(loss)
+
+
+def optimizer_step(acc: Accelerator, model, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip, step, zero. Returns the pre-clip global grad norm. Under DeepSpeed the engine already stepped and
+    clipped inside the boundary backward; we only read its norm."""
+    if uses_deepspeed(acc):
+        grad_norm = acc.deepspeed_engine_wrapped.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    else:
+        if max_grad_norm > 0:
+            grad_norm = float(acc.clip_grad_norm_(model.parameters(), max_grad_norm))
+        else:
+            grad_norm = float(torch.norm(torch.stack([p.grad.detach().norm() for p in model.parameters()
+                                                      if p.grad is not None])))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return grad_norm
