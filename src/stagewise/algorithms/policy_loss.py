@@ -109,7 +109,7 @@ def _check_shapes(logprobs: torch.Tensor, mask: torch.Tensor, **others: Optional
             raise ValueError(f"{name} must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(t.shape)}")
 
 
-def _check_clip(clip_eps_low: float, clip_eps_high: float, dual_clip_c: Optional[float]) -> None:
+def check_clip(clip_eps_low: float, clip_eps_high: float, dual_clip_c: Optional[float]) -> None:
     if not 0.0 <= clip_eps_low < 1.0:
         raise ValueError(f"algorithm.clip_eps_low={clip_eps_low!r} must be in [0, 1)")
     if clip_eps_high < 0.0:
@@ -155,7 +155,7 @@ def policy_loss(
     ``ratio/min``, and ``kl`` / ``entropy`` when those inputs are given.
     """
     level = lookup(RATIO_LEVELS, ratio_level, "algorithm.ratio_level")
-    _check_clip(clip_eps_low, clip_eps_high, dual_clip_c)
+    check_clip(clip_eps_low, clip_eps_high, dual_clip_c)
     _check_shapes(logprobs, mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, is_weights=is_weights,
                   entropy=entropy)
     if beta != 0.0 and ref_logprobs is None:

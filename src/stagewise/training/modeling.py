@@ -43,3 +43,25 @@ def prepare_model(model, cfg: DictConfig):
         log.info("LoRA r=%d alpha=%d: %.2fM of %.2fM params trainable", lora.r, lora.alpha, trainable / 1e6,
                  total / 1e6)
     return model
+
+
+def sequence_token_logprobs(model, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                            attention_mask: torch.Tensor | None = None, chunk_size: int = 1024,
+                            temperature: float = 1.0, with_entropy: bool = False):
+    """``log p(x_{t+1} | x_<=t)`` for every position, shape [B, T-1] (and the entropy if asked), without ever
+    materialising full-vocabulary logits for the whole batch.
+
+    The wrapped model's own forward is called (so DDP/DeepSpeed/PEFT hooks run) with ``logits_to_keep`` set to a
+    single position; the final-norm hidden state comes back in ``hidden_states[-1]`` and is projected through
+    the lm_head chunk by chunk in ``chunked_token_logprobs``.
+    """
+    from stagewise.algorithms import chunked_token_logprobs
+
+    keep = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                output_hidden_states=True, logits_to_keep=keep, use_cache=False)
+    hidden = out.hidden_states[-1][:, :-1]
+    inner = model.module if hasattr(model, "module") else model
+    head = inner.get_output_embeddings()
+    return chunked_token_logprobs(hidden, head.weight, input_ids[:, 1:], chunk_size, temperature=temperature,
+                                  with_entropy=with_entropy)

@@ -1,0 +1,185 @@
+"""Stage ``sft``: supervised fine-tuning on chat data (DeepAnalyze stages 1-2, DeepSeek-R1 stage 1).
+
+    python train.py stage=sft data=<preset>                          # tiny model on CPU
+    python train.py experiment=deepanalyze/single_ability hardware=8xa100
+
+Features (flag):
+  * assistant-only loss through the chat template; ``<Execute>``..``</Execute>`` spans carry no loss
+    (``data.mask_execute``); over-long samples dropped or truncated (``data.overlong``)
+  * best-fit-decreasing packing with per-document position ids and no cross-document attention (``data.packing``)
+  * exact gradient accumulation: each micro-batch loss is divided by the number of trained tokens of the whole
+    optimizer step, summed over micro-batches *and ranks* (``hardware.grad_accum_steps``); this is the 2024
+    transformers/TRL bug class where per-micro-batch means over-weight short batches
+  * AdamW with weight decay, warmup + cosine/linear/constant schedule, gradient clipping (``stage.*``)
+  * bf16, gradient checkpointing, LoRA, Liger, DeepSpeed ZeRO-2/3 with offload (``hardware=``, ``model.lora``)
+  * periodic eval loss (``stage.eval_steps``), checkpoints every N steps keeping the last K (``stage.save_steps``,
+    ``stage.save_total_limit``), exact resume (``resume=auto``), HF model in ``final/``
+Data order is a seeded permutation per epoch; the position in it is part of the checkpoint, so a resumed run
+sees the same batches and gives the same per-step losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from stagewise.algorithms import sft_loss
+from stagewise.data import SFTCollator, build_sft_datasets
+from stagewise.models import load_model_and_tokenizer, num_params
+from stagewise.run_folder import RunFolder
+from stagewise.tracking import Tracker, progress
+from stagewise.training import (
+    CheckpointManager,
+    TrainState,
+    backward_micro_batch,
+    build_accelerator,
+    build_optimizer,
+    build_scheduler,
+    optimizer_step,
+    prepare_model,
+    save_final,
+    set_seed,
+)
+from stagewise.training.modeling import sequence_token_logprobs
+
+log = logging.getLogger(__name__)
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The data order of one epoch: a pure function of (seed, epoch), so resuming needs only a position."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def step_rows(order: np.ndarray, step_in_epoch: int, global_batch: int) -> np.ndarray:
+    """Row indices of one optimizer step. The last step of an epoch wraps around to the epoch's start."""
+    idx = np.arange(step_in_epoch * global_batch, (step_in_epoch + 1) * global_batch) % len(order)
+    return order[idx]
+
+
+def run(cfg: DictConfig) -> dict:
+    # ------------------------------------------------------------------ setup
+    set_seed(cfg.seed)
+    acc = build_accelerator(cfg)
+    run_folder = RunFolder(cfg.run_dir)
+    hw, st = cfg.hardware, cfg.stage
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model = prepare_model(model, cfg)
+    with acc.main_process_first():
+        train_ds, eval_ds, data_report = build_sft_datasets(cfg, tokenizer)
+    collate = SFTCollator(pad_token_id=tokenizer.pad_token_id)
+
+    world = acc.num_processes
+    global_batch = world * hw.per_device_batch_size * hw.grad_accum_steps
+    steps_per_epoch = max(1, math.ceil(len(train_ds) / global_batch))
+    total_steps = st.max_steps if st.max_steps > 0 else math.ceil(steps_per_epoch * st.num_epochs)
+    optimizer = build_optimizer(model, st)
+    scheduler = build_scheduler(optimizer, st, total_steps)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    ckpt = CheckpointManager(acc, run_folder, keep_last=st.save_total_limit)
+    state = TrainState()
+    resume_from = ckpt.resume_path(cfg.resume)
+    if resume_from is not None:
+        state = ckpt.load(resume_from)
+    tracker = Tracker(cfg, run_folder.root, stage="sft", is_main=acc.is_main_process)
+    if acc.is_main_process:
+        log.info("sft: %d train rows (%s), %.2fM params, global batch %d = %d procs x %d x %d accum, %d steps",
+                 len(train_ds), data_report, num_params(model) / 1e6, global_batch, world,
+                 hw.per_device_batch_size, hw.grad_accum_steps, total_steps)
+        tracker.log({f"data/{k}": v for k, v in data_report.items() if isinstance(v, (int, float))}, step=state.step)
+
+    # ------------------------------------------------------------------ train
+    model.train()
+    bar = progress(total=total_steps, initial=state.step, desc="sft",
+                   enabled=acc.is_main_process and cfg.logger.progress_bar)
+    window = {"loss_sum": 0.0, "tokens": 0, "steps": 0, "t0": time.time()}
+    while state.step < total_steps:
+        order = epoch_order(len(train_ds), cfg.seed, state.epoch)
+        rows = step_rows(order, state.batch_in_epoch, global_batch)
+        mine = rows[acc.process_index::world]  # this rank's rows, split into micro-batches below
+        micro = [mine[i:i + hw.per_device_batch_size] for i in range(0, len(mine), hw.per_device_batch_size)]
+        batches = [acc_to_device(collate([train_ds[int(i)] for i in m]), acc.device) for m in micro]
+
+        # the normaliser: trained tokens of the whole optimizer step, over all micro-batches and ranks
+        local_tokens = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)
+        step_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum"))
+        step_loss = torch.zeros((), device=acc.device)
+        for k, batch in enumerate(batches):
+            logprobs, _ = sequence_token_logprobs(model, batch["input_ids"], position_ids=batch.get("position_ids"),
+                                                  attention_mask=batch.get("attention_mask"),
+                                                  chunk_size=hw.logprob_chunk_size)
+            loss, _ = sft_loss(logprobs, batch["loss_mask"][:, 1:], normalizer=max(step_tokens, 1))
+            backward_micro_batch(acc, model, loss * world, last=k == len(batches) - 1)
+            step_loss += loss.detach()
+        grad_norm = optimizer_step(acc, model, optimizer, scheduler, st.max_grad_norm)
+        step_loss = float(acc.reduce(step_loss, reduction="sum"))
+
+        state.step += 1
+        state.batch_in_epoch += 1
+        if state.batch_in_epoch >= steps_per_epoch:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        bar.update(1)
+        window["loss_sum"] += step_loss
+        window["tokens"] += step_tokens
+        window["steps"] += 1
+
+        if state.step % st.logging_steps == 0 or state.step == total_steps:
+            dt = time.time() - window["t0"]
+            metrics = {
+                "loss": step_loss,  # this step's loss (exactly normalised); loss_avg averages the window
+                "loss_avg": window["loss_sum"] / window["steps"],
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "epoch": state.epoch + state.batch_in_epoch / steps_per_epoch,
+                "tokens_per_s": window["tokens"] / max(dt, 1e-9),
+                "trained_tokens": step_tokens,
+            }
+            tracker.log(metrics, step=state.step)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            window = {"loss_sum": 0.0, "tokens": 0, "steps": 0, "t0": time.time()}
+        if st.eval_steps and eval_ds is not None and state.step % st.eval_steps == 0:
+            tracker.log({"eval/loss": evaluate_loss(acc, model, eval_ds, collate, hw)}, step=state.step)
+        if st.save_steps and state.step % st.save_steps == 0 and state.step < total_steps:
+            ckpt.save(state, model, tokenizer)
+    bar.close()
+
+    # ------------------------------------------------------------------ save
+    final_metrics = {"step": state.step}
+    if eval_ds is not None:
+        final_metrics["eval/loss"] = evaluate_loss(acc, model, eval_ds, collate, hw)
+        tracker.log({"eval/loss": final_metrics["eval/loss"]}, step=state.step)
+    save_final(acc, model, tokenizer, run_folder)
+
+    # ------------------------------------------------------------------ cleanup
+    tracker.close()
+    if acc.is_main_process:
+        log.info("saved %s", run_folder.final)
+    acc.end_training()
+    return final_metrics
+
+
+def acc_to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_loss(acc, model, eval_ds, collate, hw) -> float:
+    """Token-weighted mean loss over the eval set (every rank takes a strided share)."""
+    model.eval()
+    total, tokens = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
+    idx = list(range(acc.process_index, len(eval_ds), acc.num_processes))
+    for i in range(0, len(idx), hw.per_device_batch_size):
+        batch = acc_to_device(collate([eval_ds[j] for j in idx[i:i + hw.per_device_batch_size]]), acc.device)
+        logprobs, _ = sequence_token_logprobs(model, batch["input_ids"], position_ids=batch.get("position_ids"),
+                                                  attention_mask=batch.get("attention_mask"),
+                                                  chunk_size=hw.logprob_chunk_size)
+        mask = batch["loss_mask"][:, 1:].to(logprobs.dtype)
+        total += -(logprobs * mask).sum()
+        tokens += mask.sum()
+    model.train()
+    total, tokens = acc.reduce(total, reduction="sum"), acc.reduce(tokens, reduction="sum")
+    return float(total / tokens.clamp(min=1))
