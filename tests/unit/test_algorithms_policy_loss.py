@@ -301,7 +301,7 @@ def test_per_token_advantages():
     lp, old, adv, mask = _inputs()
     a, _ = policy_loss(lp, old, adv, mask, loss_agg="token_mean")
     b, _ = policy_loss(lp, old, adv[:, None].expand(2, 3), mask, loss_agg="token_mean")
-    assert float(a) == pytest.approx(float(b))
+    assert a.item() == pytest.approx(b.item())
 
 
 # --------------------------------------------------------------------------------- micro-batch additivity

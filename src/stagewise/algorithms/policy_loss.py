@@ -35,7 +35,15 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from stagewise.algorithms.kl import LOG_RATIO_CLAMP, kl_estimate
-from stagewise.algorithms.masking import as_bool_mask, as_divisor, lookup, masked_max, masked_mean, masked_min, masked_sum
+from stagewise.algorithms.masking import (
+    as_bool_mask,
+    as_divisor,
+    lookup,
+    masked_max,
+    masked_mean,
+    masked_min,
+    masked_sum,
+)
 
 Metrics = Dict[str, torch.Tensor]
 

@@ -1,0 +1,113 @@
+"""SFT loss: hand values, and gradient accumulation 4x1 == 1x4 on a real forward of the tiny model."""
+
+import pytest
+import torch
+
+from stagewise.algorithms import chunked_token_logprobs, sft_loss
+from stagewise.config import ModelConfig
+from stagewise.models import load_model_and_tokenizer
+
+
+def test_hand_values():
+    # trained tokens: -1, -2 (seq 0) and -0.5 (seq 1) -> nll sum 3.5 over 3 tokens
+    lp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -4.0, float("-inf")]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    loss, metrics = sft_loss(lp, mask)
+    assert loss.item() == pytest.approx(3.5 / 3)
+    assert metrics["num_tokens"].item() == 3
+    assert metrics["nll_sum"].item() == pytest.approx(3.5)
+    assert metrics["nll_mean"].item() == pytest.approx(3.5 / 3)
+    # a step-wide normaliser of 7 tokens: this micro-batch contributes 3.5 / 7; d loss / d lp = -1/7 where trained
+    loss7, _ = sft_loss(lp, mask, normalizer=7)
+    assert loss7.item() == pytest.approx(0.5)
+    (grad,) = torch.autograd.grad(loss7, lp)
+    torch.testing.assert_close(grad, -torch.tensor([[1, 1, 0], [1, 0, 0]]) / 7.0)
+    # a step with no trained token at all: loss 0, not nan
+    empty, _ = sft_loss(lp, torch.zeros(2, 3), normalizer=torch.tensor(0))
+    assert empty.item() == 0.0
+    with pytest.raises(ValueError, match="normalizer must be >= 0"):
+        sft_loss(lp, mask, normalizer=-1)
+
+
+# Four documents of different lengths; the first `prompt` tokens of each are not trained (a user turn).
+LENGTHS = [9, 4, 12, 6]
+PROMPTS = [3, 1, 5, 2]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, tok = load_model_and_tokenizer(ModelConfig(), dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(10, len(tok), (n,), generator=g) for n in LENGTHS]
+    return model, tok, docs
+
+
+def _micro_batch(docs, pad_id):
+    """Right-padded ids, attention mask, and a loss mask over next-token targets (prompt and padding excluded)."""
+    t = max(len(d) for d in docs)
+    ids = torch.full((len(docs), t), pad_id)
+    attn = torch.zeros(len(docs), t, dtype=torch.long)
+    for i, d in enumerate(docs):
+        ids[i, : len(d)], attn[i, : len(d)] = d, 1
+    pos = torch.arange(t - 1)[None, :]
+    lengths = torch.tensor([len(d) for d in docs])[:, None]
+    prompts = torch.tensor([PROMPTS[LENGTHS.index(len(d))] for d in docs])[:, None]
+    # target at position p is token p + 1; it is trained when p + 1 >= prompt and p + 1 < length
+    loss_mask = (pos + 1 >= prompts) & (pos + 1 < lengths)
+    return ids, attn, loss_mask
+
+
+def _loss(model, ids, attn, loss_mask, normalizer):
+    hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
+    lp, _ = chunked_token_logprobs(hidden[:, :-1], model.lm_head.weight, ids[:, 1:], chunk_size=7)
+    return sft_loss(lp, loss_mask, normalizer)[0]
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_loss_matches_transformers_cross_entropy(tiny):
+    model, tok, docs = tiny
+    ids, attn, loss_mask = _micro_batch(docs, tok.pad_token_id)
+    labels = ids.masked_fill(~torch.cat([torch.zeros(4, 1, dtype=torch.bool), loss_mask], 1), -100)
+    with torch.no_grad():
+        ours = _loss(model, ids, attn, loss_mask, None)
+        theirs = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
+
+
+def test_grad_accumulation_4x1_equals_1x4(tiny):
+    model, tok, docs = tiny
+    ids, attn, loss_mask = _micro_batch(docs, tok.pad_token_id)
+    n_tokens = int(loss_mask.sum())
+    assert n_tokens == (9 - 3) + (4 - 1) + (12 - 5) + (6 - 2) == 20
+
+    model.zero_grad()
+    full = _loss(model, ids, attn, loss_mask, n_tokens)
+    full.backward()
+    g_full = _grads(model)
+
+    # 4 micro-batches of 1 document, no padding, each divided by the step's 20 tokens
+    model.zero_grad()
+    total = 0.0
+    for d in docs:
+        part = _loss(model, *_micro_batch([d], tok.pad_token_id), n_tokens)
+        part.backward()
+        total += part.item()
+    g_accum = _grads(model)
+    assert total == pytest.approx(full.item(), abs=1e-5)
+    assert g_full.keys() == g_accum.keys() and len(g_full) > 10
+    for name in g_full:
+        torch.testing.assert_close(g_accum[name], g_full[name], atol=2e-6, rtol=1e-4, msg=name)
+
+    # The 2024 bug: each micro-batch divided by its own token count, then averaged over 4: measurably different.
+    model.zero_grad()
+    for d in docs:
+        (_loss(model, *_micro_batch([d], tok.pad_token_id), None) / 4).backward()
+    g_naive = _grads(model)
+    diff = max((g_naive[n] - g_full[n]).abs().max().item() for n in g_full)
+    scale = max(g_full[n].abs().max().item() for n in g_full)
+    assert diff > 0.05 * scale
+    model.zero_grad()
