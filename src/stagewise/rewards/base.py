@@ -21,6 +21,7 @@ import abc
 import logging
 import math
 import threading
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -83,6 +84,7 @@ class SampleReward(Reward):
 
     executor = "inline"  # inline | process | thread
     concurrency = 1  # threads used when executor == "thread"
+    reads: Optional[Tuple[str, ...]] = None  # columns per_sample reads (None = all); the pool ships only these
 
     @abc.abstractmethod
     def per_sample(self, completion: str, row: Row) -> Any:
@@ -117,28 +119,18 @@ class BatchReward(Reward):
 
 
 def run_one(reward: SampleReward, completion: str, row: Row) -> Outcome:
-    import traceback
-
     try:
         return True, reward.per_sample(completion, row)
     except CAUGHT:
         return False, traceback.format_exc()
 
 
-def run_threaded(reward: SampleReward, completions: Sequence[str], rows: Sequence[Row], concurrency: int,
-                 deadline_s: Optional[float] = None) -> List[Outcome]:
-    """``per_sample`` on a thread pool. Samples not finished within ``deadline_s`` (for the whole batch) time out;
-    their threads are abandoned (a network call ends on its own socket timeout)."""
-    import concurrent.futures as cf
-
-    pool = ThreadPoolExecutor(max_workers=max(1, int(concurrency)), thread_name_prefix=f"reward-{reward.name}")
-    try:
-        futures = [pool.submit(run_one, reward, c, r) for c, r in zip(completions, rows)]
-        cf.wait(futures, timeout=deadline_s)
-        return [f.result() if f.done() else (False, f"TimeoutError: no result within {deadline_s:.1f}s")
-                for f in futures]
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+def run_threaded(reward: SampleReward, completions: Sequence[str], rows: Sequence[Row], concurrency: int
+                 ) -> List[Outcome]:
+    """``per_sample`` on ``concurrency`` threads, results in order. No deadline here: a thread reward bounds its
+    own calls (the judge's socket timeout and retry budget), since a Python thread cannot be killed."""
+    with ThreadPoolExecutor(max_workers=max(1, int(concurrency)), thread_name_prefix=f"reward-{reward.name}") as pool:
+        return list(pool.map(lambda cr: run_one(reward, *cr), zip(completions, rows)))
 
 
 # ------------------------------------------------------------------------------------------------ columns

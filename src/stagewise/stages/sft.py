@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from stagewise.algorithms import sft_loss
-from stagewise.data import SFTCollator, build_sft_datasets
+from stagewise.data import IGNORE_INDEX, PackedDataset, SFTCollator, load_sources, tokenize_sft
 from stagewise.models import load_model_and_tokenizer, num_params
 from stagewise.run_folder import RunFolder
 from stagewise.tracking import Tracker, progress
@@ -59,6 +59,34 @@ def step_rows(order: np.ndarray, step_in_epoch: int, global_batch: int) -> np.nd
     """Row indices of one optimizer step. The last step of an epoch wraps around to the epoch's start."""
     idx = np.arange(step_in_epoch * global_batch, (step_in_epoch + 1) * global_batch) % len(order)
     return order[idx]
+
+
+def build_sft_datasets(cfg: DictConfig, tokenizer):
+    """Sources -> chat rows -> tokenised rows (cached) -> packed bins when ``data.packing``. Returns
+    ``(train, eval or None, report)`` where ``report`` holds flat numbers for the log."""
+    cache = cfg.data.cache_dir or f"{cfg.paths.cache_dir}/tokenized"
+    splits = load_sources(cfg.data, cache_dir=cache)
+    train, stats = tokenize_sft(splits.train, tokenizer, cfg.data, cache_dir=cache)
+    report = {"rows": stats.rows_out, "overlong_dropped": stats.overlong_dropped, "truncated": stats.truncated,
+              "trained_tokens": stats.trained_tokens, "tokenize_rows_per_s": round(stats.rows_per_s, 1)}
+    eval_ds = None
+    if splits.eval is not None:
+        eval_ds, _ = tokenize_sft(splits.eval, tokenizer, cfg.data, cache_dir=cache)
+    if len(train) == 0:
+        raise ValueError(f"no training rows left after tokenisation ({stats.as_dict()}); "
+                         f"check data.max_length={cfg.data.max_length} and data.overlong")
+    if cfg.data.packing:
+        train = PackedDataset(train, cfg.data.max_length)
+        report["packing_efficiency"] = round(train.efficiency, 4)
+        report["packed_rows"] = len(train)
+        if eval_ds is not None:
+            eval_ds = PackedDataset(eval_ds, cfg.data.max_length)
+    return train, eval_ds, report
+
+
+def trained_targets(batch: dict) -> torch.Tensor:
+    """Mask of next-token targets that carry loss, aligned with ``logprobs`` ([B, T-1])."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).to(torch.float32)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -105,14 +133,14 @@ def run(cfg: DictConfig) -> dict:
         batches = [acc_to_device(collate([train_ds[int(i)] for i in m]), acc.device) for m in micro]
 
         # the normaliser: trained tokens of the whole optimizer step, over all micro-batches and ranks
-        local_tokens = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)
+        local_tokens = sum(int(trained_targets(b).sum()) for b in batches)
         step_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum"))
         step_loss = torch.zeros((), device=acc.device)
         for k, batch in enumerate(batches):
             logprobs, _ = sequence_token_logprobs(model, batch["input_ids"], position_ids=batch.get("position_ids"),
                                                   attention_mask=batch.get("attention_mask"),
                                                   chunk_size=hw.logprob_chunk_size)
-            loss, _ = sft_loss(logprobs, batch["loss_mask"][:, 1:], normalizer=max(step_tokens, 1))
+            loss, _ = sft_loss(logprobs, trained_targets(batch), normalizer=max(step_tokens, 1))
             backward_micro_batch(acc, model, loss * world, last=k == len(batches) - 1)
             step_loss += loss.detach()
         grad_norm = optimizer_step(acc, model, optimizer, scheduler, st.max_grad_norm)
@@ -177,7 +205,7 @@ def evaluate_loss(acc, model, eval_ds, collate, hw) -> float:
         logprobs, _ = sequence_token_logprobs(model, batch["input_ids"], position_ids=batch.get("position_ids"),
                                                   attention_mask=batch.get("attention_mask"),
                                                   chunk_size=hw.logprob_chunk_size)
-        mask = batch["loss_mask"][:, 1:].to(logprobs.dtype)
+        mask = trained_targets(batch)
         total += -(logprobs * mask).sum()
         tokens += mask.sum()
     model.train()

@@ -28,6 +28,7 @@ class RawSource:
     kind: str  # generator | json | parquet | arrow | hub
     dataset: Dataset | None = None
     rows: list[dict[str, Any]] | None = None
+    row_ids: list[int] | None = None  # each python row's index in the file
     skipped: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -119,6 +120,7 @@ def read_json_rows(path: str, on_bad_row: str, cause: Exception | None = None) -
                 entries.append((row, None, f"field '<json>': invalid JSON: {e.msg} at column {e.colno}"))
             row += 1
     rows: list[dict[str, Any]] = []
+    row_ids: list[int] = []
     errors: list[str] = []
     types: dict[str, str] = {}
     for i, value, problem in entries:
@@ -132,6 +134,7 @@ def read_json_rows(path: str, on_bad_row: str, cause: Exception | None = None) -
                     break
         if problem is None:
             rows.append(value)
+            row_ids.append(i)
             continue
         msg = f"{path}: row {i}: {problem}"
         if on_bad_row != "skip":
@@ -139,7 +142,7 @@ def read_json_rows(path: str, on_bad_row: str, cause: Exception | None = None) -
         errors.append(msg)
     if not rows and errors:
         raise BadRowError(f"{path}: no readable rows; first error: {errors[0]}") from cause
-    return RawSource("json", rows=rows, skipped=len(errors), errors=errors)
+    return RawSource("json", rows=rows, row_ids=row_ids, skipped=len(errors), errors=errors)
 
 
 def _json_type(v: Any) -> str | None:

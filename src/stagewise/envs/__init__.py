@@ -1,0 +1,1 @@
+"""Environments: the env API, single-turn and code-execution envs, and the code sandbox (`envs.sandbox`)."""

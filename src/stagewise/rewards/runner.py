@@ -1,0 +1,246 @@
+"""``RewardRunner``: the weighted rewards of a ``RewardConfig``, scored robustly and in parallel, with metrics.
+
+    runner = RewardRunner(cfg.reward)           # builds every function once (fails fast on bad names/params)
+    result = runner(completions, **columns)     # RewardResult(total, per_fn, metrics)
+    runner.close()                              # or use it as a context manager
+
+Scheduling, by each reward's ``executor``:
+    process  per sample, in a worker pool (``num_workers``) with a hard ``timeout_s`` per sample (sympy can hang);
+             several such rewards share the pool
+    thread   per sample, on ``reward.concurrency`` threads; the reward bounds its own calls (the judge has
+             socket timeouts and a retry budget)
+    inline   per sample, in the caller's thread (regex/arithmetic rewards: microseconds)
+    batch    one call for the whole batch (reward model, users' plain functions); if it raises, it is retried one
+             sample at a time so the failure is pinned to its samples
+The pool and the thread rewards run in the background while inline and batch rewards run in the caller.
+
+Failure isolation: a sample whose reward raises, times out or kills its worker scores None for that function; the
+traceback is logged once per (function, error) and the count goes to ``rewards/<fn>/errors``. The step goes on.
+
+``total`` is the weighted sum over the functions that scored the sample (None skipped, as TRL does). A row that
+*no* function scored gets total 0.0 (TRL's NaN-sum gives the same), is counted in ``reward/total/unscored`` and
+logged as a warning, so it never poisons a group's advantage with NaN.
+
+Metrics (population std, ddof=0; NaN when a function scored nothing): ``reward/<fn>/{mean,std,min,max}``,
+``reward/<fn>/none`` (count of None, errors included), ``rewards/<fn>/errors``, ``reward/total/{mean,std}``,
+``reward/total/unscored``. ``<fn>`` is the display name: the registry name, the attribute name of a custom
+``module:fn``, or the function config's ``alias`` if the schema has one; a name used twice becomes ``name_2``...
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from stagewise.rewards.base import (CAUGHT, ErrorLog, Outcome, Reward, SampleReward, run_one, run_threaded,
+                                    rows_of)
+from stagewise.rewards.pool import WorkerPool
+
+logger = logging.getLogger("stagewise.rewards")
+
+
+@dataclass
+class RewardResult:
+    total: List[float]
+    per_fn: Dict[str, List[Optional[float]]]
+    metrics: Dict[str, float]
+
+
+@dataclass
+class _Entry:
+    name: str
+    weight: float
+    reward: Reward
+
+
+def _field(cfg: Any, key: str, default: Any = None) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def _plain(params: Any) -> Dict[str, Any]:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(params, DictConfig):
+            return OmegaConf.to_container(params, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return dict(params or {})
+
+
+def display_names(functions: Sequence[Any]) -> List[str]:
+    """Unique metric names: alias, else the registry name, else ``fn`` of ``module:fn``; repeats get ``_2``, ``_3``."""
+    names: List[str] = []
+    for f in functions:
+        base = _field(f, "alias") or str(_field(f, "name")).rpartition(":")[2]
+        name, k = base, 1
+        while name in names:
+            k += 1
+            name = f"{base}_{k}"
+        names.append(name)
+    return names
+
+
+def _stats(values: Sequence[float]) -> Dict[str, float]:
+    if not values:
+        nan = float("nan")
+        return {"mean": nan, "std": nan, "min": nan, "max": nan}
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+class RewardRunner:
+    def __init__(self, cfg: Any):
+        from stagewise.rewards import build
+
+        functions = list(_field(cfg, "functions", []) or [])
+        self.timeout_s = float(_field(cfg, "timeout_s", 10.0))
+        self.num_workers = max(1, int(_field(cfg, "num_workers", 4)))
+        self.entries: List[_Entry] = []
+        for f, name in zip(functions, display_names(functions)):
+            reward = build(str(_field(f, "name")), **_plain(_field(f, "params", {})))
+            self.entries.append(_Entry(name, float(_field(f, "weight", 1.0)), reward))
+        self._pool: Optional[WorkerPool] = None
+        self._errors = ErrorLog()
+
+    @property
+    def names(self) -> List[str]:
+        return [e.name for e in self.entries]
+
+    @property
+    def pool(self) -> WorkerPool:
+        if self._pool is None:
+            self._pool = WorkerPool(self.num_workers)
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> "RewardRunner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------ scoring
+    def __call__(self, completions: Sequence[str], **columns: Sequence[Any]) -> RewardResult:
+        completions = list(completions)
+        rows = rows_of(completions, columns)
+        columns = {k: list(v) for k, v in columns.items()}
+        outcomes: Dict[str, List[Outcome]] = {}
+        scores: Dict[str, List[Optional[float]]] = {}
+        errors: Dict[str, int] = {e.name: 0 for e in self.entries}
+
+        def kind(e: _Entry) -> str:
+            if not isinstance(e.reward, SampleReward):
+                return "batch"
+            if e.reward.executor == "process" and e.reward.spec is not None:
+                return "process"
+            return "thread" if e.reward.executor == "thread" else "inline"
+
+        pooled = [e for e in self.entries if kind(e) == "process"]
+        threaded = [e for e in self.entries if kind(e) == "thread"]
+        with ThreadPoolExecutor(max_workers=1 + len(threaded), thread_name_prefix="reward-runner") as background:
+            pool_job = background.submit(self._run_pool, pooled, completions, rows) if pooled and rows else None
+            thread_jobs = {e.name: background.submit(run_threaded, e.reward, completions, rows,
+                                                     getattr(e.reward, "concurrency", 1)) for e in threaded}
+            for e in self.entries:
+                if kind(e) == "inline":
+                    outcomes[e.name] = [run_one(e.reward, c, r) for c, r in zip(completions, rows)]
+                elif kind(e) == "batch":
+                    scores[e.name], errors[e.name] = self._run_batch(e, completions, columns, rows)
+            if pool_job is not None:
+                outcomes.update(pool_job.result())
+            for name, job in thread_jobs.items():
+                outcomes[name] = job.result()
+
+        for e in self.entries:
+            if e.name in scores:
+                continue
+            values = []
+            for ok, value in outcomes.get(e.name, []):
+                if not ok:
+                    errors[e.name] += 1
+                    self._errors.report(e.name, value)
+                values.append(value if ok else None)
+            try:
+                reduced = e.reward.reduce(values, completions, columns)  # type: ignore[union-attr]
+                scores[e.name] = _floats(reduced, len(completions))
+            except CAUGHT:
+                self._errors.report(e.name, traceback.format_exc())
+                scores[e.name] = [None] * len(completions)
+                errors[e.name] = len(completions)
+
+        per_fn = {e.name: scores[e.name] for e in self.entries}
+        return self._combine(per_fn, errors, len(completions))
+
+    def _run_pool(self, entries: List[_Entry], completions: List[str], rows: List[Dict[str, Any]]
+                  ) -> Dict[str, List[Outcome]]:
+        def ship(reward: Any, row: Dict[str, Any]) -> Dict[str, Any]:
+            reads = getattr(reward, "reads", None)
+            # ship only what the reward reads; if none of it is there, the whole row, so the error names what was
+            return ({k: row[k] for k in reads if k in row} or row) if reads is not None else row
+
+        tasks = [(f"{k}:{e.name}", e.reward.spec, c, ship(e.reward, r)) for k, e in enumerate(entries)
+                 for c, r in zip(completions, rows)]
+        results = self.pool.run(tasks, self.timeout_s)
+        n = len(completions)
+        return {e.name: results[k * n:(k + 1) * n] for k, e in enumerate(entries)}
+
+    def _run_batch(self, e: _Entry, completions: List[str], columns: Dict[str, List[Any]],
+                   rows: List[Dict[str, Any]]) -> tuple:
+        try:
+            return _floats(e.reward(completions, **columns), len(completions)), 0
+        except CAUGHT:
+            self._errors.report(e.name, traceback.format_exc())
+        values: List[Optional[float]] = []
+        failed = 0
+        for c, row in zip(completions, rows):
+            try:
+                values.append(_floats(e.reward([c], **{k: [v] for k, v in row.items()}), 1)[0])
+            except CAUGHT:
+                self._errors.report(e.name, traceback.format_exc())
+                values.append(None)
+                failed += 1
+        return values, failed
+
+    def _combine(self, per_fn: Dict[str, List[Optional[float]]], errors: Dict[str, int], n: int) -> RewardResult:
+        weights = {e.name: e.weight for e in self.entries}
+        total: List[float] = []
+        unscored = 0
+        for i in range(n):
+            parts = [weights[name] * values[i] for name, values in per_fn.items() if values[i] is not None]
+            if not parts and per_fn:
+                unscored += 1
+            total.append(float(sum(parts)))
+        if unscored:
+            logger.warning("%d of %d samples were scored by no reward function (all None); their total is 0.0",
+                           unscored, n)
+        metrics: Dict[str, float] = {}
+        for name, values in per_fn.items():
+            scored = [v for v in values if v is not None]
+            for stat, value in _stats(scored).items():
+                metrics[f"reward/{name}/{stat}"] = value
+            metrics[f"reward/{name}/none"] = float(n - len(scored))
+            metrics[f"rewards/{name}/errors"] = float(errors[name])
+        total_stats = _stats(total)
+        metrics["reward/total/mean"] = total_stats["mean"]
+        metrics["reward/total/std"] = total_stats["std"]
+        metrics["reward/total/unscored"] = float(unscored)
+        return RewardResult(total=total, per_fn=per_fn, metrics=metrics)
+
+
+def _floats(values: Any, n: int) -> List[Optional[float]]:
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"reward returned {len(values)} values for {n} completions")
+    return [None if v is None or v != v else float(v) for v in values]

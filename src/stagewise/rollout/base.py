@@ -1,0 +1,160 @@
+"""What every generation backend shares: sampling settings, the batch it returns, and completion post-processing.
+
+A backend takes prompts as token ids and returns, for each prompt, ``n`` completions laid out prompt-major (rows
+``[k * n, (k + 1) * n)`` belong to prompt ``k``, the layout `stagewise.algorithms.group_advantages` expects).
+
+Completion conventions (the same for every backend, so a run can switch ``rollout.backend`` without changing what
+is trained or scored):
+
+* ``completion_ids`` end with the token that stopped generation: the EOS token (trained, so the policy learns to
+  stop) or the last token of a stop string (vLLM's ``include_stop_str_in_output=True``). A completion that hit
+  ``max_new_tokens`` is ``truncated``.
+* ``texts`` are decoded without the stop token ids (EOS, pad) but with every other added token, so tags such as
+  ``<think>`` or ``</answer>`` reach the reward even when a tokenizer marks them special. A stop string stays in
+  the text: a format reward that looks for ``</answer>`` must see it.
+* ``logprobs`` (optional) are the engine's own log-probs of the sampled tokens, from ``softmax(logits /
+  temperature)`` with no top-p/top-k renormalisation, as the trainer computes them (TRL does the same); they feed
+  the truncated-importance-sampling correction when the engine is not the trainer (vLLM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings of one backend; built from ``rollout.*`` by `sampling_from_config`."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 256
+    stop: tuple = ()
+    # Benchmarks only: generate exactly max_new_tokens (vLLM's ignore_eos).
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        check_sampling(self.n, self.temperature, self.top_p, self.top_k, self.max_new_tokens)
+
+
+def check_sampling(n: int, temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> None:
+    """Refuse settings that cannot give a GRPO group. Temperature 0 is greedy decoding: all ``n`` samples of a prompt
+    are identical, every group has zero reward variance and zero advantage, and nothing is learned (the bug in
+    DeepAnalyze's released RL script). Errors name the ``rollout.*`` key."""
+    if n < 1:
+        raise ValueError(f"rollout.n={n!r} must be >= 1")
+    if temperature < 0:
+        raise ValueError(f"rollout.temperature={temperature!r} must be >= 0")
+    if temperature == 0 and n > 1:
+        raise ValueError(
+            f"rollout.temperature=0 (greedy) with rollout.n={n} gives {n} identical completions per prompt: every "
+            f"group has zero reward variance, so every advantage is 0 and GRPO learns nothing. Use a sampling "
+            f"temperature (e.g. rollout.temperature=1.0) or rollout.n=1 for evaluation.")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"rollout.top_p={top_p!r} must be in (0, 1]")
+    if top_k < 0:
+        raise ValueError(f"rollout.top_k={top_k!r} must be >= 0 (0 = off)")
+    if max_new_tokens < 1:
+        raise ValueError(f"rollout.max_new_tokens={max_new_tokens!r} must be >= 1")
+
+
+def sampling_from_config(rollout_cfg, n: Optional[int] = None) -> SamplingParams:
+    """``rollout.*`` -> `SamplingParams` (``n`` overrides ``rollout.n``, e.g. 1 for evaluation)."""
+    return SamplingParams(
+        n=rollout_cfg.n if n is None else n,
+        temperature=float(rollout_cfg.temperature),
+        top_p=float(rollout_cfg.top_p),
+        top_k=int(rollout_cfg.top_k),
+        max_new_tokens=int(rollout_cfg.max_new_tokens),
+        stop=tuple(rollout_cfg.stop),
+    )
+
+
+@dataclass
+class RolloutBatch:
+    """``N = len(prompts) * n`` completions, prompt-major. ``prompt_ids[i]`` is the prompt of row ``i``."""
+
+    prompt_ids: List[List[int]]
+    completion_ids: List[List[int]]
+    texts: List[str]
+    truncated: List[bool]
+    logprobs: Optional[List[List[float]]] = None  # engine log-probs per completion token, or None
+    n: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    def __post_init__(self) -> None:
+        rows = len(self.completion_ids)
+        for name in ("prompt_ids", "texts", "truncated"):
+            if len(getattr(self, name)) != rows:
+                raise ValueError(f"RolloutBatch.{name} has {len(getattr(self, name))} rows, completion_ids {rows}")
+        if self.logprobs is not None:
+            for i, (ids, lp) in enumerate(zip(self.completion_ids, self.logprobs)):
+                if len(ids) != len(lp):
+                    raise ValueError(f"row {i}: {len(ids)} completion tokens but {len(lp)} engine log-probs")
+
+    @staticmethod
+    def concat(batches: Sequence["RolloutBatch"]) -> "RolloutBatch":
+        if not batches:
+            raise ValueError("nothing to concatenate")
+        with_lp = all(b.logprobs is not None for b in batches)
+        return RolloutBatch(
+            prompt_ids=[p for b in batches for p in b.prompt_ids],
+            completion_ids=[c for b in batches for c in b.completion_ids],
+            texts=[t for b in batches for t in b.texts],
+            truncated=[t for b in batches for t in b.truncated],
+            logprobs=[lp for b in batches for lp in b.logprobs] if with_lp else None,
+            n=batches[0].n,
+        )
+
+    def select(self, rows: Sequence[int]) -> "RolloutBatch":
+        rows = list(rows)
+        return RolloutBatch(
+            prompt_ids=[self.prompt_ids[i] for i in rows],
+            completion_ids=[self.completion_ids[i] for i in rows],
+            texts=[self.texts[i] for i in rows],
+            truncated=[self.truncated[i] for i in rows],
+            logprobs=[self.logprobs[i] for i in rows] if self.logprobs is not None else None,
+            n=self.n,
+        )
+
+
+def stop_token_ids(tokenizer, model=None) -> List[int]:
+    """Token ids that end a completion: the tokenizer's EOS plus the model's generation-config EOS ids (Qwen
+    instruct models list both ``<|im_end|>`` and ``<|endoftext|>``)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None) if model is not None else None
+    eos = getattr(gen, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos is not None:
+        ids.update(int(e) for e in eos)
+    return sorted(ids)
+
+
+def decode_completions(tokenizer, completion_ids: Sequence[Sequence[int]], drop_ids: Sequence[int]) -> List[str]:
+    """Decode without the ids in ``drop_ids`` (EOS/pad) and keep every other token, special or not."""
+    drop = set(int(i) for i in drop_ids)
+    cleaned = [[t for t in ids if t not in drop] for ids in completion_ids]
+    return tokenizer.batch_decode(cleaned, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None):
+    """``(input_ids [B, P], attention_mask [B, P])`` with prompts right-aligned (left padding)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,387 @@
+"""vLLM generation: ``rollout=vllm`` (an engine inside each training process) and ``rollout=vllm_server`` (a separate
+``vllm serve`` reached over HTTP). This module imports vLLM only inside `VLLMColocated`; the server client needs
+nothing beyond ``requests``.
+
+Colocated (TRL's "colocate", verl's hybrid engine)
+    Every training process owns one engine (``distributed_executor_backend="external_launcher"``, seeded per rank)
+    and generates its own prompts. With ``rollout.enable_sleep_mode`` the engine sleeps at level 2 between
+    generations (weights and KV cache released: the GPU belongs to training), and wakes the weights, then the KV
+    cache, for the next generation. After each step's optimizer updates the policy's weights are pushed into the
+    engine parameter by parameter (``load_weights``; ZeRO-3 shards gathered one parameter at a time); a LoRA policy
+    is merged for the push and unmerged after (``rollout.lora_sync: merged``, the default), or its adapter is saved
+    and given to vLLM's own LoRA support (``adapter``: only the adapter moves, vLLM needs ``enable_lora``).
+    Engine log-probs are ``processed_logprobs`` (after temperature), so they compare with the trainer's for TIS.
+
+Server
+    ``rollout.server_url`` points at a running ``vllm serve`` (OpenAI-compatible). Completions come from
+    ``/v1/completions`` with token-id prompts and ``return_tokens_as_token_ids``, so ids and log-probs are exact.
+    Weights reach the server in one of two ways, both loud on failure (peers.md complaint 3: silent sync hangs):
+      * LoRA: the adapter is saved under ``<run>/rollout_adapters/step_<N>`` (a filesystem the server can read) and
+        hot-loaded with ``/v1/load_lora_adapter`` (server: ``--enable-lora``, ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``);
+      * full weights: written as safetensors into the directory the server serves (read from ``/v1/models``), which
+        must be a copy made for this run (`prepare_served_copy` writes a ``STAGEWISE_ROLLOUT_COPY`` marker; we never
+        overwrite a directory without it), then ``/collective_rpc reload_weights`` (server:
+        ``VLLM_SERVER_DEV_MODE=1``) and ``/reset_prefix_cache``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+
+import torch
+
+from stagewise.rollout.base import RolloutBatch, SamplingParams, decode_completions, stop_token_ids
+
+log = logging.getLogger(__name__)
+
+COPY_MARKER = "STAGEWISE_ROLLOUT_COPY"
+LORA_SYNC_MODES = ("merged", "adapter")
+
+
+# ------------------------------------------------------------------------------------------------ weights
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def vllm_param_name(name: str) -> Optional[str]:
+    """HF/PEFT parameter name -> the checkpoint name vLLM's ``load_weights`` expects; None for LoRA-only tensors."""
+    if "lora_" in name or "original_module" in name:
+        return None
+    name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+    return name.replace("modules_to_save.default.", "")
+
+
+def iter_policy_weights(policy, zero3: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
+    """``(vLLM name, full tensor)`` for every base parameter of the policy, one at a time. A PEFT policy is merged
+    first and unmerged when the iteration ends; ZeRO-3 shards are gathered one parameter at a time (every rank must
+    iterate)."""
+    gather = _gather_fn(zero3)
+    peft = is_peft(policy)
+    if peft:
+        with gather(list(policy.parameters())):
+            policy.merge_adapter()
+            try:
+                for name, param in policy.named_parameters():
+                    target = vllm_param_name(name)
+                    if target is not None:
+                        yield target, param.data
+            finally:
+                policy.unmerge_adapter()
+        return
+    for name, param in policy.named_parameters():
+        with gather([param]):
+            yield vllm_param_name(name), param.data
+
+
+def _gather_fn(zero3: bool):
+    if not zero3:
+        from contextlib import nullcontext
+
+        return lambda params: nullcontext()
+    import deepspeed
+
+    return lambda params: deepspeed.zero.GatheredParameters(params)
+
+
+def engine_model_path(cfg, policy, tokenizer, run_dir) -> str:
+    """What the engine loads at start: the configured checkpoint, or (offline tiny model, or no path) the policy
+    saved under ``<run>/rollout_model``. A LoRA policy is served as its base model; adapters are pushed later."""
+    from stagewise.models import TINY_NAME
+
+    name = cfg.model.name_or_path
+    if name != TINY_NAME:
+        return name
+    out = Path(run_dir) / "rollout_model"
+    base = policy.get_base_model() if is_peft(policy) else policy
+    base.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def lora_sync_mode(cfg) -> str:
+    mode = getattr(cfg.rollout, "lora_sync", "merged")
+    if mode not in LORA_SYNC_MODES:
+        raise ValueError(f"rollout.lora_sync={mode!r} is not one of {', '.join(LORA_SYNC_MODES)}")
+    return mode
+
+
+# ------------------------------------------------------------------------------------------------ colocated
+def vllm_sampling_params(sampling: SamplingParams, stop_ids: Sequence[int], logprobs: bool):
+    from vllm import SamplingParams as VSamplingParams
+
+    return VSamplingParams(
+        n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+        top_k=sampling.top_k if sampling.top_k > 0 else -1, max_tokens=sampling.max_new_tokens,
+        stop=list(sampling.stop) or None, stop_token_ids=list(stop_ids), include_stop_str_in_output=True,
+        skip_special_tokens=False, ignore_eos=sampling.ignore_eos, logprobs=0 if logprobs else None)
+
+
+class VLLMColocated:
+    """One vLLM engine per training process, sharing its GPU (see the module docstring)."""
+
+    def __init__(self, cfg, policy, tokenizer, sampling: SamplingParams, *, accelerator=None, run_dir=None,
+                 return_logprobs: bool = True):
+        if not torch.cuda.is_available():
+            raise RuntimeError("rollout=vllm needs a CUDA GPU; use rollout=hf on CPU")
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise ImportError("rollout=vllm needs vLLM: pip install 'stagewise[gpu]'") from e
+        ro = cfg.rollout
+        self.policy, self.tokenizer, self.sampling = policy, tokenizer, sampling
+        self.return_logprobs = return_logprobs
+        self.stop_ids = stop_token_ids(tokenizer, policy)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.sleep_mode = bool(ro.enable_sleep_mode)
+        self.zero3 = accelerator is not None and accelerator.state.deepspeed_plugin is not None and \
+            cfg.hardware.deepspeed.zero_stage == 3
+        self.lora_mode = lora_sync_mode(cfg) if is_peft(policy) else None
+        self.run_dir = Path(run_dir or ".")
+        self._lora_version = 0
+        rank = accelerator.process_index if accelerator is not None else 0
+        world = accelerator.num_processes if accelerator is not None else 1
+        if ro.tensor_parallel_size != 1:
+            raise ValueError("rollout=vllm colocates one engine per training process: rollout.tensor_parallel_size "
+                             "must be 1 (use rollout=vllm_server for tensor-parallel generation)")
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("LOCAL_RANK", str(accelerator.local_process_index if accelerator is not None else 0))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dtype = next(policy.parameters()).dtype
+        kwargs: Dict[str, Any] = dict(
+            model=engine_model_path(cfg, policy, tokenizer, self.run_dir), tokenizer=None,
+            gpu_memory_utilization=ro.gpu_memory_utilization, enable_sleep_mode=self.sleep_mode,
+            dtype=str(dtype).removeprefix("torch."), seed=int(cfg.seed) + rank,
+            distributed_executor_backend="external_launcher", logprobs_mode="processed_logprobs",
+            max_model_len=int(cfg.data.max_prompt_length) + int(ro.max_new_tokens),
+            trust_remote_code=bool(cfg.model.trust_remote_code))
+        if self.lora_mode == "adapter":
+            kwargs.update(enable_lora=True, max_lora_rank=int(cfg.model.lora.r), max_loras=1)
+        kwargs["tokenizer"] = kwargs["model"]
+        self.llm = LLM(**kwargs)
+        self._asleep = False
+        self._weights_current = self.lora_mode != "adapter"  # the engine starts from the policy's initial weights
+        self._sleep()
+
+    # -- weights
+    def sync_weights(self, policy=None) -> None:
+        """Push the policy's current weights into the engine (called after each step's optimizer updates)."""
+        policy = policy or self.policy
+        if self.sleep_mode and self._asleep:
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["weights"])
+        if self.lora_mode == "adapter":
+            self._lora_version += 1
+            path = self.run_dir / "rollout_adapters" / f"v{self._lora_version}"
+            policy.save_pretrained(path)
+            self._adapter_path = str(path)
+        else:
+            model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+            for name, tensor in iter_policy_weights(policy, self.zero3):
+                model.load_weights([(name, tensor)])
+        self.llm.reset_prefix_cache()
+        self._weights_current = True
+
+    def _lora_request(self):
+        if self.lora_mode != "adapter" or self._lora_version == 0:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(f"policy-v{self._lora_version}", self._lora_version, self._adapter_path)
+
+    def _sleep(self) -> None:
+        if self.sleep_mode:
+            self.llm.sleep(level=2)  # level 2 drops the weights too: they are pushed again before the next use
+            self._asleep = True
+            self._weights_current = False
+
+    # -- generation
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Optional[SamplingParams] = None) -> RolloutBatch:
+        sampling = sampling or self.sampling
+        if self.sleep_mode and self._asleep:
+            if not self._weights_current:
+                self.sync_weights()
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
+        want_lp = self.return_logprobs and sampling.temperature > 0
+        params = vllm_sampling_params(sampling, [] if sampling.ignore_eos else self.stop_ids, want_lp)
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling_params=params,
+                                    use_tqdm=False, lora_request=self._lora_request())
+        completion_ids, truncated, logprobs = [], [], []
+        for out in outputs:
+            for o in out.outputs:
+                ids = list(o.token_ids)
+                completion_ids.append(ids)
+                truncated.append(o.finish_reason == "length")
+                if want_lp:
+                    logprobs.append([step[t].logprob for step, t in zip(o.logprobs, ids)])
+        self._sleep()
+        return RolloutBatch(
+            prompt_ids=[list(p) for p in prompts for _ in range(sampling.n)], completion_ids=completion_ids,
+            texts=decode_completions(self.tokenizer, completion_ids, self.stop_ids + [self.pad_id]),
+            truncated=truncated, logprobs=logprobs if want_lp else None, n=sampling.n)
+
+    def close(self) -> None:
+        del self.llm
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------ server
+def prepare_served_copy(src: str, dst: str) -> Path:
+    """Copy an HF model folder to ``dst`` for ``vllm serve`` and mark it as ours, so that full-weight sync may
+    overwrite its safetensors: ``python -c "from stagewise.rollout.vllm import prepare_served_copy as p;
+    p('/ckpt/base', '/shared/rollout_model')"``, then ``VLLM_SERVER_DEV_MODE=1 vllm serve /shared/rollout_model``."""
+    out = Path(dst)
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    (out / COPY_MARKER).write_text(json.dumps({"source": str(src)}))
+    return out
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class VLLMServerClient:
+    """Generation on a running ``vllm serve`` (see the module docstring)."""
+
+    def __init__(self, cfg, policy, tokenizer, sampling: SamplingParams, *, accelerator=None, run_dir=None,
+                 return_logprobs: bool = True, timeout_s: float = 600.0, connect_timeout_s: float = 240.0):
+        url = cfg.rollout.server_url
+        if not url:
+            raise ValueError("rollout=vllm_server needs rollout.server_url, e.g. http://127.0.0.1:8000")
+        self.base = url.rstrip("/").removesuffix("/v1")
+        self.policy, self.tokenizer, self.sampling = policy, tokenizer, sampling
+        self.return_logprobs = return_logprobs
+        self.timeout_s = timeout_s
+        self.stop_ids = stop_token_ids(tokenizer, policy)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.run_dir = Path(run_dir or ".")
+        self.accelerator = accelerator
+        self.zero3 = accelerator is not None and accelerator.state.deepspeed_plugin is not None and \
+            cfg.hardware.deepspeed.zero_stage == 3
+        self.lora = is_peft(policy)
+        self._version = 0
+        info = self._wait_for_server(connect_timeout_s)
+        self.served_model = info["id"]
+        self.served_root = info.get("root") or info["id"]
+        self.model_name = self.served_model
+
+    # -- HTTP
+    def _request(self, method: str, path: str, payload: Optional[dict] = None, timeout: Optional[float] = None):
+        import requests
+
+        url = f"{self.base}{path}"
+        try:
+            resp = requests.request(method, url, json=payload, timeout=timeout or self.timeout_s)
+        except requests.RequestException as e:
+            raise ServerError(f"vLLM server request {method} {url} failed: {e}") from e
+        if resp.status_code >= 400:
+            raise ServerError(f"vLLM server {method} {url} returned {resp.status_code}: {resp.text[:500]}")
+        return resp.json() if resp.content and "json" in resp.headers.get("content-type", "") else None
+
+    def _wait_for_server(self, timeout_s: float) -> dict:
+        deadline = time.monotonic() + timeout_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                models = self._request("GET", "/v1/models", timeout=10)
+                return models["data"][0]
+            except (ServerError, KeyError, IndexError, TypeError) as e:
+                last = e
+                time.sleep(1.0)
+        raise ServerError(f"no vLLM server answered at {self.base} within {timeout_s:.0f}s (rollout.server_url): "
+                          f"{last}")
+
+    # -- weights
+    def sync_weights(self, policy=None) -> None:
+        """LoRA: save and hot-load the adapter. Full weights: rewrite the served copy and reload it."""
+        policy = policy or self.policy
+        acc = self.accelerator
+        main = acc is None or acc.is_main_process
+        self._version += 1
+        if self.lora:
+            path = self.run_dir / "rollout_adapters" / f"step_{self._version}"
+            if main:
+                policy.save_pretrained(path)
+                name = f"policy-{self._version}"
+                self._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+                if self.model_name != self.served_model:
+                    self._request("POST", "/v1/unload_lora_adapter", {"lora_name": self.model_name})
+                self.model_name = name
+        else:
+            root = Path(self.served_root)
+            if main and not (root / COPY_MARKER).exists():
+                raise ServerError(
+                    f"full-weight sync would overwrite {str(root)!r}, the directory the vLLM server serves, which "
+                    f"is not a copy made for training (no {COPY_MARKER} file). Serve a copy: "
+                    f"stagewise.rollout.vllm.prepare_served_copy(src, dst), or train with LoRA.")
+            from safetensors.torch import save_file
+
+            state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in
+                     iter_policy_weights(policy, self.zero3) if name is not None}
+            if main:
+                for old in root.glob("*.safetensors"):
+                    old.unlink()
+                (root / "model.safetensors.index.json").unlink(missing_ok=True)
+                save_file(state, str(root / "model.safetensors"), metadata={"format": "pt"})
+                self._request("POST", "/collective_rpc", {"method": "reload_weights"})
+                self._request("POST", "/reset_prefix_cache")
+        if acc is not None:
+            self.model_name = _broadcast(acc, self.model_name)
+
+    # -- generation
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Optional[SamplingParams] = None) -> RolloutBatch:
+        sampling = sampling or self.sampling
+        want_lp = self.return_logprobs and sampling.temperature > 0
+        payload = {
+            "model": self.model_name, "prompt": [list(map(int, p)) for p in prompts], "n": sampling.n,
+            "temperature": sampling.temperature, "top_p": sampling.top_p,
+            "top_k": sampling.top_k if sampling.top_k > 0 else -1, "max_tokens": sampling.max_new_tokens,
+            "stop": list(sampling.stop), "stop_token_ids": [] if sampling.ignore_eos else self.stop_ids,
+            "ignore_eos": sampling.ignore_eos, "include_stop_str_in_output": True, "skip_special_tokens": False,
+            "logprobs": 1, "return_tokens_as_token_ids": True,
+        }
+        body = self._request("POST", "/v1/completions", payload)
+        choices = sorted(body["choices"], key=lambda c: c["index"])
+        expected = len(prompts) * sampling.n
+        if len(choices) != expected:
+            raise ServerError(f"vLLM server returned {len(choices)} completions for {len(prompts)} prompts x "
+                              f"n={sampling.n}")
+        completion_ids, truncated, logprobs = [], [], []
+        for c in choices:
+            lp = c.get("logprobs") or {}
+            ids = [parse_token_id(t) for t in lp.get("tokens", [])]
+            completion_ids.append(ids)
+            truncated.append(c.get("finish_reason") == "length")
+            logprobs.append([float(x) for x in lp.get("token_logprobs", [])])
+        return RolloutBatch(
+            prompt_ids=[list(p) for p in prompts for _ in range(sampling.n)], completion_ids=completion_ids,
+            texts=decode_completions(self.tokenizer, completion_ids, self.stop_ids + [self.pad_id]),
+            truncated=truncated, logprobs=logprobs if want_lp else None, n=sampling.n)
+
+    def close(self) -> None:
+        """The server outlives the run; nothing to release."""
+
+
+def parse_token_id(token: str) -> int:
+    """vLLM's ``return_tokens_as_token_ids`` form, ``"token_id:123"`` -> 123."""
+    if not isinstance(token, str) or not token.startswith("token_id:"):
+        raise ServerError(f"expected a 'token_id:<id>' token (return_tokens_as_token_ids), got {token!r}")
+    return int(token.split(":", 1)[1])
+
+
+def _broadcast(acc, value):
+    if acc.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]

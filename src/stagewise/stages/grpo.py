@@ -1,0 +1,871 @@
+"""Stage ``grpo``: group-relative policy optimisation on prompts with verifiable rewards (seeds 002, 003, 004).
+
+    python train.py stage=grpo data=<prompts> reward=<preset>                     # tiny model on CPU
+    python train.py experiment=deepscaler/qwen3_4b_lora hardware=8xa100             # seed 003
+    python train.py experiment=r1_zero/qwen2_5_7b_countdown                         # seed 004
+
+One step (``stage.*``, ``rollout.*``, ``algorithm.*``, ``hardware.*``):
+  1. take ``prompts_per_step`` prompts in a seeded per-epoch order (the position is checkpointed: exact resume)
+  2. generate ``rollout.n`` completions each (``rollout.backend`` hf | vllm | vllm_server; temperature 0 with n > 1
+     is refused), decode, score with the weighted rewards (``reward.functions``; None is left out of the sum)
+  3. group advantages (``algorithm.adv_scale`` group | batch | none); groups with identical rewards can be dropped
+     (``filter_zero_std_groups``) and refilled by at most ``max_resample_rounds`` extra generation rounds (DAPO
+     dynamic sampling); truncated completions can be masked out of the loss (``mask_truncated``)
+  4. old log-probs from the policy before the update, only when the batch is used for more than one optimizer step
+     (``ppo_epochs`` x ``prompts_per_step / mini_batch_size`` > 1; otherwise they equal the detached current ones,
+     as TRL notes); reference log-probs only when ``algorithm.beta`` > 0, from a frozen copy or, with LoRA, from the
+     base model with the adapter disabled. Log-probs are computed on completion tokens only, in chunks
+     (``hardware.logprob_chunk_size``) when their logits would be large, never as full-vocabulary logits for a
+     batch; each distinct prompt of a micro-batch runs once and its KV cache serves its group (exact; off under
+     ``hardware.gradient_checkpointing``), and generation prefills each prompt once for its ``n`` samples
+  5. ``ppo_epochs`` x mini-batches of ``mini_batch_size`` prompts, one optimizer step each, micro-batches of
+     ``hardware.per_device_batch_size`` sequences; each micro-batch loss is divided by the normaliser of the whole
+     mini-batch on all ranks, so accumulation is exact for every ``algorithm.loss_agg``
+  6. with vLLM: truncated importance sampling against the engine's log-probs (``algorithm.tis_cap``; null = off),
+     and the new weights are pushed to the engine (LoRA merged) before the next generation
+Logs every ``logging_steps``: seed 004's console block and TRL's metric set in metrics.jsonl (see
+`stagewise.tracking.console`); ``samples/step_<N>.parquet`` every ``samples_steps``; held-out mean reward (greedy)
+at step 0, every ``eval_steps`` and at the end when the data has eval prompts; checkpoints every ``save_steps``;
+``final/`` at the end. LoRA, gradient checkpointing, ZeRO-2/3 and precision come from ``model.lora`` and
+``hardware=`` as for SFT.
+
+The logged ``loss`` is ~0 with one optimizer step per batch: the ratio is 1 and group advantages average to 0, so
+the loss value carries no information (peers.md complaint 2); its gradient does. Watch the rewards, ``grad_norm``,
+``kl``, ``entropy`` and the clip ratios instead.
+
+Where we depart from peers:
+  * Shared-prompt training (above) and a prompt prefilled once per group: TRL and verl run every prompt ``n`` times.
+  * The LR schedule counts optimizer steps (``total_steps x updates per step``), like verl's mini-batch updates.
+  * A mini-batch with no trained token on any rank (all truncated and masked) takes no optimizer step.
+  * Reward/length statistics are over every completion generated in the step (dynamic-sampling rounds included);
+    the loss is over the kept groups only.
+  * Completions keep their stop token (EOS is trained) and stop strings stay in the text the rewards see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from stagewise.algorithms import (
+    check_algorithm_config,
+    chunked_token_logprobs,
+    group_advantages,
+    loss_normalizer,
+    policy_loss,
+    policy_loss_kwargs,
+    token_logprobs_from_logits,
+    truncated_is_weights,
+)
+from stagewise.config import R1_ZERO_SYSTEM_PROMPT
+from stagewise.data import load_prompt_dataset
+from stagewise.models import load_model_and_tokenizer, num_params
+from stagewise.rewards import RewardRunner
+from stagewise.rollout import RolloutBatch, SamplingParams, build_rollout, check_sampling
+from stagewise.run_folder import RunFolder
+from stagewise.tracking import Tracker, progress
+from stagewise.tracking.console import format_grpo_console, format_indicators
+from stagewise.training import (
+    CheckpointManager,
+    TrainState,
+    backward_micro_batch,
+    build_accelerator,
+    build_optimizer,
+    build_scheduler,
+    optimizer_step,
+    prepare_model,
+    save_final,
+    set_seed,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ============================================================================================ the stage
+def run(cfg: DictConfig) -> dict:
+    # ------------------------------------------------------------------ setup
+    check_config(cfg)
+    set_seed(cfg.seed)
+    acc = build_accelerator(cfg)
+    run_folder = RunFolder(cfg.run_dir)
+    st, alg, ro, hw = cfg.stage, cfg.algorithm, cfg.rollout, cfg.hardware
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    ref_model = frozen_copy(model) if alg.beta > 0 and not cfg.model.lora.enabled else None
+    model = prepare_model(model, cfg)
+    with acc.main_process_first():
+        data = load_prompt_dataset(cfg.data, tokenizer, system_prompt=R1_ZERO_SYSTEM_PROMPT)
+    train_ds, eval_ds = data.train, data.eval
+    plan = StepPlan.build(cfg, acc.num_processes, len(train_ds))
+    rewards = RewardRunner(cfg.reward)
+    optimizer = build_optimizer(model, st)
+    scheduler = build_scheduler(optimizer, st, plan.total_steps * plan.updates_per_step)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    if ref_model is not None:
+        ref_model.to(acc.device)
+    policy = acc.unwrap_model(model)
+    tis = alg.tis_cap is not None and ro.backend != "hf"
+    rollout = build_rollout(cfg, policy, tokenizer, accelerator=acc, run_dir=run_folder.root, return_logprobs=tis)
+    ckpt = CheckpointManager(acc, run_folder, keep_last=st.save_total_limit)
+    state = TrainState(extra={"num_tokens": 0})
+    resume_from = ckpt.resume_path(cfg.resume)
+    if resume_from is not None:
+        state = ckpt.load(resume_from)
+        rollout.sync_weights(policy)
+    tracker = Tracker(cfg, run_folder.root, stage="grpo", is_main=acc.is_main_process,
+                      console_formatter=format_grpo_console)
+    ctx = StepContext(acc=acc, model=model, policy=policy, ref_model=ref_model, tokenizer=tokenizer,
+                      loss_kwargs=policy_loss_kwargs(alg, ro.max_new_tokens), alg=alg, hw=hw,
+                      temperature=float(ro.temperature), use_tis=tis,
+                      shared_prefix=not hw.gradient_checkpointing)
+    if acc.is_main_process:
+        log.info("grpo: %d train prompts, %s eval, %.2fM params (%.2fM trainable); %s", len(train_ds),
+                 len(eval_ds) if eval_ds is not None else "no", num_params(policy) / 1e6,
+                 num_params(policy, trainable_only=True) / 1e6, plan.describe())
+
+    # ------------------------------------------------------------------ train
+    if eval_ds is not None and st.eval_steps > 0 and state.step == 0:
+        tracker.log(evaluate(acc, rollout, eval_ds, rewards, cfg), step=0)
+    bar = progress(total=plan.total_steps, initial=state.step, desc="grpo", enabled=bar_enabled(acc, cfg))
+    window = Window()
+    model.train()
+    # console blocks print above the progress bar instead of through it
+    with logging_redirect_tqdm() if bar_enabled(acc, cfg) else contextlib.nullcontext():
+        while state.step < plan.total_steps:
+            timer = PhaseTimer()
+            step_start = time.perf_counter()
+            # 1-3. rollouts, rewards, advantages (dynamic sampling refills groups with identical rewards)
+            groups = collect_groups(acc, rollout, rewards, train_ds, state, plan, alg, timer)
+            # 4. micro-batches, old and reference log-probs
+            minis = make_mini_batches(ctx, groups.samples, plan, acc)
+            with timer("logprobs"):
+                fill_old_and_ref_logprobs(ctx, minis, need_old=plan.updates_per_step > 1)
+            # 5. PPO epochs x mini-batches, one optimizer step each
+            with timer("update"):
+                update = train_on_batch(ctx, minis, optimizer, scheduler, st.max_grad_norm, st.ppo_epochs)
+            if update["skipped_updates"] or not minis:
+                warn_nothing_trained(alg, ro, groups)
+            with timer("sync"):
+                rollout.sync_weights(policy)
+
+            # bookkeeping
+            state.step += 1
+            state.extra["num_tokens"] = state.extra.get("num_tokens", 0) + groups.num_tokens
+            bar.update(1)
+            timer.add("step", time.perf_counter() - step_start)
+            window.add(groups.log_arrays, update, timer.seconds, groups.sampling)
+            if state.step % st.logging_steps == 0 or state.step == plan.total_steps:
+                metrics = window.summary(groups.reward_names)
+                metrics.update({"lr": scheduler.get_last_lr()[0], "num_tokens": state.extra["num_tokens"],
+                                "epoch": state.epoch + state.batch_in_epoch / plan.steps_per_epoch, **memory_metrics()})
+                tracker.log(metrics, step=state.step)
+                bar.set_postfix(reward=f"{metrics.get('reward/total/mean', float('nan')):.3f}")
+                window = Window()
+            if st.samples_steps and state.step % st.samples_steps == 0:
+                write_samples(acc, run_folder.sample_file(state.step), groups, state.step)
+            if eval_ds is not None and st.eval_steps > 0 and state.step % st.eval_steps == 0 \
+                    and state.step < plan.total_steps:
+                tracker.log(evaluate(acc, rollout, eval_ds, rewards, cfg), step=state.step)
+            if st.save_steps and state.step % st.save_steps == 0 and state.step < plan.total_steps:
+                ckpt.save(state, model, tokenizer)
+    bar.close()
+
+    # ------------------------------------------------------------------ save
+    final_metrics: Dict[str, Any] = {}
+    if eval_ds is not None:
+        final_metrics.update(evaluate(acc, rollout, eval_ds, rewards, cfg))
+        tracker.log(final_metrics, step=state.step)
+    final_metrics["step"] = state.step
+    save_final(acc, model, tokenizer, run_folder)
+
+    # ------------------------------------------------------------------ cleanup
+    tracker.close()
+    rewards.close()
+    rollout.close()
+    if acc.is_main_process:
+        log.info("saved %s", run_folder.final)
+    acc.end_training()
+    return final_metrics
+
+
+# ============================================================================================ config
+def bar_enabled(acc, cfg: DictConfig) -> bool:
+    return acc.is_main_process and bool(cfg.logger.progress_bar)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail before loading anything, naming the bad key."""
+    check_algorithm_config(cfg.algorithm)
+    if cfg.algorithm.name == "sft":
+        raise ValueError("stage=grpo needs a policy-gradient objective: algorithm=grpo|dr_grpo|dapo|gspo "
+                         "(got algorithm=sft)")
+    ro, st = cfg.rollout, cfg.stage
+    check_sampling(ro.n, ro.temperature, ro.top_p, ro.top_k, ro.max_new_tokens)
+    for key in ("prompts_per_step", "ppo_epochs", "logging_steps"):
+        if st[key] < 1:
+            raise ValueError(f"stage.{key}={st[key]!r} must be >= 1")
+    if st.mini_batch_size < 0 or (st.mini_batch_size and st.prompts_per_step % st.mini_batch_size):
+        raise ValueError(f"stage.mini_batch_size={st.mini_batch_size} must divide stage.prompts_per_step="
+                         f"{st.prompts_per_step} (or be 0 = one optimizer step per rollout batch)")
+    if not cfg.reward.functions:
+        raise ValueError("stage=grpo needs at least one reward: set reward=<preset> or reward.functions")
+    if cfg.hardware.per_device_batch_size < 1:
+        raise ValueError(f"hardware.per_device_batch_size={cfg.hardware.per_device_batch_size!r} must be >= 1")
+
+
+@dataclass
+class StepPlan:
+    prompts_per_step: int
+    n: int
+    mini_batches: int  # optimizer steps per PPO epoch
+    ppo_epochs: int
+    steps_per_epoch: int  # prompt batches in one pass over the data
+    total_steps: int
+    world: int
+    per_device_batch_size: int
+    filter_groups: bool
+    max_resample_rounds: int
+    seed: int = 0
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.mini_batches * self.ppo_epochs
+
+    @property
+    def prompts_per_rank(self) -> int:
+        return self.prompts_per_step // self.world
+
+    @classmethod
+    def build(cls, cfg: DictConfig, world: int, num_prompts: int) -> "StepPlan":
+        st = cfg.stage
+        p = st.prompts_per_step
+        if p % world:
+            raise ValueError(f"stage.prompts_per_step={p} must be a multiple of the number of processes ({world})")
+        if num_prompts < p:
+            raise ValueError(f"the training data has {num_prompts} prompts, fewer than stage.prompts_per_step={p}")
+        mini = st.mini_batch_size or p
+        steps_per_epoch = num_prompts // p
+        total = st.max_steps if st.max_steps > 0 else math.ceil(st.num_epochs * steps_per_epoch)
+        hw = cfg.hardware
+        plan = cls(prompts_per_step=p, n=cfg.rollout.n, mini_batches=p // mini, ppo_epochs=st.ppo_epochs,
+                   steps_per_epoch=steps_per_epoch, total_steps=max(1, total), world=world,
+                   per_device_batch_size=hw.per_device_batch_size,
+                   filter_groups=bool(cfg.algorithm.filter_zero_std_groups),
+                   max_resample_rounds=int(cfg.algorithm.max_resample_rounds), seed=int(cfg.seed))
+        accum = math.ceil(mini * plan.n / world / hw.per_device_batch_size)
+        if hw.grad_accum_steps not in (1, accum):
+            log.warning("hardware.grad_accum_steps=%d is not used by stage=grpo: an optimizer step is one mini-batch "
+                        "of %d prompts x %d samples = %d micro-batches of %d per rank", hw.grad_accum_steps, mini,
+                        plan.n, accum, hw.per_device_batch_size)
+        return plan
+
+    def describe(self) -> str:
+        mini = self.prompts_per_step // self.mini_batches
+        accum = math.ceil(mini * self.n / self.world / self.per_device_batch_size)
+        return (f"{self.total_steps} steps of {self.prompts_per_step} prompts x {self.n} samples; "
+                f"{self.ppo_epochs} epoch(s) x {self.mini_batches} mini-batch(es) of {mini} prompts = "
+                f"{self.updates_per_step} optimizer step(s) per step, each {accum} micro-batch(es) of "
+                f"{self.per_device_batch_size} x {self.world} process(es)")
+
+
+# ============================================================================================ prompts
+def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """A pure function of (seed, epoch): resuming needs only the position in it."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def next_prompt_rows(state: TrainState, plan: StepPlan, num_rows: int) -> np.ndarray:
+    """The next ``prompts_per_step`` dataset rows; advances ``state`` (epoch, batch_in_epoch)."""
+    order = epoch_order(num_rows, plan.seed, state.epoch)
+    p = plan.prompts_per_step
+    rows = order[state.batch_in_epoch * p:(state.batch_in_epoch + 1) * p]
+    state.batch_in_epoch += 1
+    if state.batch_in_epoch >= plan.steps_per_epoch:
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    return rows
+
+
+# ============================================================================================ rollouts
+@dataclass
+class Sample:
+    """One completion to train on."""
+
+    prompt_ids: List[int]
+    completion_ids: List[int]
+    advantage: float
+    trained: bool  # False: truncated and algorithm.mask_truncated
+    rollout_logprobs: Optional[List[float]] = None
+
+
+@dataclass
+class Groups:
+    samples: List[Sample]  # this rank's kept samples, group-major
+    log_arrays: Dict[str, np.ndarray]  # every generated sample of the step, all ranks (for metrics)
+    reward_names: List[str]
+    sampling: Dict[str, float]
+    num_tokens: int  # prompt + completion tokens generated in the step, all ranks
+    rounds: List[Dict[str, Any]] = field(default_factory=list)  # raw generation rounds (for the samples parquet)
+    advantages: Dict[tuple, torch.Tensor] = field(default_factory=dict)  # (round, rank, group) -> [n]
+    rank: int = 0
+    n: int = 1
+
+    def records(self) -> List[Dict[str, Any]]:
+        """This rank's rows of the samples parquet: every generated completion, kept or filtered."""
+        return sample_records(self.rounds, self.rank, self.n, self.advantages)
+
+
+def reward_columns(rows: Dict[str, list], batch: RolloutBatch) -> Dict[str, list]:
+    """Dataset columns repeated ``n`` times (one value per completion) plus completion facts rewards may read."""
+    n = batch.n
+    cols = {k: [v for v in values for _ in range(n)] for k, values in rows.items() if k != "prompt_ids"}
+    cols["completion_ids"] = batch.completion_ids
+    cols["completion_lengths"] = [len(c) for c in batch.completion_ids]
+    cols["truncated"] = batch.truncated
+    return cols
+
+
+def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainState, plan: StepPlan, alg,
+                   timer: "PhaseTimer") -> Groups:
+    """Generate, score and keep groups for one step. With ``filter_zero_std_groups``, groups whose rewards are all
+    equal are dropped and further prompt batches are generated (at most ``max_resample_rounds`` more) until
+    ``prompts_per_step`` groups are kept; the first ``prompts_per_step`` kept groups (in generation order) are
+    trained. Advantages are computed over the kept groups of all ranks."""
+    world, rank, n = acc.num_processes, acc.process_index, plan.n
+    rounds: List[Dict[str, Any]] = []
+    kept_global: List[tuple] = []  # (round, rank, local group), in generation order
+    for round_idx in range(plan.max_resample_rounds + 1 if plan.filter_groups else 1):
+        rows = next_prompt_rows(state, plan, len(train_ds))
+        mine = [int(i) for i in rows[rank::world]]
+        columns = train_ds[mine]
+        with timer("generate"):
+            batch = rollout.generate(columns["prompt_ids"])
+        with timer("score"):
+            result = rewards(batch.texts, **reward_columns(columns, batch))
+        total = torch.tensor(result.total, dtype=torch.float32)
+        per_fn = {name: torch.tensor([np.nan if v is None else v for v in values], dtype=torch.float32)
+                  for name, values in result.per_fn.items()}
+        local = per_sample_arrays(batch, total, per_fn)
+        everything = gather_rows(acc, local)  # [world * L * n, K], rank-major
+        global_total = everything["reward/total"].reshape(world, -1, n)  # [rank, group, sample]
+        zero_std = global_total.max(-1) == global_total.min(-1)  # [rank, group]
+        rounds.append({"batch": batch, "columns": columns, "total": total, "per_fn": per_fn,
+                       "arrays": everything, "zero_std": zero_std})
+        for r in range(world):
+            for g in range(zero_std.shape[1]):
+                if not (plan.filter_groups and zero_std[r, g]):
+                    kept_global.append((round_idx, r, g))
+        if len(kept_global) >= plan.prompts_per_step:
+            break
+    kept_global = kept_global[:plan.prompts_per_step]
+
+    # advantages over every kept group of every rank, identical on all ranks
+    kept_rewards = torch.stack([torch.from_numpy(rounds[ri]["arrays"]["reward/total"].reshape(world, -1, n)[r, g])
+                                for ri, r, g in kept_global]) if kept_global else torch.zeros(0, n)
+    if kept_global:
+        adv, adv_metrics = group_advantages(kept_rewards.reshape(-1), n, alg.adv_scale)
+        adv = adv.reshape(-1, n)
+    else:
+        adv, adv_metrics = torch.zeros(0, n), {}
+    samples: List[Sample] = []
+    adv_of: Dict[tuple, torch.Tensor] = {}
+    for k, (ri, r, g) in enumerate(kept_global):
+        adv_of[(ri, r, g)] = adv[k]
+        if r != rank:
+            continue
+        batch = rounds[ri]["batch"]
+        for j in range(g * n, (g + 1) * n):
+            samples.append(Sample(
+                prompt_ids=batch.prompt_ids[j], completion_ids=batch.completion_ids[j],
+                advantage=float(adv[k][j - g * n]),
+                trained=not (alg.mask_truncated and batch.truncated[j]),
+                rollout_logprobs=batch.logprobs[j] if batch.logprobs is not None else None))
+
+    arrays = {k: np.concatenate([rd["arrays"][k] for rd in rounds]) for k in rounds[0]["arrays"]}
+    zero_std_all = np.concatenate([rd["zero_std"].reshape(-1) for rd in rounds])
+    sampling = {
+        "frac_reward_zero_std": float(zero_std_all.mean()),
+        "reward_std": float(adv_metrics.get("reward_std", torch.tensor(float("nan")))),
+        "advantage_abs_mean": float(adv_metrics.get("advantage_abs_mean", torch.tensor(float("nan")))),
+        "sampling/rounds": float(len(rounds)),
+        "sampling/groups_generated": float(zero_std_all.size),
+        "sampling/groups_kept": float(len(kept_global)),
+    }
+    num_tokens = int(arrays["prompt_tokens"].sum() + arrays["completion_tokens"].sum())
+    return Groups(samples=samples, log_arrays=arrays, reward_names=list(rewards.names), sampling=sampling,
+                  num_tokens=num_tokens, rounds=rounds, advantages=adv_of, rank=rank, n=n)
+
+
+def per_sample_arrays(batch: RolloutBatch, total: torch.Tensor, per_fn: Dict[str, torch.Tensor]
+                      ) -> Dict[str, torch.Tensor]:
+    """Per-completion numbers every rank contributes to the step's metrics (NaN = a reward returned None)."""
+    fmt = [format_indicators(t) for t in batch.texts]
+    arrays = {f"reward/{name}": v for name, v in per_fn.items()}
+    arrays.update({
+        "reward/total": total,
+        "completion_tokens": torch.tensor([len(c) for c in batch.completion_ids], dtype=torch.float32),
+        "prompt_tokens": torch.tensor([len(p) for p in batch.prompt_ids], dtype=torch.float32),
+        "truncated": torch.tensor(batch.truncated, dtype=torch.float32),
+        "chars": torch.tensor([len(t) for t in batch.texts], dtype=torch.float32),
+        "format_ok": torch.tensor([f[0] for f in fmt], dtype=torch.float32),
+        "indicators": torch.tensor([f[1] for f in fmt], dtype=torch.float32),
+    })
+    return arrays
+
+
+def gather_rows(acc, arrays: Dict[str, torch.Tensor]) -> Dict[str, np.ndarray]:
+    """Concatenate every rank's per-sample arrays (rank-major), as numpy."""
+    keys = list(arrays)
+    stacked = torch.stack([arrays[k] for k in keys], dim=1).to(acc.device)
+    if acc.num_processes > 1:
+        stacked = acc.gather(stacked)
+    stacked = stacked.cpu().numpy()
+    return {k: stacked[:, i] for i, k in enumerate(keys)}
+
+
+def sample_records(rounds: List[Dict[str, Any]], rank: int, n: int, adv_of: Dict[tuple, torch.Tensor]
+                   ) -> List[Dict[str, Any]]:
+    records = []
+    for ri, rd in enumerate(rounds):
+        batch, columns = rd["batch"], rd["columns"]
+        for j in range(len(batch)):
+            g = j // n
+            adv = adv_of.get((ri, rank, g))
+            rec = {
+                "round": ri, "group": g, "prompt": columns["prompt"][g] if "prompt" in columns else "",
+                "completion": batch.texts[j],
+                **{f"reward_{name}": (None if math.isnan(float(v[j])) else float(v[j]))
+                   for name, v in rd["per_fn"].items()},
+                "reward_total": float(rd["total"][j]),
+                "advantage": float(adv[j % n]) if adv is not None else None,
+                "kept": adv is not None,
+                "prompt_tokens": len(batch.prompt_ids[j]), "completion_tokens": len(batch.completion_ids[j]),
+                "completion_chars": len(batch.texts[j]), "truncated": bool(batch.truncated[j]), "turns": 1,
+            }
+            for gold in ("answer", "solution", "target"):
+                if gold in columns:
+                    rec[gold] = str(columns[gold][g])
+            records.append(rec)
+    return records
+
+
+def write_samples(acc, path, groups: Groups, step: int) -> None:
+    from accelerate.utils import gather_object
+    import pandas as pd
+
+    records = groups.records()
+    if acc.num_processes > 1:
+        records = gather_object(records)
+    if not acc.is_main_process:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(records)
+    df.insert(0, "step", step)
+    tmp = path.with_suffix(".parquet.tmp")
+    df.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+# ============================================================================================ batches
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [B, P + T]: left-padded prompts then right-padded completions
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_width: int
+    targets: torch.Tensor  # [B, T] completion ids, -1 at padding
+    tokens: torch.Tensor  # [B, T] bool: real completion tokens
+    mask: torch.Tensor  # [B, T] bool: trained tokens
+    advantages: torch.Tensor  # [B]
+    prompt_index: Optional[torch.Tensor] = None  # [B]: which distinct prompt (of `unique_rows`) each row has
+    unique_rows: Optional[torch.Tensor] = None  # [U]: the first row of each distinct prompt
+    rollout_logprobs: Optional[torch.Tensor] = None  # [B, T] engine log-probs (vLLM), for TIS
+    old_logprobs: Optional[torch.Tensor] = None
+    ref_logprobs: Optional[torch.Tensor] = None
+
+
+def collate(samples: Sequence[Sample], pad_id: int, device, dummy: bool = False) -> MicroBatch:
+    """Pad one micro-batch. ``dummy`` keeps the shapes but trains nothing (a rank with fewer micro-batches than
+    the others runs these so every rank calls forward/backward the same number of times)."""
+    b = len(samples)
+    pw = max(len(s.prompt_ids) for s in samples)
+    tw = max(1, max(len(s.completion_ids) for s in samples))
+    ids = torch.full((b, pw + tw), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, pw + tw), dtype=torch.long)
+    targets = torch.full((b, tw), -1, dtype=torch.long)
+    with_lp = all(s.rollout_logprobs is not None for s in samples)
+    rollout_lp = torch.zeros((b, tw), dtype=torch.float32) if with_lp else None
+    for i, s in enumerate(samples):
+        p, c = len(s.prompt_ids), len(s.completion_ids)
+        ids[i, pw - p:pw] = torch.tensor(s.prompt_ids, dtype=torch.long)
+        ids[i, pw:pw + c] = torch.tensor(s.completion_ids, dtype=torch.long)
+        attn[i, pw - p:pw + c] = 1
+        targets[i, :c] = ids[i, pw:pw + c]
+        if with_lp:
+            rollout_lp[i, :c] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
+    tokens = targets >= 0
+    trained = torch.tensor([s.trained and not dummy for s in samples], dtype=torch.bool)
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    first: Dict[tuple, int] = {}
+    prompt_index = [first.setdefault(tuple(s.prompt_ids), len(first)) for s in samples]
+    unique_rows = [prompt_index.index(u) for u in range(len(first))]
+    return MicroBatch(
+        prompt_index=torch.tensor(prompt_index, dtype=torch.long, device=device),
+        unique_rows=torch.tensor(unique_rows, dtype=torch.long, device=device),
+        input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=position_ids.to(device),
+        prompt_width=pw, targets=targets.to(device), tokens=tokens.to(device),
+        mask=(tokens & trained[:, None]).to(device),
+        advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device),
+        rollout_logprobs=rollout_lp.to(device) if rollout_lp is not None else None)
+
+
+def make_mini_batches(ctx: "StepContext", samples: List[Sample], plan: StepPlan, acc) -> List[List[MicroBatch]]:
+    """Split this rank's kept samples (group-major) into ``mini_batches`` optimizer steps of whole groups, each
+    into micro-batches of ``per_device_batch_size``. Every rank gets the same number of micro-batches per
+    mini-batch (short ranks are padded with dummy micro-batches that train nothing)."""
+    n = plan.n
+    groups = [samples[i:i + n] for i in range(0, len(samples), n)]
+    total_groups = int(_reduce(acc, len(groups), "sum"))
+    num_minis = min(plan.mini_batches, total_groups)
+    chunks = [list(c) for c in np.array_split(np.arange(len(groups)), num_minis)] if num_minis else []
+    pad_id = ctx.tokenizer.pad_token_id
+    filler = samples[:1] or ctx.filler
+    if samples:
+        ctx.filler = samples[:1]
+    minis = []
+    for chunk in chunks:
+        rows = [s for g in chunk for s in groups[g]]
+        size = plan.per_device_batch_size
+        micro = [collate(rows[i:i + size], pad_id, acc.device) for i in range(0, len(rows), size)]
+        needed = int(_reduce(acc, len(micro), "max"))
+        while len(micro) < needed:
+            if not filler:
+                raise RuntimeError("a rank has no sample at all to build a dummy micro-batch from")
+            micro.append(collate(filler, pad_id, acc.device, dummy=True))
+        minis.append(micro)
+    return minis
+
+
+def _reduce(acc, value: float, op: str) -> float:
+    if acc.num_processes == 1:
+        return value
+    t = torch.tensor(float(value), device=acc.device)
+    if op == "sum":
+        return float(acc.reduce(t, reduction="sum"))
+    return float(acc.gather(t[None]).max())
+
+
+# ============================================================================================ log-probs and loss
+@dataclass
+class StepContext:
+    acc: Any
+    model: Any  # the prepared (possibly DDP/DeepSpeed-wrapped) policy
+    policy: Any  # the unwrapped policy (PEFT or plain)
+    ref_model: Any
+    tokenizer: Any
+    loss_kwargs: Dict[str, Any]
+    alg: Any
+    hw: Any
+    temperature: float
+    use_tis: bool
+    shared_prefix: bool = True  # off under gradient checkpointing (see completion_logprobs)
+    filler: List[Sample] = field(default_factory=list)
+
+
+SMALL_LOGITS_BYTES = 64 * 2**20
+
+
+def completion_logprobs(model, head, mb: MicroBatch, chunk_size: int, temperature: float,
+                        with_entropy: bool = False, shared_prefix: bool = False):
+    """Log-probs (and entropies) of the completion tokens, ``[B, T]`` each.
+
+    The model's own forward runs (so DDP/DeepSpeed/PEFT hooks do) with one kept logit, and only the completion
+    tokens' final hidden states go through the LM head. Those logits are built ``chunk_size`` tokens at a time and
+    recomputed in backward (`chunked_token_logprobs`) unless all of them fit in ``SMALL_LOGITS_BYTES`` (64 MiB: a
+    few thousand tokens of a 1K vocabulary, a few hundred of Qwen's 152K), where one plain matmul is kept instead.
+
+    ``shared_prefix``: the rows of a group share one prompt, so each distinct prompt is run once (with gradients)
+    and its KV cache is indexed out to its rows before the completions run: exact, and n times less prompt compute
+    (a group's 8 samples of an R1-Zero prompt: half the tokens of the step). Not under gradient checkpointing,
+    which drops the KV cache. Under ZeRO-3 the head weight is partitioned, so the model's own logits over the
+    completion positions are used instead.
+    """
+    partitioned = head.weight.numel() == 0 or hasattr(head.weight, "ds_id")
+    t = mb.targets.shape[1]
+    if partitioned:
+        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                    logits_to_keep=t + 1, use_cache=False)
+        return token_logprobs_from_logits(out.logits[:, :-1], mb.targets, temperature, with_entropy)
+    if shared_prefix and len(mb.unique_rows) < len(mb.prompt_index):
+        hidden = shared_prefix_hidden(model, mb)
+    else:
+        keep = torch.tensor([mb.input_ids.shape[1] - 1], device=mb.input_ids.device)
+        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                    output_hidden_states=True, logits_to_keep=keep, use_cache=False)
+        hidden = out.hidden_states[-1][:, mb.prompt_width - 1:mb.prompt_width - 1 + t]
+    tokens = int(mb.tokens.sum())
+    if tokens * head.weight.shape[0] * 4 > SMALL_LOGITS_BYTES:
+        return chunked_token_logprobs(hidden, head.weight, mb.targets, chunk_size, temperature=temperature,
+                                      with_entropy=with_entropy, mask=mb.tokens)
+    logits = torch.nn.functional.linear(hidden[mb.tokens], head.weight)
+    lp, ent = token_logprobs_from_logits(logits[None], mb.targets[mb.tokens][None], temperature, with_entropy)
+    zeros = torch.zeros(mb.targets.shape, dtype=lp.dtype, device=lp.device)
+    return (zeros.masked_scatter(mb.tokens, lp[0]),
+            zeros.masked_scatter(mb.tokens, ent[0]) if with_entropy else None)
+
+
+def shared_prefix_hidden(model, mb: MicroBatch) -> torch.Tensor:
+    """Final hidden states ``[B, T, H]`` that predict the completion tokens, with each distinct prompt run once.
+    The prompt pass goes through the inner module (a DDP wrapper expects one forward per backward); gradients
+    reach the prompt's weights through the KV cache and the last prompt position."""
+    from transformers import DynamicCache
+
+    inner = getattr(model, "module", model)
+    pw, u = mb.prompt_width, mb.unique_rows
+    one = torch.tensor([pw - 1], device=mb.input_ids.device)
+    cache = DynamicCache()
+    prompt = inner(input_ids=mb.input_ids[u, :pw], attention_mask=mb.attention_mask[u, :pw],
+                   position_ids=mb.position_ids[u, :pw], past_key_values=cache, use_cache=True,
+                   output_hidden_states=True, logits_to_keep=one)
+    last = prompt.hidden_states[-1][:, -1]  # [U, H]: predicts each prompt's first completion token
+    cache.batch_select_indices(mb.prompt_index)
+    keep = torch.tensor([mb.targets.shape[1] - 1], device=mb.input_ids.device)
+    out = model(input_ids=mb.input_ids[:, pw:], attention_mask=mb.attention_mask,
+                position_ids=mb.position_ids[:, pw:], past_key_values=cache, use_cache=True,
+                output_hidden_states=True, logits_to_keep=keep)
+    return torch.cat([last[mb.prompt_index][:, None], out.hidden_states[-1][:, :-1]], dim=1)
+
+
+def fill_old_and_ref_logprobs(ctx: StepContext, minis: List[List[MicroBatch]], need_old: bool) -> None:
+    """Old log-probs (policy before the update) when the batch feeds several optimizer steps; reference log-probs
+    when ``algorithm.beta`` > 0 (a frozen copy, or the base model with the LoRA adapter disabled)."""
+    need_ref = ctx.alg.beta > 0
+    if not (need_old or need_ref):
+        return
+    head = ctx.policy.get_output_embeddings()
+    chunk = ctx.hw.logprob_chunk_size
+    with torch.no_grad():
+        for mb in (m for mini in minis for m in mini):
+            if need_old:
+                mb.old_logprobs, _ = completion_logprobs(ctx.model, head, mb, chunk, ctx.temperature,
+                                                         shared_prefix=ctx.shared_prefix)
+            if need_ref:
+                if ctx.ref_model is not None:
+                    mb.ref_logprobs, _ = completion_logprobs(ctx.ref_model, ctx.ref_model.get_output_embeddings(),
+                                                             mb, chunk, ctx.temperature, shared_prefix=True)
+                else:  # LoRA: the base model is the reference
+                    with ctx.policy.disable_adapter():
+                        mb.ref_logprobs, _ = completion_logprobs(ctx.model, head, mb, chunk, ctx.temperature,
+                                                                 shared_prefix=ctx.shared_prefix)
+
+
+def train_on_batch(ctx: StepContext, minis: List[List[MicroBatch]], optimizer, scheduler, max_grad_norm: float,
+                   ppo_epochs: int) -> Dict[str, float]:
+    """``ppo_epochs`` passes over the mini-batches, one optimizer step per mini-batch. Each micro-batch loss is
+    normalised by the whole mini-batch's normaliser summed over micro-batches and ranks, and multiplied by the world
+    size (DDP averages gradients), so the update equals the one-big-batch update for any micro-batch split.
+    Returns token-weighted means of the loss metrics over every update of the step."""
+    acc, model = ctx.acc, ctx.model
+    world = acc.num_processes
+    head = ctx.policy.get_output_embeddings()
+    kw = dict(ctx.loss_kwargs)
+    agg = kw["loss_agg"]
+    sums: Dict[str, float] = {}
+    weights: Dict[str, float] = {}
+    extremes = {"clip_ratio/low_min": math.inf, "clip_ratio/high_max": -math.inf}
+    losses, grad_norms, updates, skipped = [], [], 0, 0
+    for _ in range(ppo_epochs):
+        for mini in minis:
+            local_norm = sum(float(loss_normalizer(mb.mask, agg)) for mb in mini)
+            norm = _reduce(acc, local_norm, "sum")
+            if norm == 0:  # nothing trained on any rank (e.g. every completion truncated and masked): no step, so
+                scheduler.step()  # weight decay and Adam momentum do not move the weights without a signal
+                skipped += 1
+                continue
+            mini_loss = torch.zeros((), device=acc.device)
+            for k, mb in enumerate(mini):
+                lp, ent = completion_logprobs(model, head, mb, ctx.hw.logprob_chunk_size, ctx.temperature,
+                                              with_entropy=True, shared_prefix=ctx.shared_prefix)
+                old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
+                is_w, tis_metrics = None, {}
+                if ctx.use_tis and mb.rollout_logprobs is not None:
+                    is_w, tis_metrics = truncated_is_weights(old, mb.rollout_logprobs, mb.mask, ctx.alg.tis_cap)
+                loss, metrics = policy_loss(lp, old, mb.advantages, mb.mask, **kw, ref_logprobs=mb.ref_logprobs,
+                                            is_weights=is_w, entropy=ent if kw["entropy_coef"] else ent.detach(),
+                                            normalizer=norm)
+                backward_micro_batch(acc, model, loss * world, last=k == len(mini) - 1)
+                mini_loss += loss.detach()
+                tokens = float(mb.mask.sum())
+                for name, value in {**metrics, **tis_metrics}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * tokens
+                    weights[name] = weights.get(name, 0.0) + tokens
+                if tokens:
+                    extremes["clip_ratio/low_min"] = min(extremes["clip_ratio/low_min"],
+                                                         float(metrics["clip_ratio/low_mean"]))
+                    extremes["clip_ratio/high_max"] = max(extremes["clip_ratio/high_max"],
+                                                          float(metrics["clip_ratio/high_mean"]))
+            grad_norms.append(optimizer_step(acc, model, optimizer, scheduler, max_grad_norm))
+            losses.append(_reduce(acc, float(mini_loss), "sum"))
+            updates += 1
+    out = {("policy_loss" if k == "pg_loss" else k): v / weights[k] for k, v in sums.items() if weights[k] > 0}
+    out.update({k: v for k, v in extremes.items() if math.isfinite(v)})
+    out["loss"] = float(np.mean(losses)) if losses else 0.0
+    if grad_norms:
+        out["grad_norm"] = float(np.mean(grad_norms))
+    out["optimizer_steps"] = float(updates)
+    out["skipped_updates"] = float(skipped)
+    return out
+
+
+_warned: set = set()
+
+
+def warn_nothing_trained(alg, ro, groups: "Groups") -> None:
+    """Say once why a step trained nothing, with the setting to change."""
+    if groups.sampling["sampling/groups_kept"] == 0:
+        why = ("every group had identical rewards and algorithm.filter_zero_std_groups=true dropped them all "
+               f"(after {int(groups.sampling['sampling/rounds'])} generation round(s); raise "
+               "algorithm.max_resample_rounds, or make the reward less all-or-nothing)")
+    else:
+        why = (f"no completion token was trained: every kept completion was truncated at rollout.max_new_tokens="
+               f"{ro.max_new_tokens} and algorithm.mask_truncated=true (raise rollout.max_new_tokens)")
+    if why not in _warned:
+        _warned.add(why)
+        log.warning("a step took no optimizer step: %s", why)
+
+
+# ============================================================================================ evaluation
+@torch.no_grad()
+def evaluate(acc, rollout, eval_ds, rewards: RewardRunner, cfg: DictConfig) -> Dict[str, float]:
+    """Mean reward of one greedy completion per held-out prompt (``stage.num_eval_prompts``; 0 = all)."""
+    limit = cfg.stage.num_eval_prompts or len(eval_ds)
+    rows = list(range(min(limit, len(eval_ds))))[acc.process_index::acc.num_processes]
+    if not rows:
+        return {}
+    sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=int(cfg.rollout.max_new_tokens),
+                              stop=tuple(cfg.rollout.stop))
+    columns = eval_ds[rows]
+    per_call = max(1, int(cfg.rollout.batch_size))
+    batches = [rollout.generate(columns["prompt_ids"][i:i + per_call], sampling)
+               for i in range(0, len(rows), per_call)]
+    batch = RolloutBatch.concat(batches)
+    result = rewards(batch.texts, **reward_columns(columns, batch))
+    per_fn = {name: torch.tensor([np.nan if v is None else v for v in values], dtype=torch.float32)
+              for name, values in result.per_fn.items()}
+    arrays = gather_rows(acc, per_sample_arrays(batch, torch.tensor(result.total, dtype=torch.float32), per_fn))
+    metrics = {f"eval/{k}/mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+               for k, v in arrays.items() if k.startswith("reward/")}
+    metrics["eval/completions/mean_length"] = float(arrays["completion_tokens"].mean())
+    metrics["eval/quality/format_compliance"] = float(arrays["format_ok"].mean())
+    metrics["eval/num_prompts"] = float(len(arrays["completion_tokens"]))
+    return metrics
+
+
+# ============================================================================================ metrics
+class PhaseTimer:
+    """Wall-clock seconds per phase of one step (generate, score, logprobs, update, sync, step)."""
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+
+class Window:
+    """Everything between two log lines: per-sample arrays (exact reward/length statistics over the window) and
+    per-step scalars (averaged)."""
+
+    def __init__(self) -> None:
+        self.arrays: List[Dict[str, np.ndarray]] = []
+        self.scalars: List[Dict[str, float]] = []
+
+    def add(self, arrays: Dict[str, np.ndarray], update: Dict[str, float], seconds: Dict[str, float],
+            sampling: Dict[str, float]) -> None:
+        self.arrays.append(arrays)
+        self.scalars.append({**update, **sampling, **{f"time/{k}": v for k, v in seconds.items()}})
+
+    def summary(self, reward_names: Sequence[str]) -> Dict[str, float]:
+        a = {k: np.concatenate([x[k] for x in self.arrays]) for k in self.arrays[0]}
+        out: Dict[str, float] = {}
+        scalar_keys = list(dict.fromkeys(k for s in self.scalars for k in s))
+        for k in scalar_keys:
+            vals = [s[k] for s in self.scalars if k in s]
+            if k.endswith("_min"):
+                out[k] = float(np.min(vals))
+            elif k.endswith("_max"):
+                out[k] = float(np.max(vals))
+            else:
+                out[k] = float(np.mean(vals))
+        for name in list(reward_names) + ["total"]:
+            v = a[f"reward/{name}"]
+            scored = v[~np.isnan(v)]
+            stats = ({"mean": scored.mean(), "std": scored.std(), "min": scored.min(), "max": scored.max()}
+                     if scored.size else dict.fromkeys(("mean", "std", "min", "max"), float("nan")))
+            out.update({f"reward/{name}/{s}": float(x) for s, x in stats.items()})
+            if name != "total":
+                out[f"reward/{name}/none"] = float(np.isnan(v).sum())
+        lengths, truncated = a["completion_tokens"], a["truncated"].astype(bool)
+        done = lengths[~truncated]
+        out.update({
+            "completions/mean_length": float(lengths.mean()),
+            "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()),
+            "completions/clipped_ratio": float(truncated.mean()),
+            "completions/mean_terminated_length": float(done.mean()) if done.size else 0.0,
+            "completions/min_terminated_length": float(done.min()) if done.size else 0.0,
+            "completions/max_terminated_length": float(done.max()) if done.size else 0.0,
+            "completions/mean_chars": float(a["chars"].mean()),
+            "quality/format_ok": float(a["format_ok"].sum()),
+            "quality/num_completions": float(a["format_ok"].size),
+            "quality/format_compliance": float(a["format_ok"].mean()),
+            "quality/reasoning_indicators": float(a["indicators"].mean()),
+        })
+        step_time = sum(s.get("time/step", 0.0) for s in self.scalars)
+        samples = float(sum(x["completion_tokens"].size for x in self.arrays))
+        tokens = float(sum(x["completion_tokens"].sum() for x in self.arrays))
+        out["perf/samples_per_s"] = samples / step_time if step_time else 0.0
+        out["perf/completion_tokens_per_s"] = tokens / step_time if step_time else 0.0
+        return out
+
+
+def memory_metrics() -> Dict[str, float]:
+    if torch.cuda.is_available():
+        return {"memory/gpu_max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
+                "memory/gpu_reserved_gb": torch.cuda.memory_reserved() / 2**30}
+    return {"memory/rss_gb": _rss_bytes() / 2**30,
+            "memory/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}
+
+
+def _rss_bytes() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ============================================================================================ models
+def frozen_copy(model):
+    """The KL reference for full fine-tuning: a frozen copy of the initial policy, in eval mode."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref

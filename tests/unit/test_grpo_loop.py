@@ -1,0 +1,338 @@
+"""The GRPO loop's pieces on the tiny model: exact gradient accumulation, dynamic sampling, truncation masking,
+the step plan, and the logged statistics."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from stagewise.algorithms import policy_loss_kwargs
+from stagewise.config import ModelConfig, R1_ZERO_SYSTEM_PROMPT
+from stagewise.models import load_model_and_tokenizer
+from stagewise.rewards import RewardRunner
+from stagewise.rollout import SamplingParams
+from stagewise.rollout.hf import HFRollout
+from stagewise.stages.grpo import (
+    PhaseTimer,
+    Sample,
+    StepContext,
+    StepPlan,
+    Window,
+    collate,
+    collect_groups,
+    make_mini_batches,
+    train_on_batch,
+)
+from stagewise.training import TrainState, build_accelerator, build_optimizer, build_scheduler
+
+from conftest import compose
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return compose(["stage=grpo", "algorithm=grpo", "data=tiny_grpo", "reward=countdown", "rollout.max_new_tokens=16",
+                    "stage.learning_rate=1e-2"])
+
+
+@pytest.fixture(scope="module")
+def acc(cfg):
+    return build_accelerator(cfg)
+
+
+def plan_for(per_device, n=4, prompts=2, minis=1, epochs=1, filter_groups=False, rounds=0):
+    return StepPlan(prompts_per_step=prompts, n=n, mini_batches=minis, ppo_epochs=epochs, steps_per_epoch=10,
+                    total_steps=1, world=1, per_device_batch_size=per_device, filter_groups=filter_groups,
+                    max_resample_rounds=rounds)
+
+
+def context(cfg, acc, model, tok, loss_agg):
+    alg = OmegaConf.merge(cfg.algorithm, {"loss_agg": loss_agg})
+    return StepContext(acc=acc, model=model, policy=model, ref_model=None, tokenizer=tok,
+                       loss_kwargs=policy_loss_kwargs(alg, 16), alg=alg, hw=cfg.hardware, temperature=1.0,
+                       use_tis=False)
+
+
+# Two groups of four completions, different lengths; the last one is truncated and masked (trained=False).
+ADV = [1.0, -1.0, 0.5, -0.5, 2.0, 0.0, -1.5, 3.0]
+LENGTHS = [3, 7, 5, 2, 9, 4, 6, 8]
+TRAINED = [True] * 7 + [False]
+
+
+def hand_samples(tok):
+    prompts = [tok("What is 2 + 2?")["input_ids"], tok("Name a prime number bigger than ten")["input_ids"]]
+    g = torch.Generator().manual_seed(0)
+    completions = [torch.randint(10, 900, (n,), generator=g).tolist() for n in LENGTHS]
+    return [Sample(prompt_ids=prompts[i // 4], completion_ids=completions[i], advantage=ADV[i], trained=TRAINED[i])
+            for i in range(8)]
+
+
+def expected_loss(loss_agg):
+    """With one update the ratio is 1, so each token's loss is -A and the loss is an aggregate of -A."""
+    trained = [(a, n) for a, n, t in zip(ADV, LENGTHS, TRAINED) if t]
+    if loss_agg == "token_mean":
+        return -sum(a * n for a, n in trained) / sum(n for _, n in trained)
+    if loss_agg == "seq_mean_token_mean":
+        return -sum(a for a, _ in trained) / len(trained)
+    return -sum(a * n / 16 for a, n in trained) / len(trained)  # Dr. GRPO: token sums over max_new_tokens=16
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_micro_batch_split_gives_the_one_batch_update(cfg, acc, loss_agg):
+    """per_device_batch_size 8 (one micro-batch), 4 (two), 1 (eight) and 3 (3 + 3 + 2, uneven): same loss,
+    gradient and weights."""
+    results = []
+    for per_device in (8, 4, 1, 3):
+        model, tok = load_model_and_tokenizer(ModelConfig())
+        ctx = context(cfg, acc, model, tok, loss_agg)
+        # plain SGD with lr 1: the weight change is the gradient itself (Adam's first step is ~lr * sign(g), which
+        # would hide a wrong gradient scale and amplify float noise in near-zero gradients)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = build_scheduler(optimizer, cfg.stage, 1)
+        minis = make_mini_batches(ctx, hand_samples(tok), plan_for(per_device), acc)
+        assert [len(m) for m in minis] == [math.ceil(8 / per_device)]
+        update = train_on_batch(ctx, minis, optimizer, scheduler, max_grad_norm=0.0, ppo_epochs=1)
+        weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+        results.append((update, weights))
+    ref_update, ref_weights = results[0]
+    assert ref_update["loss"] == pytest.approx(expected_loss(loss_agg), abs=1e-6)
+    assert ref_update["optimizer_steps"] == 1.0
+    assert ref_update["grad_norm"] > 0
+    for update, weights in results[1:]:
+        assert update["loss"] == pytest.approx(ref_update["loss"], abs=1e-6)
+        assert update["grad_norm"] == pytest.approx(ref_update["grad_norm"], rel=1e-4)
+        assert torch.allclose(weights, ref_weights, atol=1e-6, rtol=1e-5)
+
+
+def test_two_mini_batches_take_two_optimizer_steps_with_old_logprobs(cfg, acc):
+    from stagewise.stages.grpo import fill_old_and_ref_logprobs
+
+    model, tok = load_model_and_tokenizer(ModelConfig())
+    ctx = context(cfg, acc, model, tok, "seq_mean_token_mean")
+    optimizer = build_optimizer(model, cfg.stage)
+    scheduler = build_scheduler(optimizer, cfg.stage, 2)
+    minis = make_mini_batches(ctx, hand_samples(tok), plan_for(4, minis=2), acc)
+    assert [len(m) for m in minis] == [1, 1]  # one group (4 samples) per mini-batch
+    fill_old_and_ref_logprobs(ctx, minis, need_old=True)
+    assert all(mb.old_logprobs is not None and mb.ref_logprobs is None for m in minis for mb in m)
+    update = train_on_batch(ctx, minis, optimizer, scheduler, max_grad_norm=1.0, ppo_epochs=1)
+    assert update["optimizer_steps"] == 2.0
+    # The first mini-batch is on-policy (ratio 1); the second is seen after one update, so its ratio moved.
+    assert update["ratio/max"] > 1.0 or update["ratio/min"] < 1.0
+
+
+def test_collate_pads_left_then_right_and_masks(tiny):
+    _, tok = tiny
+    a = Sample([5, 6, 7], [11, 12], 1.0, True)
+    b = Sample([9], [13, 14, 15], -1.0, False)
+    mb = collate([a, b], pad_id=0, device="cpu")
+    assert mb.input_ids.tolist() == [[5, 6, 7, 11, 12, 0], [0, 0, 9, 13, 14, 15]]
+    assert mb.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 0, 1, 2, 3]]
+    assert mb.targets.tolist() == [[11, 12, -1], [13, 14, 15]]
+    assert mb.mask.tolist() == [[True, True, False], [False, False, False]]  # b is not trained
+    assert mb.prompt_width == 3 and mb.advantages.tolist() == [1.0, -1.0]
+
+
+# ------------------------------------------------------------------------------------------------ dynamic sampling
+def parity_reward(completions, answer, **kwargs):
+    """Even answers: 1.0 for every sample (a zero-variance group). Odd: a number that differs between samples."""
+    return [1.0 if int(a) % 2 == 0 else (sum(map(ord, c)) % 97) / 97 for c, a in zip(completions, answer)]
+
+
+@pytest.fixture(scope="module")
+def prompt_data(tmp_path_factory, cfg):
+    from stagewise.data import load_prompt_dataset
+
+    path = tmp_path_factory.mktemp("prompts") / "p.jsonl"
+    path.write_text("".join(json.dumps({"problem": f"Question number {i}?", "answer": str(i)}) + "\n"
+                            for i in range(20)))
+    data_cfg = OmegaConf.merge(cfg.data, {"sources": [{"path": str(path)}], "eval_sources": [],
+                                          "system_prompt": "Be brief."})
+    _, tok = load_model_and_tokenizer(ModelConfig())
+    return load_prompt_dataset(data_cfg, tok, system_prompt=R1_ZERO_SYSTEM_PROMPT).train, tok
+
+
+def test_dynamic_sampling_keeps_varied_groups_and_refills(acc, prompt_data, cfg):
+    ds, tok = prompt_data
+    model, _ = load_model_and_tokenizer(ModelConfig())
+    rollout = HFRollout(model, tok, SamplingParams(n=3, max_new_tokens=6))
+    rewards = RewardRunner({"functions": [{"name": f"{__file__}:parity_reward"}]})
+    alg = OmegaConf.merge(cfg.algorithm, {"filter_zero_std_groups": True, "max_resample_rounds": 2})
+    plan = plan_for(3, n=3, prompts=4, filter_groups=True, rounds=2)
+    plan.seed = 5
+    state = TrainState()
+    torch.manual_seed(0)
+    groups = collect_groups(acc, rollout, rewards, ds, state, plan, alg, PhaseTimer())
+
+    order = np.random.default_rng([5, 0]).permutation(20)  # the epoch's prompt order for seed 5
+    answers = [int(ds[int(i)]["answer"]) for i in order]
+    kept, rounds_needed = [], 0
+    for r in range(3):  # at most 1 + max_resample_rounds batches of 4 prompts; odd answers have varied rewards
+        kept += [a for a in answers[4 * r:4 * r + 4] if a % 2 == 1]
+        rounds_needed = r + 1
+        if len(kept) >= 4:
+            break
+    kept = kept[:4]
+    assert state.batch_in_epoch == rounds_needed  # each round consumed one batch of prompts
+    assert groups.sampling["sampling/rounds"] == rounds_needed
+    assert groups.sampling["sampling/groups_generated"] == 4 * rounds_needed
+    assert groups.sampling["sampling/groups_kept"] == len(kept)
+    even = sum(a % 2 == 0 for a in answers[:4 * rounds_needed])
+    assert groups.sampling["frac_reward_zero_std"] == pytest.approx(even / (4 * rounds_needed))
+    prompts_by_answer = {int(ds[i]["answer"]): ds[i]["prompt_ids"] for i in range(20)}
+    assert [s.prompt_ids for s in groups.samples] == [prompts_by_answer[a] for a in kept for _ in range(3)]
+    adv = np.array([s.advantage for s in groups.samples]).reshape(-1, 3)
+    assert np.allclose(adv.sum(1), 0.0, atol=1e-5) and np.all(np.abs(adv).max(1) > 0)
+    # every generated completion is logged, kept or not
+    assert len(groups.log_arrays["reward/total"]) == 4 * rounds_needed * 3
+    assert sum(r["kept"] for r in groups.records()) == 3 * len(kept)
+    rewards.close()
+
+
+def test_truncated_completions_are_masked_when_asked(acc, prompt_data, cfg):
+    ds, tok = prompt_data
+    model, _ = load_model_and_tokenizer(ModelConfig())
+    rollout = HFRollout(model, tok, SamplingParams(n=2, max_new_tokens=3, ignore_eos=True))  # all truncated
+    rewards = RewardRunner({"functions": [{"name": f"{__file__}:parity_reward"}]})
+    for mask_truncated in (False, True):
+        alg = OmegaConf.merge(cfg.algorithm, {"mask_truncated": mask_truncated})
+        groups = collect_groups(acc, rollout, rewards, ds, TrainState(), plan_for(2, n=2, prompts=2), alg,
+                                PhaseTimer())
+        assert [s.trained for s in groups.samples] == [not mask_truncated] * 4
+        mb = collate(groups.samples, tok.pad_token_id, "cpu")
+        assert int(mb.mask.sum()) == (0 if mask_truncated else 12)
+    rewards.close()
+
+
+# ------------------------------------------------------------------------------------------------ plan and metrics
+def test_step_plan_counts(cfg):
+    stage = {"prompts_per_step": 64, "mini_batch_size": 32, "ppo_epochs": 2, "max_steps": 50}
+    c = OmegaConf.merge(cfg, {"stage": stage, "rollout": {"n": 5}, "hardware": {"per_device_batch_size": 8}})
+    plan = StepPlan.build(c, world=2, num_prompts=1000)
+    assert (plan.mini_batches, plan.updates_per_step, plan.steps_per_epoch, plan.total_steps) == (2, 4, 15, 50)
+    assert "4 optimizer step(s) per step, each 10 micro-batch(es) of 8 x 2 process(es)" in plan.describe()
+    with pytest.raises(ValueError, match="multiple of the number of processes"):
+        StepPlan.build(c, world=3, num_prompts=1000)
+    with pytest.raises(ValueError, match="fewer than stage.prompts_per_step=64"):
+        StepPlan.build(c, world=1, num_prompts=10)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["stage.mini_batch_size=3"], "stage.mini_batch_size=3 must divide stage.prompts_per_step=16"),
+    (["reward=none"], "needs at least one reward"),
+    (["stage.ppo_epochs=0"], "stage.ppo_epochs=0 must be >= 1"),
+])
+def test_check_config_names_the_key(override, message):
+    from stagewise.stages.grpo import check_config
+
+    cfg = compose(["stage=grpo", "algorithm=grpo", "data=tiny_grpo", "reward=countdown", *override])
+    with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("=", "=")):
+        check_config(cfg)
+
+
+def test_window_summary_statistics():
+    w = Window()
+    nan = float("nan")
+    step1 = {"reward/acc": np.array([1.0, 0.0, nan]), "reward/total": np.array([1.0, 0.0, 0.0]),
+             "completion_tokens": np.array([4.0, 10.0, 6.0]), "truncated": np.array([0.0, 1.0, 0.0]),
+             "prompt_tokens": np.array([5.0, 5.0, 5.0]), "chars": np.array([8.0, 30.0, 12.0]),
+             "format_ok": np.array([1.0, 0.0, 0.0]), "indicators": np.array([2.0, 0.0, 1.0])}
+    step2 = {k: v[:1] for k, v in step1.items()}
+    w.add(step1, {"loss": 0.5, "clip_ratio/low_min": 0.1, "clip_ratio/high_max": 0.2}, {"step": 2.0}, {})
+    w.add(step2, {"loss": 1.5, "clip_ratio/low_min": 0.0, "clip_ratio/high_max": 0.4}, {"step": 1.0}, {})
+    out = w.summary(["acc"])
+    assert out["loss"] == 1.0 and out["clip_ratio/low_min"] == 0.0 and out["clip_ratio/high_max"] == 0.4
+    # acc over the window: [1, 0, 1] scored, one None
+    assert out["reward/acc/mean"] == pytest.approx(2 / 3)
+    assert out["reward/acc/std"] == pytest.approx(np.std([1.0, 0.0, 1.0]))
+    assert (out["reward/acc/min"], out["reward/acc/max"], out["reward/acc/none"]) == (0.0, 1.0, 1.0)
+    assert out["reward/total/mean"] == pytest.approx(0.5)
+    assert out["completions/mean_length"] == 6.0 and out["completions/max_length"] == 10.0
+    assert out["completions/clipped_ratio"] == 0.25
+    assert out["completions/mean_terminated_length"] == pytest.approx(14 / 3)
+    assert out["quality/format_ok"] == 2.0 and out["quality/format_compliance"] == 0.5
+    assert out["quality/reasoning_indicators"] == pytest.approx(5 / 4)
+    assert out["time/step"] == 1.5 and out["perf/samples_per_s"] == pytest.approx(4 / 3.0)
+
+
+def test_chunked_and_plain_lm_head_paths_agree(tiny, monkeypatch):
+    """Small batches take one plain LM-head matmul, big ones the chunked, recomputed path: same values, same
+    gradients (prompts and completions of different lengths, so both paddings are exercised)."""
+    import stagewise.stages.grpo as grpo
+
+    model, tok = tiny
+    samples = hand_samples(tok)
+    mb = collate(samples, tok.pad_token_id, "cpu")
+    head = model.get_output_embeddings()
+    results = []
+    for limit in (grpo.SMALL_LOGITS_BYTES, 0):  # 0: everything goes through chunked_token_logprobs
+        monkeypatch.setattr(grpo, "SMALL_LOGITS_BYTES", limit)
+        model.zero_grad()
+        lp, ent = grpo.completion_logprobs(model, head, mb, chunk_size=5, temperature=0.8, with_entropy=True)
+        (lp * mb.advantages[:, None]).sum().backward()
+        results.append((lp.detach(), ent.detach(), head.weight.grad.clone(),
+                        model.model.embed_tokens.weight.grad.clone()))
+    model.zero_grad()
+    (lp_a, ent_a, gh_a, ge_a), (lp_b, ent_b, gh_b, ge_b) = results
+    assert int((lp_a != 0).sum()) == sum(LENGTHS)  # one log-prob per real completion token, zeros on padding
+    assert torch.allclose(lp_a, lp_b, atol=1e-5) and torch.allclose(ent_a, ent_b, atol=1e-5)
+    assert torch.allclose(gh_a, gh_b, atol=1e-5) and torch.allclose(ge_a, ge_b, atol=1e-5)
+
+
+def test_shared_prefix_pass_equals_the_full_sequence_pass(tiny):
+    """Running each distinct prompt once and indexing its KV cache out to the group gives the same log-probs and
+    the same gradients as running every prompt + completion row in full."""
+    import stagewise.stages.grpo as grpo
+
+    model, tok = tiny
+    mb = collate(hand_samples(tok), tok.pad_token_id, "cpu")
+    assert mb.prompt_index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1] and mb.unique_rows.tolist() == [0, 4]
+    head = model.get_output_embeddings()
+    was_training = model.training
+    model.train()
+    results = []
+    for shared in (False, True):
+        model.zero_grad()
+        lp, _ = grpo.completion_logprobs(model, head, mb, chunk_size=64, temperature=1.0, shared_prefix=shared)
+        (lp * mb.advantages[:, None]).sum().backward()
+        results.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    model.zero_grad()
+    model.train(was_training)
+    (lp_full, g_full), (lp_shared, g_shared) = results
+    assert torch.allclose(lp_full, lp_shared, atol=1e-5)
+    for name in g_full:
+        assert torch.allclose(g_full[name], g_shared[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_reference_logprobs_from_a_frozen_copy_and_from_the_disabled_adapter(cfg, acc):
+    """beta > 0: full fine-tuning compares with a frozen copy of the initial policy; LoRA with the base model
+    (adapter disabled). Both equal the policy before it moves and stay put when it moves."""
+    from peft import LoraConfig, get_peft_model
+
+    from stagewise.stages.grpo import fill_old_and_ref_logprobs, frozen_copy
+
+    alg = OmegaConf.merge(cfg.algorithm, {"beta": 0.04})
+    for lora in (False, True):
+        model, tok = load_model_and_tokenizer(ModelConfig())
+        ref = None if lora else frozen_copy(model)
+        if lora:
+            model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        ctx = StepContext(acc=acc, model=model, policy=model, ref_model=ref, tokenizer=tok,
+                          loss_kwargs=policy_loss_kwargs(alg, 16), alg=alg, hw=cfg.hardware, temperature=1.0,
+                          use_tis=False)
+        minis = make_mini_batches(ctx, hand_samples(tok), plan_for(8), acc)
+        fill_old_and_ref_logprobs(ctx, minis, need_old=True)
+        mb = minis[0][0]
+        assert torch.equal(mb.old_logprobs, mb.ref_logprobs)  # LoRA's B starts at zero: policy == base
+        ref_before = mb.ref_logprobs.clone()
+        with torch.no_grad():  # move the policy: the adapter (LoRA) or a base weight (full fine-tuning)
+            for name, p in model.named_parameters():
+                if p.requires_grad and ("lora_B" in name or not lora):
+                    p.add_(0.05 * torch.randn_like(p))
+        fill_old_and_ref_logprobs(ctx, minis, need_old=True)
+        assert torch.equal(mb.ref_logprobs, ref_before)
+        moved = (mb.old_logprobs - mb.ref_logprobs).abs()[mb.tokens]
+        assert float(moved.max()) > 1e-3

@@ -1,0 +1,209 @@
+"""vLLM backends. The server client is tested against a real HTTP server on 127.0.0.1 that speaks the subset of
+vLLM's OpenAI API the client uses (token-id prompts, ``return_tokens_as_token_ids``, LoRA hot-loading,
+``/collective_rpc``), generating with the tiny model; the colocated engine needs a GPU and vLLM."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from stagewise.config import ModelConfig
+from stagewise.models import load_model_and_tokenizer
+from stagewise.rollout import SamplingParams
+from stagewise.rollout.hf import HFRollout
+from stagewise.rollout.vllm import (
+    COPY_MARKER,
+    ServerError,
+    VLLMServerClient,
+    parse_token_id,
+    prepare_served_copy,
+    vllm_param_name,
+)
+
+
+class FakeVLLM:
+    """An HTTP server with vLLM's request/response shapes; generation by the tiny model on CPU."""
+
+    def __init__(self, served_dir: Path):
+        self.model, self.tok = load_model_and_tokenizer(ModelConfig())
+        self.served_dir = served_dir
+        self.calls: list[tuple[str, dict]] = []
+        self.generated: list[list[int]] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, body: dict | None, status: int = 200):
+                data = json.dumps(body).encode() if body is not None else b""
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path == "/v1/models":
+                    return self.reply({"data": [{"id": "tiny", "root": str(fake.served_dir)}]})
+                self.reply({"error": "not found"}, 404)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])) or b"{}")
+                fake.calls.append((self.path, body))
+                if self.path == "/v1/completions":
+                    return self.reply(fake.complete(body))
+                if self.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/collective_rpc",
+                                 "/reset_prefix_cache"):
+                    return self.reply(None)
+                self.reply({"error": "not found"}, 404)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def complete(self, body: dict) -> dict:
+        assert body["return_tokens_as_token_ids"] is True and body["include_stop_str_in_output"] is True
+        assert body["skip_special_tokens"] is False and body["logprobs"] == 1
+        sampling = SamplingParams(n=body["n"], temperature=body["temperature"], top_p=body["top_p"],
+                                  max_new_tokens=body["max_tokens"], stop=tuple(body["stop"]))
+        torch.manual_seed(0)
+        batch = HFRollout(self.model, self.tok, sampling, return_logprobs=True).generate(body["prompt"])
+        self.generated = batch.completion_ids
+        choices = [{"index": i, "text": batch.texts[i], "finish_reason": "length" if batch.truncated[i] else "stop",
+                    "logprobs": {"tokens": [f"token_id:{t}" for t in batch.completion_ids[i]],
+                                 "token_logprobs": batch.logprobs[i]}}
+                   for i in range(len(batch))]
+        return {"model": body["model"], "choices": list(reversed(choices))}  # any order: the client sorts by index
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def fake(tmp_path):
+    server = FakeVLLM(tmp_path / "served")
+    yield server
+    server.close()
+
+
+def client_cfg(url):
+    return OmegaConf.create({"rollout": {"server_url": url}, "hardware": {"deepspeed": {"zero_stage": 0}}})
+
+
+def test_server_generation_is_parsed_exactly(fake, tmp_path):
+    policy, tok = load_model_and_tokenizer(ModelConfig())
+    client = VLLMServerClient(client_cfg(fake.url + "/v1"), policy, tok, SamplingParams(n=3, max_new_tokens=6),
+                              run_dir=tmp_path)
+    prompts = [tok("What is 2 + 2?")["input_ids"], tok("Hi")["input_ids"]]
+    batch = client.generate(prompts)
+    assert len(batch) == 6 and batch.prompt_ids == [prompts[0]] * 3 + [prompts[1]] * 3
+    assert batch.completion_ids == fake.generated  # token ids come back exactly, in index order
+    assert all(len(lp) == len(ids) for lp, ids in zip(batch.logprobs, batch.completion_ids))
+    assert batch.truncated == [len(c) == 6 and c[-1] != tok.eos_token_id for c in batch.completion_ids]
+    path, body = fake.calls[-1]
+    assert path == "/v1/completions" and body["model"] == "tiny" and body["n"] == 3 and body["max_tokens"] == 6
+    assert body["stop_token_ids"] == [tok.eos_token_id]
+
+
+def test_full_weight_sync_refuses_a_directory_it_does_not_own(fake, tmp_path):
+    policy, tok = load_model_and_tokenizer(ModelConfig())
+    fake.served_dir.mkdir()
+    client = VLLMServerClient(client_cfg(fake.url), policy, tok, SamplingParams(n=2), run_dir=tmp_path)
+    with pytest.raises(ServerError, match=COPY_MARKER):
+        client.sync_weights(policy)
+    assert not any(fake.served_dir.iterdir())
+
+
+def test_full_weight_sync_rewrites_the_served_copy_and_reloads(fake, tmp_path):
+    from safetensors.torch import load_file
+
+    policy, tok = load_model_and_tokenizer(ModelConfig())
+    src = tmp_path / "base"
+    policy.save_pretrained(src)
+    prepare_served_copy(str(src), str(fake.served_dir))
+    client = VLLMServerClient(client_cfg(fake.url), policy, tok, SamplingParams(n=2), run_dir=tmp_path)
+    with torch.no_grad():
+        policy.model.norm.weight.add_(0.5)  # an "optimizer step"
+    client.sync_weights(policy)
+    written = load_file(str(fake.served_dir / "model.safetensors"))
+    assert set(written) == {n for n, _ in policy.named_parameters()}
+    assert torch.equal(written["model.norm.weight"], policy.model.norm.weight)
+    assert [c[0] for c in fake.calls] == ["/collective_rpc", "/reset_prefix_cache"]
+    assert fake.calls[0][1] == {"method": "reload_weights"}
+
+
+def test_lora_sync_hot_loads_adapters_and_generates_with_the_newest(fake, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base, tok = load_model_and_tokenizer(ModelConfig())
+    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    client = VLLMServerClient(client_cfg(fake.url), policy, tok, SamplingParams(n=2, max_new_tokens=3),
+                              run_dir=tmp_path)
+    client.sync_weights(policy)
+    client.sync_weights(policy)
+    client.generate([tok("Hi")["input_ids"]])
+    paths = [c[0] for c in fake.calls]
+    assert paths == ["/v1/load_lora_adapter", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/completions"]
+    assert fake.calls[0][1] == {"lora_name": "policy-1", "lora_path": str(tmp_path / "rollout_adapters" / "step_1")}
+    assert fake.calls[2][1] == {"lora_name": "policy-1"}
+    assert fake.calls[3][1]["model"] == "policy-2"
+    assert (tmp_path / "rollout_adapters" / "step_2" / "adapter_config.json").exists()
+
+
+def test_unreachable_server_fails_loudly(tmp_path):
+    policy, tok = load_model_and_tokenizer(ModelConfig())
+    with pytest.raises(ServerError, match=r"no vLLM server answered at http://127.0.0.1:9 within 1s"):
+        VLLMServerClient(client_cfg("http://127.0.0.1:9"), policy, tok, SamplingParams(n=2), run_dir=tmp_path,
+                         connect_timeout_s=1.0)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight"),
+    ("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight", "model.layers.0.self_attn.q_proj.weight"),
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", None),
+    ("base_model.model.lm_head.modules_to_save.default.weight", "lm_head.weight"),
+])
+def test_vllm_param_names(name, expected):
+    assert vllm_param_name(name) == expected
+
+
+def test_parse_token_id():
+    assert parse_token_id("token_id:1037") == 1037
+    with pytest.raises(ServerError, match="return_tokens_as_token_ids"):
+        parse_token_id("hello")
+
+
+@pytest.mark.gpu
+def test_colocated_engine_generates_and_takes_new_weights(tmp_path):
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from stagewise.rollout.vllm import VLLMColocated
+
+    from conftest import compose
+
+    cfg = compose(["stage=grpo", "algorithm=grpo", "data=tiny_grpo", "reward=countdown", "rollout=vllm",
+                   "rollout.gpu_memory_utilization=0.2", "rollout.max_new_tokens=8"])
+    policy, tok = load_model_and_tokenizer(ModelConfig())
+    policy = policy.cuda()
+    engine = VLLMColocated(cfg, policy, tok, SamplingParams(n=4, max_new_tokens=8), run_dir=tmp_path)
+    prompts = [tok("What is 2 + 2?")["input_ids"]]
+    batch = engine.generate(prompts)
+    assert len(batch) == 4 and all(1 <= len(c) <= 8 for c in batch.completion_ids)
+    assert all(len(lp) == len(c) for lp, c in zip(batch.logprobs, batch.completion_ids))
+    with torch.no_grad():  # a policy whose every logit is the same: uniform sampling, log-prob -ln(V)
+        policy.lm_head.weight.zero_()
+    engine.sync_weights(policy)
+    lp = engine.generate(prompts).logprobs
+    expected = -torch.log(torch.tensor(float(policy.config.vocab_size)))
+    assert all(abs(x - float(expected)) < 1e-3 for row in lp for x in row)
+    engine.close()
