@@ -43,6 +43,7 @@ def run_stage(cfg: DictConfig):
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig):
     from stagewise.launch import needs_relaunch, relaunch_distributed
+    from stagewise.training.distributed_env import setup_distributed_env
 
     validate_config(cfg)
     with open_dict(cfg):
@@ -52,6 +53,7 @@ def main(cfg: DictConfig):
         from stagewise.pipeline import run_pipeline
 
         return run_pipeline(cfg, HydraConfig.get().overrides.task)
+    setup_distributed_env(cfg)  # submitit tasks become torch.distributed ranks before any Accelerator exists
     if needs_relaunch(cfg):
         return relaunch_distributed(cfg, __file__, HydraConfig.get().overrides.task)
     return run_stage(cfg)

@@ -155,6 +155,7 @@ class StageConfig:
     # early stopping on an eval metric (sft, grpo)
     early_stopping_metric: Optional[str] = None
     early_stopping_patience: int = 0
+    max_nonfinite_steps: int = 5  # NaN/inf losses in a row before the run stops (each one skips its update)
 
 
 # ----------------------------------------------------------------------------------------------- algorithm
@@ -190,6 +191,7 @@ class DeepSpeedConfig:
     zero_stage: int = 0  # 0 = off, 2, 3
     offload_optimizer: bool = False
     offload_params: bool = False
+    config_file: Optional[str] = None  # a DeepSpeed JSON (launchers/deepspeed/*.json); its "auto" values are filled
     zero3_save_16bit_model: bool = True
 
 
@@ -215,6 +217,7 @@ class RewardFnConfig:
     name: str = MISSING
     weight: float = 1.0
     params: Dict[str, Any] = field(default_factory=dict)
+    alias: Optional[str] = None  # the name in logs; needed when the same function appears twice
 
 
 @dataclass
@@ -236,6 +239,9 @@ class EnvConfig:
     stateful: bool = False
     max_output_chars: int = 8192
     num_workers: int = 8
+    isolation: str = "auto"  # auto (first that works) | bwrap | namespaces (unshare + rlimits) | none
+    max_processes: int = 64
+    max_file_mb: int = 256
 
 
 # ------------------------------------------------------------------------------------------------ rollout
@@ -254,6 +260,7 @@ class RolloutConfig:
     enable_sleep_mode: bool = True
     server_url: Optional[str] = None
     tensor_parallel_size: int = 1
+    lora_sync: str = "merged"  # merged (merge LoRA into the engine's weights) | adapter (vLLM LoRA request)
 
 
 # ------------------------------------------------------------------------------------------------- logger
@@ -273,6 +280,23 @@ class PathsConfig:
     output_dir: str = "outputs"
     cache_dir: str = "${paths.output_dir}/.cache"
     data_dir: str = "data"
+
+
+# ------------------------------------------------------------------------------------------------ cluster
+@dataclass
+class ClusterConfig:
+    """Read only by the SLURM launcher presets; set it in the gitignored ``conf/local/default.yaml``."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    timeout_min: int = 240
+    gpus_per_node: int = 8
+    cpus_per_task: int = 8
+    mem_gb: Optional[int] = None
+    max_requeues: int = 10
+    setup: List[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------- pipeline
@@ -302,6 +326,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     task_name: str = "train"
     # One id for every rank of a run (see stagewise.run_folder.run_id); the run folder is
     # ${paths.output_dir}/${task_name}/${run_id}. Set it to reuse a folder, e.g. to resume.

@@ -112,6 +112,8 @@ def test_zero3_two_cpu_processes_train_and_save_a_plain_hf_model(tmp_path):
     assert sorted(losses) == list(range(1, 13))
     assert losses[12] < losses[1] - 1.0, losses
     assert (run / "train.rank1.log").exists()  # both ranks wrote into the same run folder
+    # DeepSpeed really ran (Accelerator(cpu=True) would silently have fallen back to DDP)
+    assert "accelerator: DEEPSPEED, 2 process(es)" in (run / "train.log").read_text()
     cfg_text = (run / ".hydra" / "config.yaml").read_text()
     assert "zero_stage: 3" in cfg_text
     model = AutoModelForCausalLM.from_pretrained(run / "final", dtype=torch.float32)

@@ -33,6 +33,7 @@ from stagewise.data import IGNORE_INDEX, PackedDataset, SFTCollator, load_source
 from stagewise.models import load_model_and_tokenizer, num_params
 from stagewise.run_folder import RunFolder
 from stagewise.tracking import Tracker, progress
+from stagewise.tracking.alerts import STOP, UPDATE, NanGuard
 from stagewise.training import (
     CheckpointManager,
     TrainState,
@@ -44,7 +45,9 @@ from stagewise.training import (
     prepare_model,
     save_final,
     set_seed,
+    uses_deepspeed,
 )
+from stagewise.training.preemption import checkpoint_and_exit_if_preempted, install_preemption_handler
 from stagewise.training.modeling import sequence_token_logprobs
 
 log = logging.getLogger(__name__)
@@ -99,7 +102,7 @@ def run(cfg: DictConfig) -> dict:
     model = prepare_model(model, cfg)
     with acc.main_process_first():
         train_ds, eval_ds, data_report = build_sft_datasets(cfg, tokenizer)
-    collate = SFTCollator(pad_token_id=tokenizer.pad_token_id)
+    collate = SFTCollator.for_model(model, tokenizer.pad_token_id)  # one flattened row under flash-attention
 
     world = acc.num_processes
     global_batch = world * hw.per_device_batch_size * hw.grad_accum_steps
@@ -121,6 +124,8 @@ def run(cfg: DictConfig) -> dict:
         tracker.log({f"data/{k}": v for k, v in data_report.items() if isinstance(v, (int, float))}, step=state.step)
 
     # ------------------------------------------------------------------ train
+    install_preemption_handler()  # SIGUSR1/SIGTERM -> checkpoint at the next step boundary, exit for requeue
+    nan_guard = NanGuard(st.max_nonfinite_steps)
     model.train()
     bar = progress(total=total_steps, initial=state.step, desc="sft",
                    enabled=acc.is_main_process and cfg.logger.progress_bar)
@@ -143,8 +148,13 @@ def run(cfg: DictConfig) -> dict:
             loss, _ = sft_loss(logprobs, trained_targets(batch), normalizer=max(step_tokens, 1))
             backward_micro_batch(acc, model, loss * world, last=k == len(batches) - 1)
             step_loss += loss.detach()
-        grad_norm = optimizer_step(acc, model, optimizer, scheduler, st.max_grad_norm)
         step_loss = float(acc.reduce(step_loss, reduction="sum"))
+        action = nan_guard.observe(step_loss)  # a NaN/inf loss skips its update (DeepSpeed has already stepped)
+        if action == UPDATE or uses_deepspeed(acc):
+            grad_norm = optimizer_step(acc, model, optimizer, scheduler, st.max_grad_norm)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            grad_norm = float("nan")
 
         state.step += 1
         state.batch_in_epoch += 1
@@ -171,8 +181,12 @@ def run(cfg: DictConfig) -> dict:
             window = {"loss_sum": 0.0, "tokens": 0, "steps": 0, "t0": time.time()}
         if st.eval_steps and eval_ds is not None and state.step % st.eval_steps == 0:
             tracker.log({"eval/loss": evaluate_loss(acc, model, eval_ds, collate, hw)}, step=state.step)
+        if action == STOP:
+            ckpt.save(state, model, tokenizer)
+            raise nan_guard.error(state.step, str(run_folder.root))
         if st.save_steps and state.step % st.save_steps == 0 and state.step < total_steps:
             ckpt.save(state, model, tokenizer)
+        checkpoint_and_exit_if_preempted(acc, lambda: ckpt.save(state, model, tokenizer))
     bar.close()
 
     # ------------------------------------------------------------------ save

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable, Mapping
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from stagewise.tracking.alerts import TrendAlerts
+
 log = logging.getLogger("stagewise")
 
 SINKS = ("console", "jsonl", "wandb", "tensorboard")
@@ -47,6 +49,7 @@ class Tracker:
         self.is_main = is_main
         self.run_dir = Path(run_dir)
         self.console_formatter = console_formatter or format_metrics_line
+        self.alerts = TrendAlerts.from_config(cfg)
         sinks = list(cfg.logger.sinks)
         unknown = [s for s in sinks if s not in SINKS]
         if unknown:
@@ -83,6 +86,7 @@ class Tracker:
         if not self.is_main:
             return
         clean = {k: _plain(v) for k, v in metrics.items()}
+        clean.update(self.alerts.check(clean, step))  # trend alerts are printed and logged with the record
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"step": step, "stage": self.stage, "time": time.time(), **clean}) + "\n")
         if "console" in self.sinks:

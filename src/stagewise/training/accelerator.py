@@ -16,7 +16,7 @@ import random
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,26 @@ def build_accelerator(cfg: DictConfig) -> Accelerator:
     if cpu and mp != "no":
         log.warning("hardware.mixed_precision=%s ignored on CPU (fp32)", mp)
         mp = "no"
+    plugin = deepspeed_plugin(hw, cfg.stage.max_grad_norm)
+    if plugin is not None:
+        plugin.deepspeed_config["train_batch_size"] = (hw.per_device_batch_size * hw.grad_accum_steps
+                                                       * hw.num_processes * hw.num_machines)
+    handlers = []
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    acc = Accelerator(cpu=cpu, mixed_precision=mp, deepspeed_plugin=deepspeed_plugin(hw, cfg.stage.max_grad_norm),
+    if cpu and plugin is not None:
+        # Accelerator(cpu=True) silently drops the DeepSpeed plugin (it builds MULTI_CPU DDP instead). DeepSpeed on
+        # CPU needs the non-CPU code path with a gloo backend and the flag `accelerate launch` would have set.
+        if torch.cuda.is_available():
+            raise ValueError("hardware.cpu=true with hardware.deepspeed.zero_stage>0 needs CUDA_VISIBLE_DEVICES='' "
+                             "(DeepSpeed would pick the visible GPU)")
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        cpu = False
+    acc = Accelerator(cpu=cpu, mixed_precision=mp, deepspeed_plugin=plugin, kwargs_handlers=handlers,
                       step_scheduler_with_optimizer=False)
+    log.info("accelerator: %s, %d process(es), device %s, mixed precision %s", acc.distributed_type.value,
+             acc.num_processes, acc.device, mp)
     return acc
 
 
