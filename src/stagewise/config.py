@@ -156,6 +156,20 @@ class StageConfig:
     early_stopping_metric: Optional[str] = None
     early_stopping_patience: int = 0
     max_nonfinite_steps: int = 5  # NaN/inf losses in a row before the run stops (each one skips its update)
+    # scoring shared by rejection_sampling and eval (stagewise.evaluation.acceptance_scores): a completion is
+    # accepted/correct when its score >= acceptance_threshold; the score is this reward function (display name),
+    # or, when None, the weighted mean of all reward functions (weighted total / sum of weights)
+    score_reward: Optional[str] = None
+    # rejection_sampling: keep completions cut at rollout.max_new_tokens (default: rejected, they never finish)
+    keep_truncated: bool = False
+    # rejection_sampling: general (non-reasoning) SFT data mixed in so that it makes up general_data_ratio of the
+    # output (R1: 200k general next to 600k reasoning = 0.25)
+    general_sources: List[SourceConfig] = field(default_factory=list)
+    # eval: completions per prompt; 0 = 1 greedy completion when pass_k == [1], else max(pass_k) sampled
+    eval_num_samples: int = 0
+    # early stopping: auto = min for a metric whose name contains "loss", else max
+    early_stopping_mode: str = "auto"  # auto | min | max
+    early_stopping_min_delta: float = 0.0
 
 
 # ----------------------------------------------------------------------------------------------- algorithm

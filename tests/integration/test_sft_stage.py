@@ -121,3 +121,15 @@ def test_zero3_two_cpu_processes_train_and_save_a_plain_hf_model(tmp_path):
     ids = tok("What is 1 + 2 + 3?", return_tensors="pt").input_ids
     assert model(ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
     assert sum(p.numel() for p in model.parameters()) > 2_000_000  # full weights, not a ZeRO-3 shard
+
+    # the same 16 rows per step on one process without DeepSpeed give the same per-step losses: the loss is
+    # normalised over both ranks' trained tokens, and ZeRO-3 partitioning changes no numbers
+    single = tmp_path / "single"
+    single.mkdir()
+    proc = run_train([ARITH, "stage.max_steps=12", "stage.learning_rate=3e-3", "stage.logging_steps=1",
+                      "hardware.per_device_batch_size=16"], cwd=single, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ref = _losses(only_run_dir(single))
+    assert losses[1] == pytest.approx(ref[1], abs=1e-5)
+    for step in range(2, 13):
+        assert losses[step] == pytest.approx(ref[step], rel=2e-3), (step, losses, ref)

@@ -52,6 +52,25 @@ def test_chunked_equals_full_vocab_values_and_gradients(chunk_size, temperature)
     torch.testing.assert_close(w.grad, w_ref.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_head_module_gives_the_same_values_and_gradients_as_its_weight():
+    """The ZeRO-3 path passes the lm_head module (its hooks gather the partitioned weight) instead of the weight."""
+    hidden, weight, targets = _case(3)
+    head = torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp1, _ = chunked_token_logprobs(h1, w1, targets, 4)
+    lp1.sum().backward()
+    h2 = hidden.clone().requires_grad_()
+    lp2, _ = chunked_token_logprobs(h2, head, targets, 4)
+    lp2.sum().backward()
+    torch.testing.assert_close(lp2, lp1)
+    torch.testing.assert_close(h2.grad, h1.grad)
+    torch.testing.assert_close(head.weight.grad, w1.grad)
+    with pytest.raises(ValueError, match="H=16"):
+        chunked_token_logprobs(hidden, torch.nn.Linear(8, V, bias=False), targets, 4)
+
+
 def test_without_entropy_and_without_grad():
     hidden, weight, targets = _case(3)
     with torch.no_grad():

@@ -43,13 +43,14 @@ def _logprobs_from_logits_2d(
     return logprobs, entropy
 
 
-def _chunk(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
-    return _logprobs_from_logits_2d(F.linear(h, weight), targets, temperature, with_entropy)
+def _chunk(h: torch.Tensor, head, targets: torch.Tensor, temperature: float, with_entropy: bool):
+    logits = head(h) if isinstance(head, torch.nn.Module) else F.linear(h, head)
+    return _logprobs_from_logits_2d(logits, targets, temperature, with_entropy)
 
 
 def chunked_token_logprobs(
     hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
+    lm_head_weight: torch.Tensor | torch.nn.Module,
     targets: torch.Tensor,
     chunk_size: int = 1024,
     temperature: float = 1.0,
@@ -61,6 +62,10 @@ def chunked_token_logprobs(
     Shapes: ``hidden [B, T, H]``, ``lm_head_weight [V, H]``, ``targets [B, T]`` (the *next* token of each position,
     already shifted; negative ids give 0), optional ``mask [B, T]`` (only those tokens are computed; the rest are 0).
     Returns ``(logprobs [B, T], entropy [B, T] or None)`` in fp32, differentiable w.r.t. ``hidden`` and the weight.
+
+    ``lm_head_weight`` may also be the head *module* (a bias-free ``nn.Linear``): under DeepSpeed ZeRO-3 the weight is
+    a partitioned placeholder outside the module's own call, and calling the module (also when backward recomputes
+    a chunk) lets ZeRO-3's hooks gather it.
     """
     if chunk_size < 1:
         raise ValueError(f"hardware.logprob_chunk_size={chunk_size!r} must be >= 1")
@@ -69,8 +74,14 @@ def chunked_token_logprobs(
     b, t, h = hidden.shape
     if tuple(targets.shape) != (b, t):
         raise ValueError(f"targets must be [B, T] = {(b, t)}, got {tuple(targets.shape)}")
-    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != h:
+    if isinstance(lm_head_weight, torch.nn.Module):
+        if getattr(lm_head_weight, "in_features", h) != h:
+            raise ValueError(f"lm_head must take H={h} features, got {lm_head_weight.in_features}")
+        needs_grad = any(p.requires_grad for p in lm_head_weight.parameters())
+    elif lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != h:
         raise ValueError(f"lm_head_weight must be [V, H={h}], got {tuple(lm_head_weight.shape)}")
+    else:
+        needs_grad = lm_head_weight.requires_grad
     flat_h = hidden.reshape(b * t, h)
     flat_t = targets.reshape(b * t)
     index = None
@@ -78,7 +89,7 @@ def chunked_token_logprobs(
         index = as_bool_mask(mask).reshape(b * t).nonzero().squeeze(-1)
         flat_h, flat_t = flat_h.index_select(0, index), flat_t.index_select(0, index)
 
-    use_ckpt = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
+    use_ckpt = torch.is_grad_enabled() and (hidden.requires_grad or needs_grad)
     lp_parts, ent_parts = [], []
     for start in range(0, flat_h.shape[0], chunk_size):
         args = (flat_h[start:start + chunk_size], lm_head_weight, flat_t[start:start + chunk_size], temperature,

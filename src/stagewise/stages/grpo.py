@@ -87,7 +87,10 @@ from stagewise.training import (
     prepare_model,
     save_final,
     set_seed,
+    uses_deepspeed,
 )
+from stagewise.tracking.alerts import STOP, UPDATE, NanGuard
+from stagewise.training.preemption import checkpoint_and_exit_if_preempted, install_preemption_handler
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +141,8 @@ def run(cfg: DictConfig) -> dict:
         tracker.log(evaluate(acc, rollout, eval_ds, rewards, cfg), step=0)
     bar = progress(total=plan.total_steps, initial=state.step, desc="grpo", enabled=bar_enabled(acc, cfg))
     window = Window()
+    install_preemption_handler()  # SIGUSR1/SIGTERM -> checkpoint at the next step boundary, exit for requeue
+    ctx.nan_guard = NanGuard(st.max_nonfinite_steps)
     model.train()
     # console blocks print above the progress bar instead of through it
     with logging_redirect_tqdm() if bar_enabled(acc, cfg) else contextlib.nullcontext():
@@ -176,8 +181,12 @@ def run(cfg: DictConfig) -> dict:
             if eval_ds is not None and st.eval_steps > 0 and state.step % st.eval_steps == 0 \
                     and state.step < plan.total_steps:
                 tracker.log(evaluate(acc, rollout, eval_ds, rewards, cfg), step=state.step)
+            if update["nan_stop"]:
+                ckpt.save(state, model, tokenizer)
+                raise ctx.nan_guard.error(state.step, str(run_folder.root))
             if st.save_steps and state.step % st.save_steps == 0 and state.step < plan.total_steps:
                 ckpt.save(state, model, tokenizer)
+            checkpoint_and_exit_if_preempted(acc, lambda: ckpt.save(state, model, tokenizer))
     bar.close()
 
     # ------------------------------------------------------------------ save
@@ -579,6 +588,7 @@ class StepContext:
     use_tis: bool
     shared_prefix: bool = True  # off under gradient checkpointing (see completion_logprobs)
     filler: List[Sample] = field(default_factory=list)
+    nan_guard: NanGuard = field(default_factory=NanGuard)  # a NaN/inf mini-batch loss skips its update
 
 
 SMALL_LOGITS_BYTES = 64 * 2**20
@@ -683,6 +693,7 @@ def train_on_batch(ctx: StepContext, minis: List[List[MicroBatch]], optimizer, s
     weights: Dict[str, float] = {}
     extremes = {"clip_ratio/low_min": math.inf, "clip_ratio/high_max": -math.inf}
     losses, grad_norms, updates, skipped = [], [], 0, 0
+    out_of_guard = False
     for _ in range(ppo_epochs):
         for mini in minis:
             local_norm = sum(float(loss_normalizer(mb.mask, agg)) for mb in mini)
@@ -713,9 +724,20 @@ def train_on_batch(ctx: StepContext, minis: List[List[MicroBatch]], optimizer, s
                                                          float(metrics["clip_ratio/low_mean"]))
                     extremes["clip_ratio/high_max"] = max(extremes["clip_ratio/high_max"],
                                                           float(metrics["clip_ratio/high_mean"]))
+            mini_loss = _reduce(acc, float(mini_loss), "sum")
+            action = ctx.nan_guard.observe(mini_loss)  # the same reduced value on every rank
+            if action == STOP:
+                out_of_guard = True
+                break
+            if action != UPDATE and not uses_deepspeed(acc):  # DeepSpeed stepped inside the boundary backward
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
             grad_norms.append(optimizer_step(acc, model, optimizer, scheduler, max_grad_norm))
-            losses.append(_reduce(acc, float(mini_loss), "sum"))
+            losses.append(mini_loss)
             updates += 1
+        if out_of_guard:
+            break
     out = {("policy_loss" if k == "pg_loss" else k): v / weights[k] for k, v in sums.items() if weights[k] > 0}
     out.update({k: v for k, v in extremes.items() if math.isfinite(v)})
     out["loss"] = float(np.mean(losses)) if losses else 0.0
@@ -723,6 +745,7 @@ def train_on_batch(ctx: StepContext, minis: List[List[MicroBatch]], optimizer, s
         out["grad_norm"] = float(np.mean(grad_norms))
     out["optimizer_steps"] = float(updates)
     out["skipped_updates"] = float(skipped)
+    out["nan_stop"] = float(out_of_guard)
     return out
 
 

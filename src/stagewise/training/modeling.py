@@ -63,5 +63,10 @@ def sequence_token_logprobs(model, input_ids: torch.Tensor, *, position_ids: tor
     hidden = out.hidden_states[-1][:, :-1]
     inner = model.module if hasattr(model, "module") else model
     head = inner.get_output_embeddings()
-    return chunked_token_logprobs(hidden, head.weight, input_ids[:, 1:], chunk_size, temperature=temperature,
-                                  with_entropy=with_entropy)
+    return chunked_token_logprobs(hidden, lm_head_for_chunks(head), input_ids[:, 1:], chunk_size,
+                                  temperature=temperature, with_entropy=with_entropy)
+
+
+def lm_head_for_chunks(head):
+    """The head's weight, or the head module itself when ZeRO-3 partitions the weight (its hooks gather it)."""
+    return head if hasattr(head.weight, "ds_id") else head.weight
