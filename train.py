@@ -1,6 +1,7 @@
 """stagewise: one entry point for every stage and pipeline.
 
-    python train.py                                  # default tiny curriculum on CPU
+    python train.py                                  # default: pipeline=tiny (SFT then GRPO on CPU)
+    python train.py stage=sft data=tiny_sft          # one stage (choosing a stage turns the pipeline off)
     python train.py stage=vocab model=deepseek_r1_0528_qwen3_8b
     python train.py experiment=deepscaler/qwen3_4b_lora hardware=8xa100
     python train.py -m algorithm=grpo,dr_grpo seed=0,1 hydra/launcher=slurm
@@ -49,9 +50,9 @@ def main(cfg: DictConfig):
     with open_dict(cfg):
         cfg.run_dir = HydraConfig.get().runtime.output_dir
         cfg.run_id = str(cfg.run_id)  # resolve once; children inherit it through $STAGEWISE_RUN_ID
-    if cfg.pipeline.name:
-        from stagewise.pipeline import run_pipeline
+    from stagewise.pipeline import run_mode, run_pipeline
 
+    if run_mode(cfg, HydraConfig.get().runtime.choices) == "pipeline":
         return run_pipeline(cfg, HydraConfig.get().overrides.task)
     setup_distributed_env(cfg)  # submitit tasks become torch.distributed ranks before any Accelerator exists
     if needs_relaunch(cfg):

@@ -28,8 +28,10 @@ weighted sum and each function, as GRPO logs them in training), ``eval/completio
 Distributed: every rank takes a strided share of the prompts, padded so all ranks make the same number of
 ``generate`` calls (ZeRO-3 gathers parameters collectively inside each call); numbers are gathered to every rank.
 
-Multi-turn (``env.name != single_turn``) needs the agent loop of ``stagewise.rollout.multiturn``; until a generator
-from it is passed in, evaluation refuses such configs with an error naming ``env.name``.
+Multi-turn (``env.name != single_turn``, e.g. ``code_sandbox``): `build_generator` wraps the backend in the agent
+loop (`stagewise.rollout.multiturn.MultiTurnRollout`); each prompt's dataset row is passed as its task (workspace
+files), the loop's per-trajectory facts (``turns``, ``code_calls`` ...) reach the rewards as columns, and the whole
+trajectory (with its ``<Execute>`` spans) is the completion that is scored.
 """
 
 from __future__ import annotations
@@ -128,19 +130,36 @@ class EvalSpec:
                    num_prompts=int(st.num_eval_prompts), prompts_per_call=max(1, int(ro.batch_size) // n))
 
 
-def check_single_turn(env_cfg) -> None:
-    """Generation here is single-turn; a multi-turn env needs the agent loop (``stagewise.rollout.multiturn``)."""
-    if env_cfg.name == "single_turn":
-        return
+def build_generator(cfg, policy, tokenizer, accelerator=None, run_dir=None):
+    """The ``rollout.backend`` for ``policy``; wrapped in the multi-turn agent loop when ``env.name`` is not
+    ``single_turn``."""
+    from stagewise.rollout import build_rollout
+
+    backend = build_rollout(cfg, policy, tokenizer, accelerator=accelerator, run_dir=run_dir)
+    if cfg.env.name == "single_turn":
+        return backend
     try:
-        import stagewise.rollout.multiturn  # noqa: F401
+        from stagewise.rollout.multiturn import MultiTurnRollout
     except ImportError:
-        raise NotImplementedError(
-            f"env.name={env_cfg.name!r}: multi-turn evaluation needs the agent loop in stagewise.rollout.multiturn, "
-            "which this install does not have; use env=single_turn") from None
-    raise NotImplementedError(
-        f"env.name={env_cfg.name!r}: this stage generates single-turn completions; pass a multi-turn generator "
-        "from stagewise.rollout.multiturn to evaluate_prompts (GRPO does), or use env=single_turn")
+        raise NotImplementedError(f"env.name={cfg.env.name!r} needs the agent loop of stagewise.rollout.multiturn, "
+                                  "which this install does not have; use env=single_turn") from None
+    return MultiTurnRollout.from_config(cfg, backend, tokenizer)
+
+
+def is_multi_turn(generator) -> bool:
+    try:
+        from stagewise.rollout.multiturn import MultiTurnRollout
+    except ImportError:
+        return False
+    return isinstance(generator, MultiTurnRollout)
+
+
+def generate(generator, columns: Mapping[str, list], sampling: SamplingParams) -> RolloutBatch:
+    """One ``generate`` call for a batch of dataset rows; the agent loop also gets the rows as its tasks."""
+    if is_multi_turn(generator):
+        tasks = {k: v for k, v in columns.items() if k != "prompt_ids"}
+        return generator.generate(columns["prompt_ids"], sampling, tasks=tasks)
+    return generator.generate(columns["prompt_ids"], sampling)
 
 
 # ============================================================================================ generate + score
@@ -157,18 +176,21 @@ class PromptResult:
     truncated: List[bool]
     format_ok: List[bool]
     texts: List[str] = field(default_factory=list)
+    turns: List[int] = field(default_factory=list)
 
     def correct(self, threshold: float) -> int:
         return sum(is_correct(s, threshold) for s in self.scores)
 
 
 def reward_columns(columns: Mapping[str, list], batch: RolloutBatch) -> Dict[str, list]:
-    """Dataset columns repeated ``n`` times (one value per completion) plus the completion facts rewards read."""
+    """Dataset columns repeated ``n`` times (one value per completion) plus the completion facts rewards read
+    (and, from the agent loop, each trajectory's ``turns``, ``code_calls`` ...)."""
     n = batch.n
     cols = {k: [v for v in values for _ in range(n)] for k, values in columns.items() if k != "prompt_ids"}
     cols["completion_ids"] = batch.completion_ids
     cols["completion_lengths"] = [len(c) for c in batch.completion_ids]
     cols["truncated"] = batch.truncated
+    cols.update((batch.extra or {}).get("columns", {}))
     return cols
 
 
@@ -197,9 +219,11 @@ def generate_and_score(acc, rollout, prompts, rows: Sequence[int], rewards, spec
     for start in range(0, len(rows), spec.prompts_per_call):
         chunk = list(rows[start:start + spec.prompts_per_call])
         columns = prompts[chunk]
-        batch = rollout.generate(columns["prompt_ids"], sampling)
-        result = rewards(batch.texts, **reward_columns(columns, batch))
+        batch = generate(rollout, columns, sampling)
+        cols = reward_columns(columns, batch)
+        result = rewards(batch.texts, **cols)
         scores = acceptance_scores(result.per_fn, weights, spec.score_reward)
+        turns = [int(t) for t in cols.get("turns", [1] * len(batch))]
         for j, row in enumerate(chunk):
             if start + j >= real:
                 continue
@@ -210,7 +234,7 @@ def generate_and_score(acc, rollout, prompts, rows: Sequence[int], rewards, spec
                 per_fn={name: list(v[s]) for name, v in result.per_fn.items()},
                 lengths=[len(c) for c in batch.completion_ids[s]], truncated=list(batch.truncated[s]),
                 format_ok=[format_indicators(t)[0] for t in batch.texts[s]],
-                texts=list(batch.texts[s]) if keep_texts else []))
+                texts=list(batch.texts[s]) if keep_texts else [], turns=turns[s]))
         bar.update(len(chunk) * acc.num_processes)
     bar.close()
     return out
@@ -234,6 +258,8 @@ def summarise(results: Sequence[PromptResult], spec: EvalSpec, prefix: str = "ev
     m[f"{prefix}completions/mean_length"] = float(np.mean(flat("lengths")))
     m[f"{prefix}completions/clipped_ratio"] = float(np.mean(flat("truncated")))
     m[f"{prefix}quality/format_compliance"] = float(np.mean(flat("format_ok")))
+    if any(t != 1 for t in flat("turns")):
+        m[f"{prefix}turns/mean"] = float(np.mean(flat("turns")))
     m[f"{prefix}num_prompts"] = float(len(results))
     m[f"{prefix}samples_per_prompt"] = float(spec.num_samples)
     sources = sorted({r.source for r in results})
@@ -279,8 +305,41 @@ def results_table(results: Sequence[PromptResult], prompts, threshold: float):
                 "completion": r.texts[j] if r.texts else None,
                 **{f"reward_{name}": v[j] for name, v in r.per_fn.items()},
                 "reward_total": r.totals[j], "score": r.scores[j], "correct": is_correct(r.scores[j], threshold),
-                "completion_tokens": r.lengths[j], "truncated": r.truncated[j], "turns": 1, **gold})
+                "completion_tokens": r.lengths[j], "truncated": r.truncated[j],
+                "turns": r.turns[j] if r.turns else 1, **gold})
     return pd.DataFrame(records)
+
+
+def inference_config(cfg):
+    """``cfg`` for a stage that only generates (eval, rejection sampling): DeepSpeed off, since nothing is trained;
+    every rank holds the whole model and takes a share of the prompts (for a model too large for one device use
+    ``rollout=vllm`` with ``rollout.tensor_parallel_size``)."""
+    from omegaconf import OmegaConf
+
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    out.hardware.deepspeed.zero_stage = 0
+    return out
+
+
+def load_policy(cfg, acc):
+    """``(model, tokenizer)`` of ``model.name_or_path`` on this rank's device, in eval mode."""
+    from stagewise.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model.to(acc.device)
+    model.eval()
+    return model, tokenizer
+
+
+def gather_to_main(acc, items: list) -> list:
+    """Every rank's python objects on the main process (in rank order); other ranks get []."""
+    if acc.num_processes == 1:
+        return list(items)
+    import torch.distributed as dist
+
+    out = [None] * acc.num_processes if acc.is_main_process else None
+    dist.gather_object(items, out, dst=0)
+    return [x for part in out for x in part] if acc.is_main_process else []
 
 
 # ============================================================================================ in-loop use
@@ -316,9 +375,7 @@ class GenerativeEval:
         """None unless ``reward.functions`` is set, ``stage.eval_steps > 0`` and the data has held-out prompts."""
         if not cfg.reward.functions or cfg.stage.eval_steps <= 0:
             return None
-        check_single_turn(cfg.env)
         from stagewise.rewards import RewardRunner
-        from stagewise.rollout import build_rollout
 
         spec = EvalSpec.from_config(cfg)
         with acc.main_process_first():
@@ -327,7 +384,7 @@ class GenerativeEval:
             log.warning("reward.functions is set but data has no held-out prompts (data.eval_sources / "
                         "data.eval_fraction): no generative eval")
             return None
-        rollout = build_rollout(cfg, policy, tokenizer, accelerator=acc)
+        rollout = build_generator(cfg, policy, tokenizer, accelerator=acc)
         return cls(acc, rollout, prompts, RewardRunner(cfg.reward), spec, policy)
 
     def __call__(self) -> Dict[str, float]:

@@ -1,14 +1,32 @@
 """Run a curriculum: an ordered list of stages, each a separate ``train.py`` process, wired output to input.
 
-    python train.py pipeline=tiny                      # the default
+    python train.py                                    # the default: pipeline=tiny
     python train.py pipeline=deepanalyze               # vocab -> single-ability SFT -> cold start -> agentic RL
     python train.py pipeline=r1 run_id=<id>            # rerun: finished stages are skipped
 
-Wiring: a stage that writes ``final/`` (vocab, sft, grpo) becomes the next stages' ``model.name_or_path``; a
-rejection-sampling stage's ``sft.parquet`` becomes the next SFT stage's data. Eval stages read the current model
-and change nothing. Each stage runs in its own process (so it can relaunch itself on several GPUs) in its own
-folder ``<pipeline run>/<NN>_<name>/``, and ``pipeline_state.json`` records each finished stage with its outputs.
-A rerun with the same ``run_id`` skips finished stages; an interrupted stage resumes from its last checkpoint.
+Single stage or pipeline (`run_mode`): ``conf/train.yaml`` selects ``pipeline: tiny`` and no stage; every
+``conf/stage/*.yaml`` overrides ``/pipeline`` to ``none``, so ``stage=sft`` (directly or through an experiment file)
+runs that one stage. Asking for both a stage and a pipeline is an error, and so is ``pipeline=none`` with no stage.
+
+A pipeline file (``conf/pipeline/<name>.yaml``) is ``name`` + ``stages: [{name, overrides: [...]}, ...]``; each
+stage's overrides must choose a stage (``stage=...`` or ``experiment=...``). Every stage is composed before the
+first one starts, so a typo in stage 5 fails now, not after hours of stage 1.
+
+Wiring (appended after the stage's own overrides, so they win over its experiment file):
+  * a stage that writes ``final/`` (vocab, sft, grpo) becomes the later stages' ``model.name_or_path``, unless a
+    stage sets ``model.name_or_path`` itself;
+  * a rejection-sampling stage's ``sft.parquet`` becomes the data of the *next* SFT stage
+    (``data.sources=[{path: <rs>/sft.parquet, adapter: messages}]``), unless that stage sets ``data.sources``;
+  * ``@<stage name>/`` inside any override is replaced by that earlier stage's folder, e.g.
+    ``"data.sources=[{path:'@rejection_sampling/sft.parquet',adapter:messages}]"`` (how pipeline=r1 hands the
+    stage-3 prompts to utility RL);
+  * eval stages read the current model and change nothing.
+Every stage also gets the pipeline run's own overrides (``python train.py pipeline=r1 hardware=8xa100`` gives every
+stage ``hardware=8xa100``) and runs in its own folder ``<pipeline run>/<NN>_<name>/`` (so it can relaunch itself on
+several GPUs). ``pipeline_state.json`` records each finished stage with its overrides, outputs and metrics; a rerun
+with the same ``run_id`` skips finished stages (and warns if a finished stage's overrides have since changed); an
+interrupted stage resumes from its last checkpoint. The end prints one line per stage with its key eval metrics and
+writes ``pipeline_summary.json``.
 """
 
 from __future__ import annotations
@@ -16,11 +34,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping, Optional
 
 from omegaconf import DictConfig
 
@@ -29,7 +49,12 @@ from stagewise.run_folder import RUN_ID_ENV
 log = logging.getLogger(__name__)
 
 STATE_FILE = "pipeline_state.json"
+SUMMARY_FILE = "pipeline_summary.json"
 MODEL_PRODUCING = ("vocab", "sft", "grpo")
+STAGE_REF = re.compile(r"@([A-Za-z0-9_.\-]+)/")
+# metrics shown in the summary line, in this order of preference (then any other eval/ and rs/ keys)
+SUMMARY_KEYS = ("eval/accuracy", "eval/pass@1", "eval/reward/total/mean", "eval/loss", "rs/acceptance_rate",
+                "rs/rows")
 
 
 @dataclass
@@ -41,13 +66,79 @@ class StageRecord:
     seconds: float
     outputs: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    overrides: list = field(default_factory=list)
 
 
+# ============================================================================================ mode
+def run_mode(cfg: DictConfig, choices: Mapping[str, Optional[str]]) -> str:
+    """``"pipeline"`` or ``"stage"``. ``choices`` are Hydra's group choices (``HydraConfig.get().runtime.choices``);
+    a config printed by ``--cfg job`` and fed back has no ``stage`` group at all and runs as the stage it holds."""
+    stage_choice = choices.get("stage")
+    if cfg.pipeline.name:
+        if stage_choice:
+            raise ValueError(f"both pipeline={cfg.pipeline.name} and a stage (stage={stage_choice}, directly or via "
+                             "experiment=) were chosen: drop one (pipeline=none runs a single stage)")
+        return "pipeline"
+    if "stage" in choices and not stage_choice:
+        raise ValueError("pipeline=none but no stage chosen: add stage=vocab|sft|grpo|rejection_sampling|eval "
+                         "or experiment=<recipe>")
+    return "stage"
+
+
+# ============================================================================================ overrides
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def passthrough_overrides(task_overrides: list[str]) -> list[str]:
+    """The user's overrides of the pipeline run that every stage inherits (not the pipeline choice itself)."""
+    return [o for o in task_overrides if not override_key(o).startswith(("pipeline", "run_id", "hydra."))]
+
+
+def sets_key(overrides: list[str], prefix: str) -> bool:
+    return any(override_key(o) == prefix or override_key(o).startswith(prefix + ".") for o in overrides)
+
+
+def expand_stage_refs(overrides: list[str], folders: Mapping[str, str], stage: str) -> list[str]:
+    """Replace ``@<name>/`` with ``<folder of stage name>/``; the name must be an earlier stage of the pipeline."""
+    def sub(m: re.Match) -> str:
+        if m.group(1) not in folders:
+            raise ValueError(f"pipeline stage {stage!r}: '@{m.group(1)}/' does not name an earlier stage "
+                             f"(earlier stages: {sorted(folders)})")
+        return folders[m.group(1)].rstrip("/") + "/"
+
+    return [STAGE_REF.sub(sub, o) for o in overrides]
+
+
+def wiring_overrides(kind: str, spec_overrides: list[str], model_path: str | None, rs_parquet: str | None
+                     ) -> list[str]:
+    """Model and data wiring of one stage (see the module docstring); explicit settings of the stage win."""
+    out = []
+    if model_path and not sets_key(spec_overrides, "model.name_or_path"):
+        out.append(f"model.name_or_path={model_path}")
+    if rs_parquet and kind == "sft" and not sets_key(spec_overrides, "data.sources"):
+        out.append(f"data.sources=[{{path:'{rs_parquet}',adapter:messages}}]")
+    return out
+
+
+def advance_wiring(kind: str, outputs: dict, model_path: str | None, rs_parquet: str | None
+                   ) -> tuple[str | None, str | None]:
+    """``(model_path, rs_parquet)`` after a stage: its ``final/`` is the new model; its ``sft.parquet`` waits for
+    the next SFT stage, which consumes it."""
+    if kind == "sft":
+        rs_parquet = None
+    return outputs.get("final", model_path), outputs.get("sft_parquet", rs_parquet)
+
+
+# ============================================================================================ state
 def load_state(root: Path) -> dict[str, StageRecord]:
     path = root / STATE_FILE
     if not path.exists():
         return {}
-    return {r["name"]: StageRecord(**r) for r in json.loads(path.read_text())["finished"]}
+    try:
+        return {r["name"]: StageRecord(**r) for r in json.loads(path.read_text())["finished"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a pipeline state file ({e}); move it away to start this pipeline over")
 
 
 def save_state(root: Path, finished: dict[str, StageRecord]) -> None:
@@ -56,50 +147,56 @@ def save_state(root: Path, finished: dict[str, StageRecord]) -> None:
     tmp.replace(root / STATE_FILE)
 
 
-def stage_kind(overrides: list[str]) -> str:
-    """The stage name a list of overrides selects (composed for real, so experiment files count)."""
+def stage_kind(overrides: list[str], where: str = "") -> str:
+    """The stage a list of overrides selects, composed for real (experiment files count)."""
     from hydra import compose
 
-    return compose(config_name="train", overrides=[o for o in overrides if not o.startswith("hydra.")]).stage.name
+    cfg = compose(config_name="train", return_hydra_config=True,
+                  overrides=[o for o in overrides if not override_key(o).startswith("hydra.")])
+    if not cfg.hydra.runtime.choices.get("stage"):
+        raise ValueError(f"pipeline stage {where!r} chooses no stage: add stage=<name> or experiment=<recipe> to its "
+                         "overrides")
+    return str(cfg.stage.name)
 
 
-def passthrough_overrides(task_overrides: list[str]) -> list[str]:
-    """The user's overrides of the pipeline run that every stage inherits (not the pipeline choice itself)."""
-    return [o for o in task_overrides if not o.lstrip("+~").startswith(("pipeline", "run_id", "hydra."))]
-
-
-def wiring_overrides(kind: str, model_path: str | None, rs_parquet: str | None) -> list[str]:
-    out = []
-    if model_path:
-        out.append(f"model.name_or_path={model_path}")
-    if rs_parquet and kind == "sft":
-        out.append(f"data.sources=[{{path:{rs_parquet},adapter:messages}}]")
-    return out
-
-
+# ============================================================================================ run
 def run_pipeline(cfg: DictConfig, task_overrides: list[str]) -> dict:
     root = Path(cfg.run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    finished = load_state(root)
     stages = list(cfg.pipeline.stages)
     names = [s.name for s in stages]
+    if not stages:
+        raise ValueError(f"pipeline {cfg.pipeline.name!r} has no stages (pipeline.stages is empty)")
     if len(set(names)) != len(names):
         raise ValueError(f"pipeline {cfg.pipeline.name!r} has duplicate stage names {names}")
     base = passthrough_overrides(list(task_overrides))
+    folders = {s.name: str(root / f"{i:02d}_{s.name}") for i, s in enumerate(stages)}
+    # compose every stage now: a bad override in the last stage fails before the first one runs
+    kinds = []
+    for i, spec in enumerate(stages):
+        earlier = {n: folders[n] for n in names[:i]}
+        kinds.append(stage_kind(base + expand_stage_refs(list(spec.overrides), earlier, spec.name) + ["pipeline=none"],
+                                where=spec.name))
+    finished = load_state(root)
     model_path: str | None = None
     rs_parquet: str | None = None
-    log.info("pipeline %s: %d stages in %s", cfg.pipeline.name, len(stages), root)
-    for i, spec in enumerate(stages):
-        kind = stage_kind(base + list(spec.overrides))
+    log.info("pipeline %s: %d stages (%s) in %s", cfg.pipeline.name, len(stages),
+             " -> ".join(f"{n}[{k}]" for n, k in zip(names, kinds)), root)
+    for i, (spec, kind) in enumerate(zip(stages, kinds)):
+        spec_overrides = expand_stage_refs(list(spec.overrides), {n: folders[n] for n in names[:i]}, spec.name)
         if spec.name in finished:
             rec = finished[spec.name]
-            log.info("[%d/%d] %s: finished earlier, skipped", i + 1, len(stages), spec.name)
+            log.info("[%d/%d] %s: finished earlier (%s), skipped", i + 1, len(stages), spec.name, rec.run_dir)
+            if rec.overrides and rec.overrides != spec_overrides:
+                log.warning("pipeline stage %r finished with overrides %s, but the pipeline now gives %s; it is still "
+                            "skipped (remove it from %s to rerun it)", spec.name, rec.overrides, spec_overrides,
+                            root / STATE_FILE)
         else:
-            stage_dir = root / f"{i:02d}_{spec.name}"
-            cmd = [sys.executable, str(Path(sys.argv[0]).resolve()), *base, *spec.overrides,
-                   *wiring_overrides(kind, model_path, rs_parquet),
-                   f"hydra.run.dir={stage_dir}", f"task_name={cfg.task_name}"]
-            env = {**os.environ, RUN_ID_ENV: f"{cfg.run_id}/{i:02d}_{spec.name}"}
+            stage_dir = Path(folders[spec.name])
+            cmd = [sys.executable, str(Path(sys.argv[0]).resolve()), *base, *spec_overrides,
+                   *wiring_overrides(kind, spec_overrides, model_path, rs_parquet),
+                   "pipeline=none", f"hydra.run.dir={stage_dir}", f"task_name={cfg.task_name}"]
+            env = {**os.environ, RUN_ID_ENV: f"{cfg.run_id}/{stage_dir.name}"}
             log.info("[%d/%d] %s: %s", i + 1, len(stages), spec.name, " ".join(cmd[2:]))
             t0 = time.time()
             proc = subprocess.run(cmd, env=env)
@@ -107,18 +204,18 @@ def run_pipeline(cfg: DictConfig, task_overrides: list[str]) -> dict:
                 raise SystemExit(f"pipeline stage {spec.name!r} failed (exit {proc.returncode}); see "
                                  f"{stage_dir}/train.log. Rerun with run_id={cfg.run_id} to resume from here.")
             rec = StageRecord(i, spec.name, kind, str(stage_dir), round(time.time() - t0, 1),
-                              outputs=_outputs(stage_dir), metrics=_last_metrics(stage_dir))
+                              outputs=stage_outputs(stage_dir), metrics=stage_metrics(stage_dir),
+                              overrides=spec_overrides)
             finished[spec.name] = rec
             save_state(root, finished)
-        model_path = rec.outputs.get("final", model_path)
-        rs_parquet = rec.outputs.get("sft_parquet", rs_parquet)
-    summary = {name: r.metrics for name, r in finished.items()}
-    (root / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
-    _print_summary(cfg.pipeline.name, [finished[n] for n in names])
+        model_path, rs_parquet = advance_wiring(kind, rec.outputs, model_path, rs_parquet)
+    summary = {name: finished[name].metrics for name in names}
+    (root / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    print(format_summary(cfg.pipeline.name, [finished[n] for n in names]), flush=True)
     return summary
 
 
-def _outputs(stage_dir: Path) -> dict:
+def stage_outputs(stage_dir: Path) -> dict:
     out = {}
     if (stage_dir / "final" / "config.json").exists():
         out["final"] = str(stage_dir / "final")
@@ -127,21 +224,30 @@ def _outputs(stage_dir: Path) -> dict:
     return out
 
 
-def _last_metrics(stage_dir: Path) -> dict:
-    """The stage's `result.json` if it wrote one, else its last metrics.jsonl record."""
+def stage_metrics(stage_dir: Path) -> dict:
+    """The stage's ``result.json`` (rejection sampling, eval) if it wrote one, else the latest value of every key
+    of its ``metrics.jsonl`` (so the final eval and the last training step both show)."""
     if (stage_dir / "result.json").exists():
         return json.loads((stage_dir / "result.json").read_text())
     path = stage_dir / "metrics.jsonl"
     if not path.exists():
         return {}
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else {}
+    latest: dict = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            latest.update(json.loads(line))
+    return latest
 
 
-def _print_summary(name: str, records: list[StageRecord]) -> None:
+def summary_keys(metrics: Mapping) -> list[str]:
+    keys = [k for k in SUMMARY_KEYS if k in metrics]
+    keys += [k for k in metrics if k.startswith(("eval/pass@", "rs/")) and k not in keys]
+    return [k for k in keys if isinstance(metrics[k], (int, float))][:5]
+
+
+def format_summary(name: str, records: list[StageRecord]) -> str:
     lines = [f"pipeline {name}: done", f"{'stage':<22}{'kind':<20}{'seconds':>9}  key metrics"]
     for r in records:
-        keys = [k for k in r.metrics if k.startswith(("eval/", "reward/total/mean", "accuracy"))][:4]
-        shown = ", ".join(f"{k}={r.metrics[k]:.4g}" for k in keys if isinstance(r.metrics[k], (int, float)))
+        shown = ", ".join(f"{k}={r.metrics[k]:.4g}" for k in summary_keys(r.metrics))
         lines.append(f"{r.name:<22}{r.stage:<20}{r.seconds:>9.1f}  {shown}")
-    print("\n".join(lines), flush=True)
+    return "\n".join(lines)

@@ -63,7 +63,12 @@ def make_run_id() -> str:
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    """Global rank before torch.distributed exists: torchrun (RANK), SLURM tasks (SLURM_PROCID), or submitit's
+    local executor (SUBMITIT_LOCAL_GLOBALID); Hydra names the log file from it before the job body runs."""
+    for var in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
 
 
 def log_file_name() -> str:

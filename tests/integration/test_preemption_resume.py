@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO, run_train
 
-ARGS = ["data=tiny_sft", "stage.max_steps=30", "stage.logging_steps=1", "logger.progress_bar=false"]
+ARGS = ["stage=sft", "data=tiny_sft", "stage.max_steps=30", "stage.logging_steps=1", "logger.progress_bar=false"]
 
 
 def records(run_dir, key):

@@ -35,7 +35,7 @@ def test_tiny_model_learns_arithmetic_traces(tmp_path):
     """60 steps of 16 rows at lr 3e-3. The threshold 2.0 nats/token is under a third of the uniform-guess loss
     ln(1088) = 6.99 of the untrained model; reaching it needs the template, the tags and most of the carried sums,
     not only the format (a model that copied the format but guessed each number among 0..297 would sit near 3)."""
-    proc = run_train([ARITH, "stage.max_steps=60", "stage.learning_rate=3e-3", "stage.logging_steps=5",
+    proc = run_train(["stage=sft", ARITH, "stage.max_steps=60", "stage.learning_rate=3e-3", "stage.logging_steps=5",
                       "hardware.per_device_batch_size=16"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = only_run_dir(tmp_path)
@@ -50,7 +50,8 @@ def test_tiny_model_learns_arithmetic_traces(tmp_path):
 
 
 def test_grad_accumulation_4x1_equals_1x4(tmp_path):
-    common = [ARITH, "stage.max_steps=3", "stage.logging_steps=1", "stage.learning_rate=1e-3", "stage.warmup_ratio=0"]
+    common = ["stage=sft", ARITH, "stage.max_steps=3", "stage.logging_steps=1", "stage.learning_rate=1e-3",
+              "stage.warmup_ratio=0"]
     a = run_train([*common, "hardware.per_device_batch_size=4", "hardware.grad_accum_steps=1", "task_name=a"], tmp_path)
     b = run_train([*common, "hardware.per_device_batch_size=1", "hardware.grad_accum_steps=4", "task_name=b"], tmp_path)
     assert a.returncode == 0 and b.returncode == 0, (a.stderr + b.stderr)[-3000:]
@@ -67,8 +68,8 @@ def test_grad_accumulation_4x1_equals_1x4(tmp_path):
 
 
 def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
-    args = [ARITH, "stage.max_steps=14", "stage.save_steps=2", "stage.save_total_limit=2", "stage.logging_steps=1",
-            "hardware.per_device_batch_size=32"]
+    args = ["stage=sft", ARITH, "stage.max_steps=14", "stage.save_steps=2", "stage.save_total_limit=2",
+            "stage.logging_steps=1", "hardware.per_device_batch_size=32"]
     ref = run_train([*args, "task_name=ref"], tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
     ref_losses = _losses(only_run_dir(tmp_path, "ref"))
@@ -104,7 +105,7 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
 
 @pytest.mark.slow
 def test_zero3_two_cpu_processes_train_and_save_a_plain_hf_model(tmp_path):
-    proc = run_train([ARITH, "hardware=cpu_2proc", "stage.max_steps=12", "stage.learning_rate=3e-3",
+    proc = run_train(["stage=sft", ARITH, "hardware=cpu_2proc", "stage.max_steps=12", "stage.learning_rate=3e-3",
                       "stage.logging_steps=1", "hardware.per_device_batch_size=8"], cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     run = only_run_dir(tmp_path)
@@ -126,7 +127,7 @@ def test_zero3_two_cpu_processes_train_and_save_a_plain_hf_model(tmp_path):
     # normalised over both ranks' trained tokens, and ZeRO-3 partitioning changes no numbers
     single = tmp_path / "single"
     single.mkdir()
-    proc = run_train([ARITH, "stage.max_steps=12", "stage.learning_rate=3e-3", "stage.logging_steps=1",
+    proc = run_train(["stage=sft", ARITH, "stage.max_steps=12", "stage.learning_rate=3e-3", "stage.logging_steps=1",
                       "hardware.per_device_batch_size=16"], cwd=single, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     ref = _losses(only_run_dir(single))

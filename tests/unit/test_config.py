@@ -1,4 +1,5 @@
-"""Every config file composes; bad keys and types fail at compose time naming the key; --cfg job round-trips."""
+"""Every config file composes; bad keys and types fail at compose time naming the key; --cfg job round-trips; the
+default is the tiny pipeline while choosing a stage (directly or through an experiment) runs one stage."""
 
 from __future__ import annotations
 
@@ -33,10 +34,19 @@ def test_every_config_file_composes(group, option):
     assert isinstance(container["stage"]["name"], str)
     if group in ("model", "stage", "algorithm", "hardware", "rollout"):
         raw = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+        if OmegaConf.is_config(raw.get(group)):  # a global-package file (every stage file) nests its group
+            raw = raw[group]
+        checked = 0
         for key, value in raw.items():
             if key == "defaults" or OmegaConf.is_config(value):
                 continue
             assert cfg[group][key] == value, f"{group}/{option}.yaml sets {key}={value} but composed {cfg[group][key]}"
+            checked += 1
+        assert checked, f"{group}/{option}.yaml: no value checked"
+    if group == "stage":  # choosing a stage turns the default pipeline off
+        assert cfg.pipeline.name is None and cfg.stage.name == option
+    if group == "pipeline":
+        assert cfg.pipeline.name == (None if option == "none" else option)
 
 
 def test_launcher_presets_compose():
@@ -84,6 +94,34 @@ def test_unknown_key_in_a_yaml_file_fails(tmp_path):
         with pytest.raises(Exception) as err:
             hydra_compose(config_name="train", overrides=["stage=bad"])
     assert "learnin_rate" in str(err.value)
+
+
+def test_default_is_the_tiny_pipeline_and_a_stage_is_a_single_stage():
+    default = compose([], return_hydra_config=True)
+    assert default.pipeline.name == "tiny" and default.hydra.runtime.choices.stage is None
+    single = compose(["stage=sft", "data=tiny_sft"], return_hydra_config=True)
+    assert single.pipeline.name is None and single.stage.name == "sft" and single.data.max_length == 128
+    exp = compose(["experiment=deepscaler/qwen3_4b_lora"])
+    assert exp.pipeline.name is None and exp.stage.name == "grpo" and exp.stage.prompts_per_step == 64
+
+
+def test_cfg_job_of_the_default_round_trips(tmp_path):
+    """The default's printed config is the pipeline (its stages' overrides), and it composes back to itself."""
+    proc = run_train(["--cfg", "job"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    printed = OmegaConf.create(proc.stdout)
+    assert printed.pipeline.name == "tiny" and "stage=sft" in printed.pipeline.stages[0].overrides
+    conf = tmp_path / "printed"
+    conf.mkdir()
+    (conf / "job.yaml").write_text(proc.stdout)
+    proc2 = run_train(["--config-dir", str(conf), "--config-name", "job", "--cfg", "job"], cwd=tmp_path)
+    assert proc2.returncode == 0, proc2.stderr
+    assert OmegaConf.create(proc2.stdout) == printed
+
+
+def test_pipeline_none_without_a_stage_fails_naming_stage(tmp_path):
+    proc = run_train(["pipeline=none"], cwd=tmp_path)
+    assert proc.returncode != 0 and "no stage chosen: add stage=" in proc.stderr
 
 
 def test_cfg_job_round_trips(tmp_path):

@@ -6,9 +6,9 @@ import pytest
 
 from stagewise.rewards import CustomRewardError, available, build
 
-ALL = ["accuracy", "answer_tag", "boxed_math", "cosine", "countdown", "format", "format_strict", "judge",
-       "language_consistency", "length", "reasoning_steps", "repetition_penalty", "reward_model", "soft_overlong",
-       "tag_count"]
+ALL = ["accuracy", "answer_tag", "boxed_math", "cosine", "countdown", "deepanalyze", "format", "format_strict",
+       "judge", "language_consistency", "length", "reasoning_steps", "repetition_penalty", "reward_model",
+       "soft_overlong", "tag_count"]
 
 
 def test_available_is_sorted_and_complete():

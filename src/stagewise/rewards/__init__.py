@@ -19,6 +19,7 @@
 | cosine               | tutorial / open-r1          | answer or solution                  | length.py     |
 | soft_overlong        | DAPO                        | completion_lengths or completion_ids| length.py     |
 | countdown            | TinyZero                    | nums, target                        | countdown.py  |
+| deepanalyze          | DeepAnalyze RL (seed 000)   | reward_spec, data_source, input_seq | deepanalyze.py |
 | language_consistency | DeepSeek-R1 §2.3.2          | -                                   | language.py   |
 | judge                | LLM-as-judge (OpenAI API)   | prompt, answer or solution          | judge.py      |
 | reward_model         | HF sequence classification  | prompt                              | reward_model.py |
@@ -34,6 +35,7 @@ from typing import Any, Callable, Dict, List
 from stagewise.rewards.base import BatchReward, Reward, RewardTimeout, SampleReward
 from stagewise.rewards.countdown import Countdown
 from stagewise.rewards.custom import CustomRewardError, build_custom, is_custom
+from stagewise.rewards.deepanalyze import DeepAnalyze
 from stagewise.rewards.format import Format, FormatStrict, ReasoningSteps, RepetitionPenalty, TagCount
 from stagewise.rewards.judge import Judge
 from stagewise.rewards.language import LanguageConsistency
@@ -55,6 +57,7 @@ REGISTRY: Dict[str, Callable[..., Reward]] = {
     "cosine": Cosine,
     "soft_overlong": SoftOverlong,
     "countdown": Countdown,
+    "deepanalyze": DeepAnalyze,
     "language_consistency": LanguageConsistency,
     "judge": Judge,
     "reward_model": RewardModel,

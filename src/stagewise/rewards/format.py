@@ -15,9 +15,9 @@ from stagewise.rewards.base import Row, SampleReward
 
 # Tutorial: ^<think>.*?</think>\s*<answer>.*?</answer>$ with DOTALL|MULTILINE. Ours anchors at the true end of
 # the text (\Z after optional whitespace) and allows leading whitespace: see Format's docstring.
-_FORMAT_RE = re.compile(r"\A\s*<think>.*?</think>\s*<answer>.*?</answer>\s*\Z", re.DOTALL)
+FORMAT_RE = re.compile(r"\A\s*<think>.*?</think>\s*<answer>.*?</answer>\s*\Z", re.DOTALL)
 _FORMAT_STRICT_RE = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.DOTALL | re.MULTILINE)
-_STEP_RE = re.compile(r"(Step \d+:|^\d+\.|\n-|\n\*|First,|Second,|Next,|Finally,)", re.MULTILINE)
+STEP_RE = re.compile(r"(Step \d+:|^\d+\.|\n-|\n\*|First,|Second,|Next,|Finally,)", re.MULTILINE)
 
 
 class Format(SampleReward):
@@ -31,7 +31,7 @@ class Format(SampleReward):
     """
 
     def per_sample(self, completion: str, row: Row) -> float:
-        return 1.0 if _FORMAT_RE.match(completion) else 0.0
+        return 1.0 if FORMAT_RE.match(completion) else 0.0
 
 
 class FormatStrict(SampleReward):
@@ -69,7 +69,7 @@ class ReasoningSteps(SampleReward):
         self.num_steps = int(num_steps)
 
     def per_sample(self, completion: str, row: Row) -> float:
-        return min(1.0, len(_STEP_RE.findall(completion)) / self.num_steps)
+        return min(1.0, len(STEP_RE.findall(completion)) / self.num_steps)
 
 
 class RepetitionPenalty(SampleReward):

@@ -27,7 +27,9 @@ Logs every ``logging_steps``: seed 004's console block and TRL's metric set in m
 `stagewise.tracking.console`); ``samples/step_<N>.parquet`` every ``samples_steps``; held-out mean reward (greedy)
 at step 0, every ``eval_steps`` and at the end when the data has eval prompts; checkpoints every ``save_steps``;
 ``final/`` at the end. LoRA, gradient checkpointing, ZeRO-2/3 and precision come from ``model.lora`` and
-``hardware=`` as for SFT.
+``hardware=`` as for SFT. The held-out eval is `stagewise.evaluation` (``eval/accuracy``, ``eval/pass@k`` with
+``stage.pass_k``); early stopping on any of its metrics (``stage.early_stopping_metric``, ``_patience``; the step-0
+eval is the baseline) keeps the best model in ``best/`` and makes it ``final/`` (`stagewise.training.early_stopping`).
 
 The logged ``loss`` is ~0 with one optimizer step per batch: the ratio is 1 and group advantages average to 0, so
 the loss value carries no information (peers.md complaint 2); its gradient does. Watch the rewards, ``grad_norm``,
@@ -73,6 +75,7 @@ from stagewise.data import load_prompt_dataset
 from stagewise.models import load_model_and_tokenizer, num_params
 from stagewise.rewards import RewardRunner
 from stagewise.rollout import RolloutBatch, SamplingParams, build_rollout, check_sampling
+from stagewise.rollout.multiturn import MultiTurnRollout
 from stagewise.run_folder import RunFolder
 from stagewise.tracking import Tracker, progress
 from stagewise.tracking.console import format_grpo_console, format_indicators
@@ -91,6 +94,8 @@ from stagewise.training import (
 )
 from stagewise.tracking.alerts import STOP, UPDATE, NanGuard
 from stagewise.training.preemption import checkpoint_and_exit_if_preempted, install_preemption_handler
+from stagewise.evaluation import EvalSpec, evaluate_prompts
+from stagewise.training.early_stopping import EarlyStopping, save_final_model
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +124,8 @@ def run(cfg: DictConfig) -> dict:
     policy = acc.unwrap_model(model)
     tis = alg.tis_cap is not None and ro.backend != "hf"
     rollout = build_rollout(cfg, policy, tokenizer, accelerator=acc, run_dir=run_folder.root, return_logprobs=tis)
+    if cfg.env.name != "single_turn":  # env=code_sandbox: the multi-turn agent loop drives the backend
+        rollout = MultiTurnRollout.from_config(cfg, rollout, tokenizer)
     ckpt = CheckpointManager(acc, run_folder, keep_last=st.save_total_limit)
     state = TrainState(extra={"num_tokens": 0})
     resume_from = ckpt.resume_path(cfg.resume)
@@ -137,8 +144,12 @@ def run(cfg: DictConfig) -> dict:
                  num_params(policy, trainable_only=True) / 1e6, plan.describe())
 
     # ------------------------------------------------------------------ train
+    stopper = EarlyStopping.from_config(st, state.extra, has_loss=False, has_generative=eval_ds is not None)
     if eval_ds is not None and st.eval_steps > 0 and state.step == 0:
-        tracker.log(evaluate(acc, rollout, eval_ds, rewards, cfg), step=0)
+        eval_metrics = evaluate(acc, rollout, eval_ds, rewards, cfg)
+        tracker.log(eval_metrics, step=0)
+        if stopper is not None:  # the starting model is the baseline the patience counts from
+            stopper.after_eval(eval_metrics, 0, acc, model, tokenizer, run_folder)
     bar = progress(total=plan.total_steps, initial=state.step, desc="grpo", enabled=bar_enabled(acc, cfg))
     window = Window()
     install_preemption_handler()  # SIGUSR1/SIGTERM -> checkpoint at the next step boundary, exit for requeue
@@ -180,13 +191,18 @@ def run(cfg: DictConfig) -> dict:
                 write_samples(acc, run_folder.sample_file(state.step), groups, state.step)
             if eval_ds is not None and st.eval_steps > 0 and state.step % st.eval_steps == 0 \
                     and state.step < plan.total_steps:
-                tracker.log(evaluate(acc, rollout, eval_ds, rewards, cfg), step=state.step)
+                eval_metrics = evaluate(acc, rollout, eval_ds, rewards, cfg)
+                tracker.log(eval_metrics, step=state.step)
+                if stopper is not None:
+                    stopper.after_eval(eval_metrics, state.step, acc, model, tokenizer, run_folder)
             if update["nan_stop"]:
                 ckpt.save(state, model, tokenizer)
                 raise ctx.nan_guard.error(state.step, str(run_folder.root))
             if st.save_steps and state.step % st.save_steps == 0 and state.step < plan.total_steps:
                 ckpt.save(state, model, tokenizer)
             checkpoint_and_exit_if_preempted(acc, lambda: ckpt.save(state, model, tokenizer))
+            if stopper is not None and stopper.stopped:
+                break
     bar.close()
 
     # ------------------------------------------------------------------ save
@@ -194,8 +210,10 @@ def run(cfg: DictConfig) -> dict:
     if eval_ds is not None:
         final_metrics.update(evaluate(acc, rollout, eval_ds, rewards, cfg))
         tracker.log(final_metrics, step=state.step)
+        if stopper is not None:
+            stopper.after_eval(final_metrics, state.step, acc, model, tokenizer, run_folder)
     final_metrics["step"] = state.step
-    save_final(acc, model, tokenizer, run_folder)
+    save_final_model(acc, model, tokenizer, run_folder, stopper, state.step)  # the best model under early stopping
 
     # ------------------------------------------------------------------ cleanup
     tracker.close()
@@ -220,6 +238,7 @@ def check_config(cfg: DictConfig) -> None:
                          "(got algorithm=sft)")
     ro, st = cfg.rollout, cfg.stage
     check_sampling(ro.n, ro.temperature, ro.top_p, ro.top_k, ro.max_new_tokens)
+    EvalSpec.from_config(cfg)  # stage.pass_k / eval_num_samples: fail now, not at the first held-out eval
     for key in ("prompts_per_step", "ppo_epochs", "logging_steps"):
         if st[key] < 1:
             raise ValueError(f"stage.{key}={st[key]!r} must be >= 1")
@@ -314,6 +333,7 @@ class Sample:
     advantage: float
     trained: bool  # False: truncated and algorithm.mask_truncated
     rollout_logprobs: Optional[List[float]] = None
+    loss_mask: Optional[List[int]] = None  # multi-turn: 1 = policy token, 0 = env token (no loss); None = all 1
 
 
 @dataclass
@@ -340,7 +360,16 @@ def reward_columns(rows: Dict[str, list], batch: RolloutBatch) -> Dict[str, list
     cols["completion_ids"] = batch.completion_ids
     cols["completion_lengths"] = [len(c) for c in batch.completion_ids]
     cols["truncated"] = batch.truncated
+    cols.update(batch.extra.get("columns", {}))  # multi-turn: turns, code_calls, code_errors ... per completion
     return cols
+
+
+def generate_for(rollout, columns: Dict[str, list]) -> RolloutBatch:
+    """The multi-turn agent loop (env=code_sandbox) gets the dataset rows (workspaces, reward specs) with the
+    prompts; a plain backend gets the prompt ids."""
+    if isinstance(rollout, MultiTurnRollout):
+        return rollout.generate(columns["prompt_ids"], tasks=columns)
+    return rollout.generate(columns["prompt_ids"])
 
 
 def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainState, plan: StepPlan, alg,
@@ -357,7 +386,7 @@ def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainSt
         mine = [int(i) for i in rows[rank::world]]
         columns = train_ds[mine]
         with timer("generate"):
-            batch = rollout.generate(columns["prompt_ids"])
+            batch = generate_for(rollout, columns)
         with timer("score"):
             result = rewards(batch.texts, **reward_columns(columns, batch))
         total = torch.tensor(result.total, dtype=torch.float32)
@@ -397,7 +426,8 @@ def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainSt
                 prompt_ids=batch.prompt_ids[j], completion_ids=batch.completion_ids[j],
                 advantage=float(adv[k][j - g * n]),
                 trained=not (alg.mask_truncated and batch.truncated[j]),
-                rollout_logprobs=batch.logprobs[j] if batch.logprobs is not None else None))
+                rollout_logprobs=batch.logprobs[j] if batch.logprobs is not None else None,
+                loss_mask=batch.extra["loss_mask"][j] if "loss_mask" in batch.extra else None))
 
     arrays = {k: np.concatenate([rd["arrays"][k] for rd in rounds]) for k in rounds[0]["arrays"]}
     zero_std_all = np.concatenate([rd["zero_std"].reshape(-1) for rd in rounds])
@@ -428,6 +458,9 @@ def per_sample_arrays(batch: RolloutBatch, total: torch.Tensor, per_fn: Dict[str
         "format_ok": torch.tensor([f[0] for f in fmt], dtype=torch.float32),
         "indicators": torch.tensor([f[1] for f in fmt], dtype=torch.float32),
     })
+    for name, values in batch.extra.get("columns", {}).items():  # multi-turn facts (turns, code_errors ...)
+        if values and isinstance(values[0], (bool, int, float)):
+            arrays[f"env/{name}"] = torch.tensor(values, dtype=torch.float32)
     return arrays
 
 
@@ -458,7 +491,8 @@ def sample_records(rounds: List[Dict[str, Any]], rank: int, n: int, adv_of: Dict
                 "advantage": float(adv[j % n]) if adv is not None else None,
                 "kept": adv is not None,
                 "prompt_tokens": len(batch.prompt_ids[j]), "completion_tokens": len(batch.completion_ids[j]),
-                "completion_chars": len(batch.texts[j]), "truncated": bool(batch.truncated[j]), "turns": 1,
+                "completion_chars": len(batch.texts[j]), "truncated": bool(batch.truncated[j]),
+                "turns": int(batch.extra.get("columns", {}).get("turns", [1] * len(batch))[j]),
             }
             for gold in ("answer", "solution", "target"):
                 if gold in columns:
@@ -513,6 +547,7 @@ def collate(samples: Sequence[Sample], pad_id: int, device, dummy: bool = False)
     targets = torch.full((b, tw), -1, dtype=torch.long)
     with_lp = all(s.rollout_logprobs is not None for s in samples)
     rollout_lp = torch.zeros((b, tw), dtype=torch.float32) if with_lp else None
+    policy_token = torch.ones((b, tw), dtype=torch.bool)  # multi-turn: False on env (Execute) tokens
     for i, s in enumerate(samples):
         p, c = len(s.prompt_ids), len(s.completion_ids)
         ids[i, pw - p:pw] = torch.tensor(s.prompt_ids, dtype=torch.long)
@@ -521,6 +556,8 @@ def collate(samples: Sequence[Sample], pad_id: int, device, dummy: bool = False)
         targets[i, :c] = ids[i, pw:pw + c]
         if with_lp:
             rollout_lp[i, :c] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
+        if s.loss_mask is not None:
+            policy_token[i, :c] = torch.tensor(s.loss_mask, dtype=torch.bool)
     tokens = targets >= 0
     trained = torch.tensor([s.trained and not dummy for s in samples], dtype=torch.bool)
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
@@ -532,7 +569,7 @@ def collate(samples: Sequence[Sample], pad_id: int, device, dummy: bool = False)
         unique_rows=torch.tensor(unique_rows, dtype=torch.long, device=device),
         input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=position_ids.to(device),
         prompt_width=pw, targets=targets.to(device), tokens=tokens.to(device),
-        mask=(tokens & trained[:, None]).to(device),
+        mask=(tokens & trained[:, None] & policy_token).to(device),
         advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device),
         rollout_logprobs=rollout_lp.to(device) if rollout_lp is not None else None)
 
@@ -769,27 +806,10 @@ def warn_nothing_trained(alg, ro, groups: "Groups") -> None:
 # ============================================================================================ evaluation
 @torch.no_grad()
 def evaluate(acc, rollout, eval_ds, rewards: RewardRunner, cfg: DictConfig) -> Dict[str, float]:
-    """Mean reward of one greedy completion per held-out prompt (``stage.num_eval_prompts``; 0 = all)."""
-    limit = cfg.stage.num_eval_prompts or len(eval_ds)
-    rows = list(range(min(limit, len(eval_ds))))[acc.process_index::acc.num_processes]
-    if not rows:
-        return {}
-    sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=int(cfg.rollout.max_new_tokens),
-                              stop=tuple(cfg.rollout.stop))
-    columns = eval_ds[rows]
-    per_call = max(1, int(cfg.rollout.batch_size))
-    batches = [rollout.generate(columns["prompt_ids"][i:i + per_call], sampling)
-               for i in range(0, len(rows), per_call)]
-    batch = RolloutBatch.concat(batches)
-    result = rewards(batch.texts, **reward_columns(columns, batch))
-    per_fn = {name: torch.tensor([np.nan if v is None else v for v in values], dtype=torch.float32)
-              for name, values in result.per_fn.items()}
-    arrays = gather_rows(acc, per_sample_arrays(batch, torch.tensor(result.total, dtype=torch.float32), per_fn))
-    metrics = {f"eval/{k}/mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-               for k, v in arrays.items() if k.startswith("reward/")}
-    metrics["eval/completions/mean_length"] = float(arrays["completion_tokens"].mean())
-    metrics["eval/quality/format_compliance"] = float(arrays["format_ok"].mean())
-    metrics["eval/num_prompts"] = float(len(arrays["completion_tokens"]))
+    """Held-out metrics from `stagewise.evaluation` (the code ``stage=eval`` runs): by default one greedy completion
+    per prompt of the first ``stage.num_eval_prompts`` (0 = all); ``eval/reward/<fn>/mean``, ``eval/accuracy``,
+    ``eval/pass@<k>`` (``stage.pass_k``), lengths and format compliance. The same dict on every rank."""
+    metrics, _ = evaluate_prompts(acc, rollout, eval_ds, rewards, EvalSpec.from_config(cfg), show_progress=False)
     return metrics
 
 

@@ -14,6 +14,10 @@ Features (flag):
   * bf16, gradient checkpointing, LoRA, Liger, DeepSpeed ZeRO-2/3 with offload (``hardware=``, ``model.lora``)
   * periodic eval loss (``stage.eval_steps``), checkpoints every N steps keeping the last K (``stage.save_steps``,
     ``stage.save_total_limit``), exact resume (``resume=auto``), HF model in ``final/``
+  * generative eval on the held-out prompts every ``stage.eval_steps`` when ``reward=`` names a reward: mean reward,
+    ``eval/accuracy``, ``eval/pass@k`` (`stagewise.evaluation`; ``stage.pass_k``, ``stage.acceptance_threshold``)
+  * early stopping on any eval metric with patience (``stage.early_stopping_metric``, ``early_stopping_patience``);
+    the best model is kept in ``best/`` and becomes ``final/`` (`stagewise.training.early_stopping`)
 Data order is a seeded permutation per epoch; the position in it is part of the checkpoint, so a resumed run
 sees the same batches and gives the same per-step losses as an uninterrupted one.
 """
@@ -30,6 +34,7 @@ from omegaconf import DictConfig
 
 from stagewise.algorithms import sft_loss
 from stagewise.data import IGNORE_INDEX, PackedDataset, SFTCollator, load_sources, tokenize_sft
+from stagewise.evaluation import GenerativeEval
 from stagewise.models import load_model_and_tokenizer, num_params
 from stagewise.run_folder import RunFolder
 from stagewise.tracking import Tracker, progress
@@ -47,6 +52,7 @@ from stagewise.training import (
     set_seed,
     uses_deepspeed,
 )
+from stagewise.training.early_stopping import EarlyStopping, save_final_model
 from stagewise.training.preemption import checkpoint_and_exit_if_preempted, install_preemption_handler
 from stagewise.training.modeling import sequence_token_logprobs
 
@@ -122,6 +128,9 @@ def run(cfg: DictConfig) -> dict:
                  len(train_ds), data_report, num_params(model) / 1e6, global_batch, world,
                  hw.per_device_batch_size, hw.grad_accum_steps, total_steps)
         tracker.log({f"data/{k}": v for k, v in data_report.items() if isinstance(v, (int, float))}, step=state.step)
+    gen_eval = GenerativeEval.from_config(cfg, acc, acc.unwrap_model(model), tokenizer)  # only with reward=
+    stopper = EarlyStopping.from_config(st, state.extra, has_loss=eval_ds is not None,
+                                        has_generative=gen_eval is not None)  # None without early_stopping_metric
 
     # ------------------------------------------------------------------ train
     install_preemption_handler()  # SIGUSR1/SIGTERM -> checkpoint at the next step boundary, exit for requeue
@@ -179,24 +188,34 @@ def run(cfg: DictConfig) -> dict:
             tracker.log(metrics, step=state.step)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             window = {"loss_sum": 0.0, "tokens": 0, "steps": 0, "t0": time.time()}
-        if st.eval_steps and eval_ds is not None and state.step % st.eval_steps == 0:
-            tracker.log({"eval/loss": evaluate_loss(acc, model, eval_ds, collate, hw)}, step=state.step)
+        if st.eval_steps and (eval_ds is not None or gen_eval) and state.step % st.eval_steps == 0 \
+                and state.step < total_steps:
+            eval_metrics = run_evals(acc, model, eval_ds, collate, hw, gen_eval)
+            tracker.log(eval_metrics, step=state.step)
+            if stopper is not None:
+                stopper.after_eval(eval_metrics, state.step, acc, model, tokenizer, run_folder)
         if action == STOP:
             ckpt.save(state, model, tokenizer)
             raise nan_guard.error(state.step, str(run_folder.root))
         if st.save_steps and state.step % st.save_steps == 0 and state.step < total_steps:
             ckpt.save(state, model, tokenizer)
         checkpoint_and_exit_if_preempted(acc, lambda: ckpt.save(state, model, tokenizer))
+        if stopper is not None and stopper.stopped:
+            break
     bar.close()
 
     # ------------------------------------------------------------------ save
     final_metrics = {"step": state.step}
-    if eval_ds is not None:
-        final_metrics["eval/loss"] = evaluate_loss(acc, model, eval_ds, collate, hw)
-        tracker.log({"eval/loss": final_metrics["eval/loss"]}, step=state.step)
-    save_final(acc, model, tokenizer, run_folder)
+    if eval_ds is not None or gen_eval is not None:
+        final_metrics.update(run_evals(acc, model, eval_ds, collate, hw, gen_eval))
+        tracker.log({k: v for k, v in final_metrics.items() if k != "step"}, step=state.step)
+        if stopper is not None:
+            stopper.after_eval(final_metrics, state.step, acc, model, tokenizer, run_folder)
+    save_final_model(acc, model, tokenizer, run_folder, stopper, state.step)  # the best model under early stopping
 
     # ------------------------------------------------------------------ cleanup
+    if gen_eval is not None:
+        gen_eval.close()
     tracker.close()
     if acc.is_main_process:
         log.info("saved %s", run_folder.final)
@@ -206,6 +225,16 @@ def run(cfg: DictConfig) -> dict:
 
 def acc_to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def run_evals(acc, model, eval_ds, collate, hw, gen_eval) -> dict:
+    """``eval/loss`` on the held-out rows, plus the generative metrics when a reward is configured."""
+    out = {}
+    if eval_ds is not None:
+        out["eval/loss"] = evaluate_loss(acc, model, eval_ds, collate, hw)
+    if gen_eval is not None:
+        out.update(gen_eval())
+    return out
 
 
 @torch.no_grad()

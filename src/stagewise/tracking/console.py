@@ -27,13 +27,13 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from stagewise.rewards.format import _FORMAT_RE, _STEP_RE
+from stagewise.rewards.format import FORMAT_RE, STEP_RE
 from stagewise.tracking.tracker import format_metrics_line
 
 
 def format_indicators(text: str) -> tuple[bool, int]:
     """``(in R1 format, number of reasoning indicators)`` of one completion."""
-    return bool(_FORMAT_RE.match(text)), len(_STEP_RE.findall(text))
+    return bool(FORMAT_RE.match(text)), len(STEP_RE.findall(text))
 
 
 def _num(metrics: Mapping[str, Any], key: str) -> float | None:

@@ -82,15 +82,26 @@ class EarlyStopping:
         self.state = StopState(**extra.get(STATE_KEY, {}))
 
     @classmethod
-    def from_config(cls, stage_cfg, extra: Dict[str, Any]) -> Optional["EarlyStopping"]:
-        """None when ``stage.early_stopping_metric`` is not set. ``extra`` is ``TrainState.extra`` (checkpointed)."""
-        if not stage_cfg.early_stopping_metric:
+    def from_config(cls, stage_cfg, extra: Dict[str, Any], *, has_loss: bool, has_generative: bool
+                    ) -> Optional["EarlyStopping"]:
+        """None when ``stage.early_stopping_metric`` is not set. ``extra`` is ``TrainState.extra`` (checkpointed).
+        ``has_loss`` / ``has_generative``: whether the stage's evals log ``eval/loss`` / generative ``eval/*``
+        metrics, so that an unreachable metric fails now rather than at the first eval."""
+        metric = stage_cfg.early_stopping_metric
+        if not metric:
             return None
         if stage_cfg.eval_steps <= 0:
-            raise ValueError(f"stage.early_stopping_metric={stage_cfg.early_stopping_metric!r} needs periodic evals: "
-                             f"set stage.eval_steps > 0 (got {stage_cfg.eval_steps})")
-        return cls(stage_cfg.early_stopping_metric, stage_cfg.early_stopping_mode,
-                   int(stage_cfg.early_stopping_patience), float(stage_cfg.early_stopping_min_delta), extra)
+            raise ValueError(f"stage.early_stopping_metric={metric!r} needs periodic evals: set stage.eval_steps > 0 "
+                             f"(got {stage_cfg.eval_steps})")
+        if metric == "eval/loss" and not has_loss:
+            raise ValueError(f"stage.early_stopping_metric={metric!r}: this stage logs no eval loss (SFT logs it when "
+                             "the data has a held-out split: data.eval_sources or data.eval_fraction)")
+        if metric != "eval/loss" and not has_generative:
+            raise ValueError(f"stage.early_stopping_metric={metric!r} is a generative eval metric, and this stage "
+                             "runs no generative eval: it needs held-out prompts (data.eval_sources or "
+                             "data.eval_fraction) and, in SFT, reward=<preset>")
+        return cls(metric, stage_cfg.early_stopping_mode, int(stage_cfg.early_stopping_patience),
+                   float(stage_cfg.early_stopping_min_delta), extra)
 
     @property
     def stopped(self) -> bool:

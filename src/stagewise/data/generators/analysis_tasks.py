@@ -1,0 +1,480 @@
+"""Small data-analysis tasks over real files (CSV, XLSX, SQLite), in the RL parquet schema of
+DataScience-Instruct-500K, for ``env=code_sandbox``: the tests and the default agentic run use them offline.
+
+    rows = analysis_tasks(n=64, split="train", seed=0, workspace_root="outputs/.cache/analysis_tasks")
+
+Each task writes its files into ``<workspace_root>/files/<workspace_id>/`` (written once: a folder that exists is
+left as it is, and a new one appears atomically by rename, so ranks and reruns can share the root) and gives a row:
+
+=================  ====================================================================================
+``prompt``         ``[{"role": "user", "content": ...}]``, DeepAnalyze's layout: ``# Instruction\\n<task>\\n\\n# Data
+                   \\nFile 1:\\n{"name": "sales.csv", "size": "0.4KB"}`` (names and sizes only: the policy must open
+                   the files itself; the working directory is the workspace)
+``data_source``    ``qa`` | ``datatask`` | ``research``
+``input_seq``      the instruction text (what the judge is shown)
+``workspace_id``   the task's folder name (a hash of the task)
+``data``           ``files``: the sub-folder of the workspace root, as in the real RL data
+``reward_spec``    ``{"method": qa|datatask|openresearch, "ground_truth": str, "function": [judge names],
+                   "response": a worked trajectory}``
+``env_class``      ``deepanalyze``
+``workspace_root`` the root the files were written under (the env reads it; ``env.workspace_root`` otherwise)
+=================  ====================================================================================
+
+Tasks (``mix`` sets the share of each method; the file kind is drawn uniformly from ``file_kinds``):
+  * qa, with an exact answer computed here in integers (money in cents, so no float ties): ``sales.csv``
+    (top-revenue region, units of a product, orders above a size, average price of a product to 2 decimals),
+    ``employees.xlsx`` (top-paid department on average, headcount, best-paid person, payroll of the seniors),
+    ``shop.db`` (orders with a status, best customer by total, shipped total of a city to 2 decimals). Questions
+    whose answer would be a tie, or whose rounding would sit on a .5 boundary, are never asked.
+  * datatask: write a summary table to a named CSV file and report its top row; ground truth = the expected file.
+  * research: a short report on the file; ground truth = a data summary (DeepAnalyze's "data thumbnail").
+The ``response`` of a qa task is a full correct trajectory (Analyze, fenced Code, its exact Execute output,
+Understand, ``Answer: <value>``): the tests run its code in the sandbox and check the output equals the answer.
+
+Split: a task's key (method, file kind, question, table) is hashed to train or test (`task_split`), so the splits
+never overlap. Deterministic in (n, split, seed, kwargs).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import random
+import shutil
+import sqlite3
+import tempfile
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from stagewise.data.generators.common import check_split, rng_for, task_split
+
+REGIONS = ("North", "South", "East", "West")
+PRODUCTS = ("Widget", "Gadget", "Gizmo", "Doohickey")
+DEPARTMENTS = ("Sales", "Engineering", "Support", "Finance")
+NAMES = ("Alice", "Bob", "Carla", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemal", "Lena",
+         "Marco", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wen", "Yusuf")
+CITIES = ("Paris", "Lima", "Oslo", "Cairo", "Tokyo")
+STATUSES = ("shipped", "pending", "cancelled")
+FILE_KINDS = ("csv", "xlsx", "sqlite")
+METHOD_OF = {"qa": "qa", "datatask": "datatask", "research": "openresearch"}
+JUDGE_OF = {"qa": "llm_as_judgement_analyze", "datatask": "llm_as_judgement_accuracy",
+            "research": "llm_as_judgement_opendomain"}
+ANSWER_HINT = "Give the final answer inside <Answer></Answer> as `Answer: <value>`."
+DATA_SUBDIR = "files"
+_FIXED_TIME = dt.datetime(2024, 1, 1)
+
+
+@dataclass
+class Task:
+    """One task before it becomes a row: its files, instruction, ground truth and a worked solution."""
+
+    key: str
+    source: str  # qa | datatask | research
+    files: Dict[str, Callable[[Path], None]]  # file name -> writer(path)
+    instruction: str
+    ground_truth: str
+    code: str  # the worked solution's code; for qa it prints exactly the ground truth
+    expected_output: str  # what that code prints
+    plan: str
+    conclusion: str
+    answer_text: str
+    extra_files: List[str] = field(default_factory=list)  # files the solution writes (datatask)
+
+
+# ============================================================================================ tables
+def _money(cents: int) -> str:
+    return f"{cents // 100}.{cents % 100:02d}"
+
+
+def _sales(rng: random.Random) -> List[dict]:
+    return [{"order_id": i + 1, "region": rng.choice(REGIONS), "product": rng.choice(PRODUCTS),
+             "units": rng.randint(1, 40), "price_cents": rng.randint(150, 9999)} for i in range(rng.randint(8, 16))]
+
+
+def _employees(rng: random.Random) -> List[dict]:
+    names = rng.sample(NAMES, rng.randint(8, 14))
+    return [{"name": nm, "department": rng.choice(DEPARTMENTS), "salary": rng.randint(60, 300) * 500,
+             "years": rng.randint(0, 30)} for nm in names]
+
+
+def _shop(rng: random.Random) -> tuple:
+    names = rng.sample(NAMES, rng.randint(4, 7))
+    customers = [{"id": i + 1, "name": nm, "city": rng.choice(CITIES)} for i, nm in enumerate(names)]
+    orders = [{"id": i + 1, "customer_id": rng.randint(1, len(customers)), "amount_cents": rng.randint(500, 50000),
+               "status": rng.choice(STATUSES)} for i in range(rng.randint(10, 20))]
+    return customers, orders
+
+
+def _table_hash(obj: Any) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=6).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ writers
+def _write_sales(rows: List[dict]) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        lines = ["order_id,region,product,units,price"]
+        lines += [f"{r['order_id']},{r['region']},{r['product']},{r['units']},{_money(r['price_cents'])}" for r in rows]
+        path.write_text("\n".join(lines) + "\n")
+    return write
+
+
+def _write_employees(rows: List[dict]) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        from openpyxl import Workbook
+
+        wb = Workbook()
+        ws = wb.active
+        ws.title = "staff"
+        ws.append(["name", "department", "salary", "years"])
+        for r in rows:
+            ws.append([r["name"], r["department"], r["salary"], r["years"]])
+        wb.properties.created = wb.properties.modified = _FIXED_TIME
+        wb.save(path)
+    return write
+
+
+def _write_shop(customers: List[dict], orders: List[dict]) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        con = sqlite3.connect(path)
+        try:
+            con.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT, city TEXT)")
+            con.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, customer_id INTEGER REFERENCES customers(id), "
+                        "amount REAL, status TEXT)")
+            con.executemany("INSERT INTO customers VALUES (?, ?, ?)", [(c["id"], c["name"], c["city"])
+                                                                       for c in customers])
+            con.executemany("INSERT INTO orders VALUES (?, ?, ?, ?)",
+                            [(o["id"], o["customer_id"], o["amount_cents"] / 100, o["status"]) for o in orders])
+            con.commit()
+        finally:
+            con.close()
+    return write
+
+
+# ============================================================================================ questions
+def _unique_top(totals: Dict[str, float], margin: float) -> Optional[str]:
+    """The key with the largest value if it beats the runner-up by ``margin``, else None (a near tie)."""
+    ranked = sorted(totals.items(), key=lambda kv: kv[1], reverse=True)
+    if not ranked or (len(ranked) > 1 and ranked[0][1] - ranked[1][1] < margin):
+        return None
+    return ranked[0][0]
+
+
+def _safe_round(numerator: int, denominator: int) -> Optional[str]:
+    """``numerator / denominator`` cents as dollars with 2 decimals, or None when the cents are too close to .5."""
+    cents = numerator / denominator
+    if abs(cents - int(cents) - 0.5) < 1e-3:
+        return None
+    return _money(int(round(cents)))
+
+
+def _sales_qa(rng: random.Random, rows: List[dict]) -> Optional[tuple]:
+    head = "import pandas as pd\ndf = pd.read_csv('sales.csv')\n"
+    kind = rng.choice(["top_region", "units_of", "orders_over", "avg_price"])
+    if kind == "top_region":
+        rev: Dict[str, float] = {}
+        for r in rows:
+            rev[r["region"]] = rev.get(r["region"], 0) + r["units"] * r["price_cents"]
+        top = _unique_top(rev, margin=100)
+        if top is None:
+            return None
+        return (kind, "Which region has the highest total revenue (units times price) in sales.csv?", top,
+                head + "df['revenue'] = df['units'] * df['price']\nprint(df.groupby('region')['revenue'].sum().idxmax())")
+    if kind == "units_of":
+        product = rng.choice(sorted({r["product"] for r in rows}))
+        total = sum(r["units"] for r in rows if r["product"] == product)
+        return (f"{kind}:{product}", f"How many units of {product} were sold in total in sales.csv?", str(total),
+                head + f"print(int(df.loc[df['product'] == '{product}', 'units'].sum()))")
+    if kind == "orders_over":
+        k = rng.randint(5, 35)
+        count = sum(r["units"] > k for r in rows)
+        return (f"{kind}:{k}", f"How many orders in sales.csv have more than {k} units?", str(count),
+                head + f"print(int((df['units'] > {k}).sum()))")
+    product = rng.choice(sorted({r["product"] for r in rows}))
+    prices = [r["price_cents"] for r in rows if r["product"] == product]
+    avg = _safe_round(sum(prices), len(prices))
+    if avg is None:
+        return None
+    return (f"{kind}:{product}", f"What is the average price of {product} orders in sales.csv, rounded to 2 decimal "
+            "places?", avg, head + f"print(f\"{{df.loc[df['product'] == '{product}', 'price'].mean():.2f}}\")")
+
+
+def _employees_qa(rng: random.Random, rows: List[dict]) -> Optional[tuple]:
+    head = "import pandas as pd\ndf = pd.read_excel('employees.xlsx', sheet_name='staff')\n"
+    kind = rng.choice(["top_department", "headcount", "top_earner", "senior_payroll"])
+    if kind == "top_department":
+        sums: Dict[str, List[int]] = {}
+        for r in rows:
+            sums.setdefault(r["department"], []).append(r["salary"])
+        top = _unique_top({d: sum(v) / len(v) for d, v in sums.items()}, margin=1.0)
+        if top is None:
+            return None
+        return (kind, "Which department in employees.xlsx has the highest average salary?", top,
+                head + "print(df.groupby('department')['salary'].mean().idxmax())")
+    if kind == "headcount":
+        dept = rng.choice(DEPARTMENTS)
+        count = sum(r["department"] == dept for r in rows)
+        return (f"{kind}:{dept}", f"How many employees in employees.xlsx work in the {dept} department?", str(count),
+                head + f"print(int((df['department'] == '{dept}').sum()))")
+    if kind == "top_earner":
+        top = _unique_top({r["name"]: r["salary"] for r in rows}, margin=1)
+        if top is None:
+            return None
+        return (kind, "Who has the highest salary in employees.xlsx?", top,
+                head + "print(df.loc[df['salary'].idxmax(), 'name'])")
+    y = rng.randint(3, 25)
+    total = sum(r["salary"] for r in rows if r["years"] > y)
+    return (f"{kind}:{y}", f"What is the total salary of the employees in employees.xlsx with more than {y} years "
+            "of service?", str(total), head + f"print(int(df.loc[df['years'] > {y}, 'salary'].sum()))")
+
+
+def _shop_qa(rng: random.Random, customers: List[dict], orders: List[dict]) -> Optional[tuple]:
+    head = "import sqlite3\ncon = sqlite3.connect('shop.db')\n"
+    kind = rng.choice(["status_count", "best_customer", "city_shipped"])
+    if kind == "status_count":
+        status = rng.choice(STATUSES)
+        count = sum(o["status"] == status for o in orders)
+        return (f"{kind}:{status}", f"How many orders in shop.db have the status '{status}'?", str(count),
+                head + f"print(con.execute(\"SELECT COUNT(*) FROM orders WHERE status = '{status}'\").fetchone()[0])")
+    name_of = {c["id"]: c["name"] for c in customers}
+    if kind == "best_customer":
+        totals: Dict[str, int] = {}
+        for o in orders:
+            totals[name_of[o["customer_id"]]] = totals.get(name_of[o["customer_id"]], 0) + o["amount_cents"]
+        top = _unique_top(totals, margin=1)
+        if top is None:
+            return None
+        return (kind, "Which customer in shop.db has the largest total order amount (all statuses)?", top,
+                head + "print(con.execute('SELECT c.name FROM orders o JOIN customers c ON o.customer_id = c.id '\n"
+                       "                  'GROUP BY c.id ORDER BY SUM(o.amount) DESC LIMIT 1').fetchone()[0])")
+    city_of = {c["id"]: c["city"] for c in customers}
+    cities = sorted({city_of[o["customer_id"]] for o in orders if o["status"] == "shipped"})
+    if not cities:
+        return None
+    city = rng.choice(cities)
+    total = sum(o["amount_cents"] for o in orders if o["status"] == "shipped" and city_of[o["customer_id"]] == city)
+    return (f"{kind}:{city}", f"What is the total amount of shipped orders from customers in {city} in shop.db, "
+            "rounded to 2 decimal places?", _money(total),
+            head + "total = con.execute(\"SELECT SUM(o.amount) FROM orders o JOIN customers c ON o.customer_id = "
+                   f"c.id WHERE o.status = 'shipped' AND c.city = '{city}'\").fetchone()[0]\nprint(f\"{{total:.2f}}\")")
+
+
+# ============================================================================================ datatask, research
+def _sales_datatask(rows: List[dict]) -> tuple:
+    rev: Dict[str, int] = {}
+    for r in rows:
+        rev[r["region"]] = rev.get(r["region"], 0) + r["units"] * r["price_cents"]
+    ranked = sorted(rev.items(), key=lambda kv: (-kv[1], kv[0]))
+    table = "region,revenue\n" + "\n".join(f"{k},{_money(v)}" for k, v in ranked)
+    code = ("import pandas as pd\ndf = pd.read_csv('sales.csv')\ndf['revenue'] = df['units'] * df['price']\n"
+            "out = df.groupby('region', as_index=False)['revenue'].sum().round(2)\n"
+            "out = out.sort_values(['revenue', 'region'], ascending=[False, True])\n"
+            "out.to_csv('revenue_by_region.csv', index=False)\nprint(out.iloc[0]['region'])")
+    return ("revenue_by_region", "Compute the total revenue (units times price) of each region in sales.csv, save it "
+            "to revenue_by_region.csv with the columns region and revenue, sorted from the highest revenue to the "
+            "lowest, and report the region with the highest revenue.",
+            f"revenue_by_region.csv:\n{table}\nTop region: {ranked[0][0]}", code, ranked[0][0], "revenue_by_region.csv")
+
+
+def _employees_datatask(rows: List[dict]) -> tuple:
+    depts: Dict[str, List[int]] = {}
+    for r in rows:
+        depts.setdefault(r["department"], []).append(r["salary"])
+    ranked = sorted(depts.items(), key=lambda kv: kv[0])
+    table = "department,headcount\n" + "\n".join(f"{d},{len(v)}" for d, v in ranked)
+    biggest = sorted(depts.items(), key=lambda kv: (-len(kv[1]), kv[0]))[0][0]
+    code = ("import pandas as pd\ndf = pd.read_excel('employees.xlsx', sheet_name='staff')\n"
+            "out = df.groupby('department').size().rename('headcount').reset_index().sort_values('department')\n"
+            "out.to_csv('headcount.csv', index=False)\n"
+            "print(out.sort_values(['headcount', 'department'], ascending=[False, True]).iloc[0]['department'])")
+    return ("headcount", "Count the employees of each department in employees.xlsx, save the counts to "
+            "headcount.csv with the columns department and headcount in alphabetical order of department, and "
+            "report the department with the most employees.",
+            f"headcount.csv:\n{table}\nLargest department: {biggest}", code, biggest, "headcount.csv")
+
+
+def _shop_datatask(customers: List[dict], orders: List[dict]) -> tuple:
+    name_of = {c["id"]: c["name"] for c in customers}
+    counts: Dict[str, int] = {}
+    for o in orders:
+        counts[name_of[o["customer_id"]]] = counts.get(name_of[o["customer_id"]], 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    table = "name,orders\n" + "\n".join(f"{k},{v}" for k, v in ranked)
+    code = ("import sqlite3\nimport pandas as pd\ncon = sqlite3.connect('shop.db')\n"
+            "out = pd.read_sql('SELECT c.name AS name, COUNT(*) AS orders FROM orders o JOIN customers c '\n"
+            "                  'ON o.customer_id = c.id GROUP BY c.id ORDER BY orders DESC, name', con)\n"
+            "out.to_csv('orders_per_customer.csv', index=False)\nprint(out.iloc[0]['name'])")
+    return ("orders_per_customer", "Count the orders of each customer in shop.db, save the result to "
+            "orders_per_customer.csv with the columns name and orders, sorted by the number of orders (most first, "
+            "ties by name), and report the customer with the most orders.",
+            f"orders_per_customer.csv:\n{table}\nTop customer: {ranked[0][0]}", code, ranked[0][0],
+            "orders_per_customer.csv")
+
+
+def _thumbnail(file_name: str, columns: Sequence[str], rows: List[List[Any]]) -> str:
+    head = "\n".join(",".join(str(x) for x in r) for r in rows[:3])
+    return f"{file_name}: {len(rows)} rows; columns: {', '.join(columns)}; first rows:\n{head}"
+
+
+# ============================================================================================ assembling
+def _make_task(rng: random.Random, source: str, file_kind: str) -> Optional[Task]:
+    if file_kind == "csv":
+        rows = _sales(rng)
+        files = {"sales.csv": _write_sales(rows)}
+        table, fname = rows, "sales.csv"
+        thumb = _thumbnail(fname, ["order_id", "region", "product", "units", "price"],
+                           [[r["order_id"], r["region"], r["product"], r["units"], _money(r["price_cents"])]
+                            for r in rows])
+        qa = lambda: _sales_qa(rng, rows)  # noqa: E731
+        datatask = lambda: _sales_datatask(rows)  # noqa: E731
+    elif file_kind == "xlsx":
+        rows = _employees(rng)
+        files = {"employees.xlsx": _write_employees(rows)}
+        table, fname = rows, "employees.xlsx"
+        thumb = _thumbnail(fname + " (sheet staff)", ["name", "department", "salary", "years"],
+                           [[r["name"], r["department"], r["salary"], r["years"]] for r in rows])
+        qa = lambda: _employees_qa(rng, rows)  # noqa: E731
+        datatask = lambda: _employees_datatask(rows)  # noqa: E731
+    else:
+        customers, orders = _shop(rng)
+        files = {"shop.db": _write_shop(customers, orders)}
+        table, fname = [customers, orders], "shop.db"
+        thumb = (_thumbnail("shop.db table customers", ["id", "name", "city"],
+                            [[c["id"], c["name"], c["city"]] for c in customers]) + "\n" +
+                 _thumbnail("shop.db table orders", ["id", "customer_id", "amount", "status"],
+                            [[o["id"], o["customer_id"], _money(o["amount_cents"]), o["status"]] for o in orders]))
+        qa = lambda: _shop_qa(rng, customers, orders)  # noqa: E731
+        datatask = lambda: _shop_datatask(customers, orders)  # noqa: E731
+    tkey = f"{file_kind}|{_table_hash(table)}"
+    if source == "qa":
+        made = qa()
+        if made is None:
+            return None
+        qkey, question, answer, code = made
+        return Task(key=f"qa|{tkey}|{qkey}", source="qa", files=files, instruction=f"{question} {ANSWER_HINT}",
+                    ground_truth=answer, code=code, expected_output=answer,
+                    plan=f"I will load {fname} and compute the answer directly from the data.",
+                    conclusion=f"The result printed by the code is {answer}.", answer_text=f"Answer: {answer}")
+    if source == "datatask":
+        qkey, instruction, truth, code, top, out_file = datatask()
+        return Task(key=f"datatask|{tkey}|{qkey}", source="datatask", files=files, instruction=instruction,
+                    ground_truth=truth, code=code, expected_output=top,
+                    plan=f"I will load {fname}, build the requested table, save it and read off the top row.",
+                    conclusion=f"{out_file} is written; its first row is {top}.",
+                    answer_text=f"I saved {out_file}. Answer: {top}", extra_files=[out_file])
+    instruction = (f"Write a short analytical report on {fname}: describe the data, give its key statistics and "
+                   "the most notable patterns, and state your conclusions.")
+    code = {"csv": "import pandas as pd\ndf = pd.read_csv('sales.csv')\nprint(df.describe())\n"
+                   "print(df.groupby('region')['units'].sum())",
+            "xlsx": "import pandas as pd\ndf = pd.read_excel('employees.xlsx', sheet_name='staff')\n"
+                    "print(df.describe())\nprint(df.groupby('department')['salary'].mean())",
+            "sqlite": "import sqlite3\nimport pandas as pd\ncon = sqlite3.connect('shop.db')\n"
+                      "print(pd.read_sql('SELECT status, COUNT(*) AS n, SUM(amount) AS total FROM orders "
+                      "GROUP BY status', con))"}[file_kind]
+    return Task(key=f"research|{tkey}", source="research", files=files, instruction=instruction,
+                ground_truth=thumb, code=code, expected_output="",
+                plan=f"I will load {fname}, look at summary statistics and group totals, then write the report.",
+                conclusion="The statistics above show the spread of the values and the group totals.",
+                answer_text=f"# Report on {fname}\n\nThe data was loaded and summarised; see the statistics above.")
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 1024:.1f}KB"
+
+
+def _materialise(task: Task, root: Path, workspace_id: str) -> Dict[str, int]:
+    """Write the task's files under root/files/<workspace_id> once (atomic rename); return name -> size."""
+    final = root / DATA_SUBDIR / workspace_id
+    if not final.is_dir():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{workspace_id}-", dir=final.parent))
+        try:
+            for name, write in task.files.items():
+                write(tmp / name)
+            os.chmod(tmp, 0o755)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process made it first: same content by construction
+                if not final.is_dir():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return {name: (final / name).stat().st_size for name in task.files}
+
+
+def prompt_text(instruction: str, sizes: Dict[str, int]) -> str:
+    """DeepAnalyze's user prompt: the instruction, then one JSON line per file with its name and size."""
+    files = "\n\n".join(f"File {i}:\n" + json.dumps({"name": name, "size": _size(size)})
+                        for i, (name, size) in enumerate(sizes.items(), start=1))
+    return f"# Instruction\n{instruction}\n\n# Data\n{files}"
+
+
+def worked_response(task: Task) -> str:
+    """A correct trajectory for the task, in the one-assistant-message layout with inline Execute spans."""
+    output = task.expected_output if task.source != "research" else "(summary statistics)"
+    return (f"<Analyze>{task.plan}</Analyze>\n<Code>\n```python\n{task.code}\n```\n</Code>\n"
+            f"<Execute>\n{output}\n</Execute>\n<Understand>{task.conclusion}</Understand>\n"
+            f"<Answer>{task.answer_text}</Answer>")
+
+
+def analysis_tasks(n: int, split: str = "train", seed: int = 0, workspace_root: Optional[str] = None,
+                   mix: Optional[Dict[str, float]] = None, file_kinds: Sequence[str] = FILE_KINDS
+                   ) -> List[Dict[str, Any]]:
+    """``n`` tasks of ``split``; see the module docstring. ``workspace_root`` defaults to
+    ``<tmp>/stagewise-analysis-tasks``; ``mix`` to ``{"qa": 0.6, "datatask": 0.3, "research": 0.1}``."""
+    check_split(split, "analysis_tasks")
+    if n < 0:
+        raise ValueError(f"generator:analysis_tasks: n must be >= 0, got {n}")
+    mix = dict(mix or {"qa": 0.6, "datatask": 0.3, "research": 0.1})
+    bad = sorted(set(mix) - set(METHOD_OF))
+    if bad or not mix or any(float(w) < 0 for w in mix.values()) or sum(float(w) for w in mix.values()) <= 0:
+        raise ValueError(f"generator:analysis_tasks: mix must give non-negative weights to qa/datatask/research, "
+                         f"got {mix}")
+    kinds = list(file_kinds)
+    if not kinds or set(kinds) - set(FILE_KINDS):
+        raise ValueError(f"generator:analysis_tasks: file_kinds must be a non-empty subset of {FILE_KINDS}, "
+                         f"got {kinds}")
+    root = Path(workspace_root if workspace_root else Path(tempfile.gettempdir()) / "stagewise-analysis-tasks")
+    root = root.expanduser().resolve()
+    rng = rng_for("analysis_tasks", split, seed)
+    sources, weights = zip(*[(k, float(w)) for k, w in mix.items() if float(w) > 0])
+    seen: set = set()
+    rows: List[Dict[str, Any]] = []
+    attempts = 0
+    while len(rows) < n:
+        attempts += 1
+        if attempts > 100 * n + 1000:
+            raise ValueError(f"generator:analysis_tasks: could not draw {n} distinct {split} tasks "
+                             f"({len(rows)} found)")
+        source = rng.choices(sources, weights)[0]
+        task = _make_task(rng, source, rng.choice(kinds))
+        if task is None or task.key in seen or task_split(task.key) != split:
+            continue
+        seen.add(task.key)
+        workspace_id = "t" + hashlib.blake2b(task.key.encode(), digest_size=8).hexdigest()
+        sizes = _materialise(task, root, workspace_id)
+        rows.append({
+            "prompt": [{"role": "user", "content": prompt_text(task.instruction, sizes)}],
+            "data_source": source,
+            "input_seq": task.instruction,
+            "workspace_id": workspace_id,
+            "data": DATA_SUBDIR,
+            "reward_spec": {"method": METHOD_OF[source], "ground_truth": task.ground_truth,
+                            "function": [JUDGE_OF[source]], "response": worked_response(task)},
+            "env_class": "deepanalyze",
+            "workspace_root": str(root),
+        })
+    return rows
+
+
+def solution_code(row: Dict[str, Any]) -> str:
+    """The code of a row's worked response (its first fenced block), for tests and SFT warm-ups."""
+    response = row["reward_spec"]["response"]
+    return textwrap.dedent(response.split("```python\n", 1)[1].split("\n```", 1)[0])
+
+
+__all__ = ["FILE_KINDS", "analysis_tasks", "prompt_text", "solution_code", "worked_response"]

@@ -1,0 +1,336 @@
+"""The multi-turn agent loop: generate, run the code, append the result, generate again (DeepAnalyze, Algorithm 1).
+
+    agent = MultiTurnRollout.from_config(cfg, backend, tokenizer)       # backend: rollout.hf / vllm / vllm_server
+    batch = agent.generate(prompt_ids, tasks=rows)                      # rows: the dataset rows (workspaces...)
+    batch.completion_ids, batch.extra["loss_mask"], batch.texts, batch.truncated, batch.extra["columns"]
+
+One trajectory is ONE assistant message: the policy's turns and the environment's observations are concatenated
+token by token after the prompt, and ``loss_mask`` says which tokens the policy wrote (1) and which the environment
+inserted (0: the ``\\n<Execute>\\n…\\n</Execute>\\n`` spans, both tags included, as in SFT).
+
+The loop, over a batch of prompts x ``n`` samples (one env per trajectory, `stagewise.envs.build_env`):
+  1. one ``backend.generate`` call per turn over every unfinished trajectory (turn 0: the prompts with ``n``
+     samples each, so the backend prefills each prompt once; later turns: each trajectory's whole context, n=1).
+     Generation stops on token ids: the env's stop tags (``</Code>``, ``</Answer>``; single tokens, checked at
+     construction) are added to the backend's own stop ids (EOS) for the call. The stop token is kept.
+  2. a turn that ends with a stop tag goes to ``env.step``; the steps of all trajectories run in parallel on a
+     thread pool (``env.num_workers``), each in its own sandbox process, while nothing else needs the CPU;
+  3. the observation is tokenised (tags as their single ids, the program's text with special tokens split, so a
+     printed ``<|im_end|>`` is plain text) and appended with mask 0;
+  4. a trajectory ends when the env says done (``</Answer>``, or ``env.max_turns`` steps), when a turn ends with
+     EOS, when a turn hits ``rollout.max_new_tokens`` without stopping, or when the context (prompt + everything
+     after it) would exceed ``env.max_context_tokens``; its env is closed at once (its sandbox process freed).
+
+``finish_reason``: ``answer`` | ``eos`` | ``max_turns`` | ``context`` | ``turn_length``. The last three set
+``truncated`` (the policy did not end the trajectory itself), which GRPO reports as the clipped ratio and masks
+out of the loss under ``algorithm.mask_truncated``. An observation that would not fit in the context is not
+appended (the trajectory ends with ``context``); a generated turn that would not fit is cut at the limit.
+
+Per-trajectory facts go to ``batch.extra["columns"]`` (``turns``, ``code_calls``, ``code_errors``,
+``code_timeouts``, ``finish_reason``), which GRPO passes to the rewards as columns (``reward=deepanalyze`` reads
+the code-success rate from them), and ``batch.extra["timing"]`` has the seconds spent generating and in the env.
+
+Where we depart from DeepAnalyze's SkyRL generator (reference/deepanalyze.md §3-§4):
+  * Their generator re-tokenised each model turn's text; we keep the sampled token ids, so the trained tokens are
+    exactly the sampled ones (no re-tokenisation drift at turn boundaries).
+  * Batched: one generate call per turn over all live trajectories (theirs: ``batched=false``, one agent loop per
+    trajectory on an async engine). The hf backend re-prefills each context every turn (no cross-turn KV cache);
+    vLLM's prefix cache makes that cheap on GPU.
+  * EOS ends a trajectory (theirs answered a turn without code by a "no code" error and went on, inside a message
+    that had already ended). No EOS is appended to a trajectory that did not produce one.
+  * ``max_new_tokens`` bounds each turn (theirs: 32768 per turn, i.e. only the context bound); set
+    ``rollout.max_new_tokens`` = ``env.max_context_tokens`` for their behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+from stagewise.config import DEEPANALYZE_TAGS
+from stagewise.envs import Env, build_env
+from stagewise.rollout.base import RolloutBatch, SamplingParams, decode_completions, sampling_from_config
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = ("answer", "eos", "max_turns", "context", "turn_length")
+TRUNCATED_REASONS = frozenset({"max_turns", "context", "turn_length"})
+STOP_TAGS = {"code_sandbox": ("</Code>", "</Answer>")}  # env name -> the tags a turn stops at
+_TAG_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in DEEPANALYZE_TAGS) + ")")
+
+
+# ------------------------------------------------------------------------------------------ tokens
+def single_token_id(tokenizer, tag: str) -> Optional[int]:
+    """The id of ``tag`` if the tokenizer encodes it as exactly one token, else None."""
+    ids = tokenizer.encode(tag, add_special_tokens=False)
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+def encode_observations(tokenizer, texts: Sequence[str]) -> List[List[int]]:
+    """Token ids of environment observations, in one tokenizer call. The DeepAnalyze tags become their single ids;
+    everything else is encoded with special tokens split, so an observation cannot contain an EOS or chat marker."""
+    pieces: List[str] = []
+    layout: List[List[Any]] = []  # per text: tag ids (int) or indices into pieces (str placeholder)
+    tag_ids = {t: single_token_id(tokenizer, t) for t in DEEPANALYZE_TAGS}
+    for text in texts:
+        parts: List[Any] = []
+        for piece in _TAG_SPLIT.split(text):
+            if not piece:
+                continue
+            if tag_ids.get(piece) is not None:
+                parts.append(int(tag_ids[piece]))
+            else:
+                parts.append(str(len(pieces)))
+                pieces.append(piece)
+        layout.append(parts)
+    encoded = tokenizer(pieces, add_special_tokens=False, split_special_tokens=True)["input_ids"] if pieces else []
+    return [[tok for p in parts for tok in ([p] if isinstance(p, int) else encoded[int(p)])] for parts in layout]
+
+
+# ------------------------------------------------------------------------------------------ trajectories
+@dataclass
+class Trajectory:
+    prompt_ids: List[int]
+    task: Mapping[str, Any]
+    completion_ids: List[int] = field(default_factory=list)
+    loss_mask: List[int] = field(default_factory=list)  # 1 = the policy's token, 0 = the environment's
+    logprobs: List[float] = field(default_factory=list)  # engine log-probs of the policy's tokens, 0.0 for env's
+    turns: int = 0  # generation turns
+    code_calls: int = 0  # env steps that ran code (or found none to run: an error, as in DeepAnalyze)
+    code_errors: int = 0
+    code_timeouts: int = 0
+    finish_reason: str = ""
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finish_reason)
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason in TRUNCATED_REASONS
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+    def append(self, ids: Sequence[int], policy: bool, logprobs: Optional[Sequence[float]] = None) -> None:
+        self.completion_ids.extend(int(t) for t in ids)
+        self.loss_mask.extend([1 if policy else 0] * len(ids))
+        self.logprobs.extend(list(logprobs) if logprobs is not None else [0.0] * len(ids))
+
+
+def task_rows(tasks: Any, num_prompts: int) -> List[Mapping[str, Any]]:
+    """Dataset rows as one mapping per prompt: a batch dict of columns (``ds[rows]``), a list of rows, or None."""
+    if tasks is None:
+        return [{} for _ in range(num_prompts)]
+    if isinstance(tasks, Mapping):
+        lengths = {k: len(v) for k, v in tasks.items()}
+        if any(n != num_prompts for n in lengths.values()):
+            raise ValueError(f"tasks: every column needs {num_prompts} values (one per prompt), got {lengths}")
+        return [{k: v[i] for k, v in tasks.items()} for i in range(num_prompts)]
+    rows = list(tasks)
+    if len(rows) != num_prompts:
+        raise ValueError(f"tasks: {len(rows)} rows for {num_prompts} prompts")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ the loop
+class MultiTurnRollout:
+    """Drives a generation backend through an environment; see the module docstring.
+
+    ``backend`` needs ``generate(prompt_ids, SamplingParams) -> RolloutBatch`` and a ``stop_ids`` list (the token
+    ids that end generation; all of stagewise's backends have one), which is extended for the duration of a call.
+    """
+
+    def __init__(self, backend, tokenizer, env_factory: Callable[[], Env], *, max_context_tokens: int,
+                 stop_tags: Sequence[str] = (), num_workers: int = 8, sampling: Optional[SamplingParams] = None):
+        if not hasattr(backend, "stop_ids"):
+            raise TypeError(f"{type(backend).__name__} has no `stop_ids` list: the agent loop stops turns by adding "
+                            "token ids to it")
+        if max_context_tokens < 1:
+            raise ValueError(f"env.max_context_tokens={max_context_tokens!r} must be >= 1")
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.env_factory = env_factory
+        self.max_context_tokens = int(max_context_tokens)
+        self.num_workers = max(1, int(num_workers))
+        self.sampling = sampling or getattr(backend, "sampling", None) or SamplingParams()
+        self.tag_ids: Dict[str, int] = {}
+        for tag in stop_tags:
+            tid = single_token_id(tokenizer, tag)
+            if tid is None:
+                raise ValueError(
+                    f"the agent loop stops turns at {tag}, but the tokenizer ({getattr(tokenizer, 'name_or_path', '')})"
+                    f" splits it into several tokens: add the DeepAnalyze tags first (stage=vocab, or "
+                    "model.tiny.with_deepanalyze_tags=true for the tiny model)")
+            self.tag_ids[tag] = tid
+        self.eos_ids = [int(i) for i in backend.stop_ids]
+        pad = tokenizer.pad_token_id
+        self.drop_ids = self.eos_ids + ([int(pad)] if pad is not None else [])
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._warned_no_tasks = False
+        self.last_timing: Dict[str, float] = {}
+
+    @classmethod
+    def from_config(cls, cfg, backend, tokenizer) -> "MultiTurnRollout":
+        """``env.*`` (name, max_turns, max_context_tokens, num_workers, sandbox limits) and ``rollout.*``."""
+        env_cfg = cfg.env
+        return cls(backend, tokenizer, lambda: build_env(env_cfg), max_context_tokens=env_cfg.max_context_tokens,
+                   stop_tags=STOP_TAGS.get(env_cfg.name, ()), num_workers=env_cfg.num_workers,
+                   sampling=sampling_from_config(cfg.rollout))
+
+    # the backend's lifecycle, so that a stage can use this object in its place
+    def sync_weights(self, *args, **kwargs) -> None:
+        self.backend.sync_weights(*args, **kwargs)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self.backend.close()
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="env")
+        return self._pool
+
+    @contextlib.contextmanager
+    def _stopping_at_tags(self):
+        base = list(self.backend.stop_ids)
+        self.backend.stop_ids = base + [t for t in self.tag_ids.values() if t not in base]
+        try:
+            yield
+        finally:
+            self.backend.stop_ids = base
+
+    # ---------------------------------------------------------------------------------------- one batch
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Optional[SamplingParams] = None, *,
+                 tasks: Any = None) -> RolloutBatch:
+        """``sampling.n`` trajectories per prompt, prompt-major; ``tasks``: the dataset rows of the prompts."""
+        sampling = sampling or self.sampling
+        if not prompts:
+            raise ValueError("generate() got no prompts")
+        if tasks is None and not self._warned_no_tasks:
+            self._warned_no_tasks = True
+            log.warning("multi-turn generate() called without tasks: every trajectory gets an empty workspace "
+                        "(pass tasks=<the dataset rows> to run the code against the task's files)")
+        rows = task_rows(tasks, len(prompts))
+        n = sampling.n
+        trajs = [Trajectory(prompt_ids=[int(t) for t in p], task=rows[k]) for k, p in enumerate(prompts)
+                 for _ in range(n)]
+        envs = [self.env_factory() for _ in trajs]
+        timing = {"generate_s": 0.0, "env_s": 0.0, "turns": 0.0}
+        with_logprobs = True  # engine log-probs on every turn (vLLM with TIS), else none at all
+        try:
+            first = [env.reset(t.task) for env, t in zip(envs, trajs)]
+            for t, ids in zip(trajs, encode_observations(self.tokenizer, first)):
+                t.append(ids, policy=False)
+            shared_first_turn = not any(first)
+            with self._stopping_at_tags():
+                while True:
+                    for t in trajs:
+                        if not t.done and self._budget(t) <= 0:
+                            t.finish_reason = "context"
+                    live = [i for i, t in enumerate(trajs) if not t.done]
+                    if not live:
+                        break
+                    budgets = {i: self._budget(trajs[i]) for i in live}
+                    turn_sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens,
+                                                                         max(budgets.values())))
+                    start = time.perf_counter()
+                    if shared_first_turn and timing["turns"] == 0:
+                        out = self.backend.generate([list(p) for p in prompts], turn_sampling)
+                    else:
+                        out = self.backend.generate([trajs[i].prompt_ids + trajs[i].completion_ids for i in live],
+                                                    replace(turn_sampling, n=1))
+                    timing["generate_s"] += time.perf_counter() - start
+                    timing["turns"] += 1
+                    with_logprobs = with_logprobs and out.logprobs is not None
+                    pending = []
+                    for j, i in enumerate(live):
+                        lp = out.logprobs[j] if out.logprobs is not None else None
+                        if self._take_turn(trajs[i], out.completion_ids[j], lp, budgets[i]):
+                            pending.append((i, len(out.completion_ids[j])))
+                    start = time.perf_counter()
+                    self._step_envs(envs, trajs, pending)
+                    timing["env_s"] += time.perf_counter() - start
+        finally:
+            list(self.pool.map(lambda env: env.close(), envs))
+        self.last_timing = timing
+        return self._batch(trajs, n, timing, with_logprobs)
+
+    def _budget(self, t: Trajectory) -> int:
+        return self.max_context_tokens - t.length
+
+    def _take_turn(self, t: Trajectory, ids: Sequence[int], logprobs, budget: int) -> bool:
+        """Append one generated turn; True when it ends with a stop tag and goes to the env."""
+        ids = [int(x) for x in ids]
+        over = len(ids) > budget
+        if over:
+            ids = ids[:budget]
+            logprobs = logprobs[:budget] if logprobs is not None else None
+        t.append(ids, policy=True, logprobs=logprobs)
+        t.turns += 1
+        last = ids[-1] if ids else None
+        if over:
+            t.finish_reason = "context"
+        elif last is not None and last in self.tag_ids.values():
+            return True
+        elif last is not None and last in self.eos_ids:
+            t.finish_reason = "eos"
+        else:
+            t.finish_reason = "context" if len(ids) >= budget else "turn_length"
+        return False
+
+    def _step_envs(self, envs, trajs, pending: List[tuple]) -> None:
+        """Run env.step for every trajectory whose turn ended at a stop tag, in parallel; apply the results."""
+        if not pending:
+            return
+        turn_ids = [trajs[i].completion_ids[-k:] for i, k in pending]
+        texts = self.tokenizer.batch_decode(turn_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        steps = list(self.pool.map(lambda a: envs[a[0]].step(a[1]), [(i, text) for (i, _), text in zip(pending, texts)]))
+        obs_ids = encode_observations(self.tokenizer, [s.observation for s in steps])
+        for (i, _), step, ids in zip(pending, steps, obs_ids):
+            t, info = trajs[i], step.info
+            if info.get("executed") or info.get("no_code"):
+                t.code_calls += 1
+                t.code_errors += int(bool(info.get("error")))
+                t.code_timeouts += int(bool(info.get("timed_out")))
+            if ids and t.length + len(ids) > self.max_context_tokens:
+                t.finish_reason = "context"
+                continue
+            t.append(ids, policy=False)
+            if step.done:
+                t.finish_reason = "answer" if info.get("answered") else "max_turns"
+        # free the sandboxes of finished trajectories now, not at the end of the batch
+        finished = [envs[i] for i, _ in pending if trajs[i].done]
+        list(self.pool.map(lambda env: env.close(), finished))
+
+    def _batch(self, trajs: List[Trajectory], n: int, timing: Dict[str, float], with_logprobs: bool) -> RolloutBatch:
+        completion_ids = [t.completion_ids for t in trajs]
+        columns = {
+            "turns": [t.turns for t in trajs],
+            "code_calls": [t.code_calls for t in trajs],
+            "code_errors": [t.code_errors for t in trajs],
+            "code_timeouts": [t.code_timeouts for t in trajs],
+            "finish_reason": [t.finish_reason for t in trajs],
+        }
+        return RolloutBatch(
+            prompt_ids=[t.prompt_ids for t in trajs],
+            completion_ids=completion_ids,
+            texts=decode_completions(self.tokenizer, completion_ids, self.drop_ids),
+            truncated=[t.truncated for t in trajs],
+            logprobs=[t.logprobs for t in trajs] if with_logprobs else None,
+            n=n,
+            extra={"loss_mask": [t.loss_mask for t in trajs], "columns": columns, "timing": dict(timing)},
+        )
+
+
+__all__ = ["FINISH_REASONS", "MultiTurnRollout", "STOP_TAGS", "Trajectory", "encode_observations",
+           "single_token_id", "task_rows"]
