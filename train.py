@@ -53,7 +53,7 @@ def main(cfg: DictConfig):
     from stagewise.pipeline import run_mode, run_pipeline
 
     if run_mode(cfg, HydraConfig.get().runtime.choices) == "pipeline":
-        return run_pipeline(cfg, HydraConfig.get().overrides.task)
+        return run_pipeline(cfg, HydraConfig.get().overrides.task, HydraConfig.get().overrides.hydra)
     setup_distributed_env(cfg)  # submitit tasks become torch.distributed ranks before any Accelerator exists
     if needs_relaunch(cfg):
         return relaunch_distributed(cfg, __file__, HydraConfig.get().overrides.task)

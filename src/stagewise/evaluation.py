@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -89,6 +89,17 @@ def is_correct(score: Optional[float], threshold: float) -> bool:
 
 
 # ============================================================================================ settings
+# Prompts per generate() call for vLLM backends: vLLM schedules its own batches, so big calls keep it busy (the
+# progress bar ticks once per call). The hf backend takes ``rollout.batch_size`` sequences per call.
+ENGINE_PROMPTS_PER_CALL = 512
+
+
+def prompts_per_call(rollout_cfg, n: int) -> int:
+    if rollout_cfg.backend == "hf":
+        return max(1, int(rollout_cfg.batch_size) // n)
+    return ENGINE_PROMPTS_PER_CALL
+
+
 @dataclass(frozen=True)
 class EvalSpec:
     pass_k: tuple = (1,)
@@ -127,7 +138,7 @@ class EvalSpec:
         return cls(pass_k=ks, num_samples=n, temperature=temperature, top_p=float(ro.top_p) if n > 1 else 1.0,
                    max_new_tokens=int(ro.max_new_tokens), stop=tuple(ro.stop),
                    threshold=float(st.acceptance_threshold), score_reward=st.score_reward,
-                   num_prompts=int(st.num_eval_prompts), prompts_per_call=max(1, int(ro.batch_size) // n))
+                   num_prompts=int(st.num_eval_prompts), prompts_per_call=prompts_per_call(ro, n))
 
 
 def build_generator(cfg, policy, tokenizer, accelerator=None, run_dir=None):

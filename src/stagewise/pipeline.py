@@ -27,6 +27,11 @@ several GPUs). ``pipeline_state.json`` records each finished stage with its over
 with the same ``run_id`` skips finished stages (and warns if a finished stage's overrides have since changed); an
 interrupted stage resumes from its last checkpoint. The end prints one line per stage with its key eval metrics and
 writes ``pipeline_summary.json``.
+
+Configs: a pipeline run's own config is its stage list plus the run's overrides (``--cfg job`` prints that, and it
+runs as printed); every stage composes its own config afresh from ``conf/`` with those overrides and its own, and its
+folder's ``.hydra/config.yaml`` is exactly the config that stage ran (rerun one stage alone from it with
+``--config-dir <stage>/.hydra --config-name config hydra.run.dir=<new folder>``).
 """
 
 from __future__ import annotations
@@ -91,8 +96,14 @@ def override_key(override: str) -> str:
 
 
 def passthrough_overrides(task_overrides: list[str]) -> list[str]:
-    """The user's overrides of the pipeline run that every stage inherits (not the pipeline choice itself)."""
-    return [o for o in task_overrides if not override_key(o).startswith(("pipeline", "run_id", "hydra."))]
+    """The user's overrides of the pipeline run that every stage inherits: not the pipeline choice itself, not the
+    run id, and of Hydra's own settings only ``hydra.searchpath`` (so stages find the same extra config dirs)."""
+    def keep(o: str) -> bool:
+        key = override_key(o)
+        return not key.startswith(("pipeline", "run_id")) and (not key.startswith("hydra")
+                                                                or key == "hydra.searchpath")
+
+    return [o for o in task_overrides if keep(o)]
 
 
 def sets_key(overrides: list[str], prefix: str) -> bool:
@@ -160,7 +171,8 @@ def stage_kind(overrides: list[str], where: str = "") -> str:
 
 
 # ============================================================================================ run
-def run_pipeline(cfg: DictConfig, task_overrides: list[str]) -> dict:
+def run_pipeline(cfg: DictConfig, task_overrides: list[str], hydra_overrides: list[str] = ()) -> dict:
+    """``task_overrides`` / ``hydra_overrides``: the pipeline run's own (``HydraConfig.get().overrides``)."""
     root = Path(cfg.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     stages = list(cfg.pipeline.stages)
@@ -169,7 +181,7 @@ def run_pipeline(cfg: DictConfig, task_overrides: list[str]) -> dict:
         raise ValueError(f"pipeline {cfg.pipeline.name!r} has no stages (pipeline.stages is empty)")
     if len(set(names)) != len(names):
         raise ValueError(f"pipeline {cfg.pipeline.name!r} has duplicate stage names {names}")
-    base = passthrough_overrides(list(task_overrides))
+    base = passthrough_overrides(list(task_overrides) + list(hydra_overrides))
     folders = {s.name: str(root / f"{i:02d}_{s.name}") for i, s in enumerate(stages)}
     # compose every stage now: a bad override in the last stage fails before the first one runs
     kinds = []

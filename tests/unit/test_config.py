@@ -119,11 +119,6 @@ def test_cfg_job_of_the_default_round_trips(tmp_path):
     assert OmegaConf.create(proc2.stdout) == printed
 
 
-def test_pipeline_none_without_a_stage_fails_naming_stage(tmp_path):
-    proc = run_train(["pipeline=none"], cwd=tmp_path)
-    assert proc.returncode != 0 and "no stage chosen: add stage=" in proc.stderr
-
-
 def test_cfg_job_round_trips(tmp_path):
     """`python train.py --cfg job` prints a config that, fed back as the config, composes to the same thing."""
     proc = run_train(["--cfg", "job", "stage=vocab", "stage.learning_rate=3e-5", "rollout.n=5"], cwd=tmp_path)

@@ -103,4 +103,4 @@ def test_reduce_once_by_hand():
 
 
 def test_registry():
-    assert set(GENERATORS) == {"arithmetic", "countdown"}
+    assert set(GENERATORS) == {"arithmetic", "countdown", "analysis_tasks"}

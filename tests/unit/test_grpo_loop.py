@@ -279,7 +279,8 @@ def test_chunked_and_plain_lm_head_paths_agree(tiny, monkeypatch):
     (lp_a, ent_a, gh_a, ge_a), (lp_b, ent_b, gh_b, ge_b) = results
     assert int((lp_a != 0).sum()) == sum(LENGTHS)  # one log-prob per real completion token, zeros on padding
     assert torch.allclose(lp_a, lp_b, atol=1e-5) and torch.allclose(ent_a, ent_b, atol=1e-5)
-    assert torch.allclose(gh_a, gh_b, atol=1e-5) and torch.allclose(ge_a, ge_b, atol=1e-5)
+    # embedding grads reach ~30 here: fp32 summation order differs between the paths, so compare relatively
+    assert torch.allclose(gh_a, gh_b, rtol=1e-4, atol=1e-5) and torch.allclose(ge_a, ge_b, rtol=1e-4, atol=1e-5)
 
 
 def test_shared_prefix_pass_equals_the_full_sequence_pass(tiny):

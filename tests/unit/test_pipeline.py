@@ -71,7 +71,9 @@ def test_rejection_sampling_defaults_beat_the_rollout_preset_and_lose_to_the_com
 
 def test_passthrough_drops_the_pipeline_choice():
     assert passthrough_overrides(["pipeline=r1", "run_id=x", "hydra.verbose=true", "hardware=8xa100",
-                                  "+pipeline.name=y", "seed=3"]) == ["hardware=8xa100", "seed=3"]
+                                  "+pipeline.name=y", "seed=3", "hydra.searchpath=[file:///c]",
+                                  "hydra/launcher=slurm"]) == \
+        ["hardware=8xa100", "seed=3", "hydra.searchpath=[file:///c]"]
 
 
 def test_wiring_model_and_rejection_sampling_data():

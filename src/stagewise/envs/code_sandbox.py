@@ -28,6 +28,7 @@ Where we depart from DeepAnalyze (reference/deepanalyze.md §3-§4) and why:
   * Code runs for every row, with an empty workspace when the row has none; they ran code only for rows with a
     ``workspace_id``.
   * The sandbox is entered lazily, at the first block: a trajectory that never writes code costs no process.
+    `prewarm_sandboxes` keeps processes with the data stack imported ready (the agent loop calls it per batch).
   * ``Step.reward`` is always 0.0: the trajectory is scored at the end by ``reward=deepanalyze``, which reads the
     execution facts from ``info`` (passed on by the agent loop as the ``code_calls`` / ``code_errors`` columns).
 """
@@ -67,8 +68,9 @@ def defang_tags(text: str) -> str:
 
 
 def format_observation(output: str) -> str:
-    """The Execute span appended after ``</Code>``."""
-    return f"\n{EXECUTE_OPEN}\n{defang_tags(output)}\n{EXECUTE_CLOSE}\n"
+    """The Execute span appended after ``</Code>``: the output without its trailing newlines, so that
+    ``print(x)`` reads ``<Execute>\nx\n</Execute>`` as in the SFT data."""
+    return f"\n{EXECUTE_OPEN}\n{defang_tags(output.rstrip(chr(10)))}\n{EXECUTE_CLOSE}\n"
 
 
 def task_workspace(task: Optional[Mapping[str, Any]], root: Optional[str] = None) -> Optional[Path]:
@@ -91,6 +93,13 @@ def task_workspace(task: Optional[Mapping[str, Any]], root: Optional[str] = None
 def _warn_missing_once(path: str) -> None:
     log.warning("code_sandbox: workspace %s does not exist; the trajectory runs in an empty workspace "
                 "(counted in env/workspace_missing)", path)
+
+
+def prewarm_sandboxes(n: int, isolation: str = "auto") -> None:
+    """Keep ``n`` sandbox processes started (pandas imported) ahead of the first blocks of a batch."""
+    from stagewise.envs.sandbox import prewarm
+
+    prewarm(n, isolation)
 
 
 # ------------------------------------------------------------------------------------------ the env

@@ -56,7 +56,7 @@ import json
 import logging
 import math
 import re
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional
 
 from stagewise.rewards.base import Row, SampleReward, is_missing, prompt_text
 
@@ -105,12 +105,17 @@ def code_is_fenced(block: str) -> bool:
     return body.startswith("```python") and body.endswith("```") and len(body) >= len("```python```")
 
 
+def last_answer_block(text: str) -> Optional[str]:
+    """The whole content of the last ``<Answer>…</Answer>``, stripped (what the accuracy judge reads)."""
+    answers = _ANSWER.findall(text)
+    return answers[-1].strip() if answers else None
+
+
 def last_answer(text: str) -> Optional[str]:
     """The last ``<Answer>`` content, after its last ``Answer:`` marker if any, stripped; None without one."""
-    answers = _ANSWER.findall(text)
-    if not answers:
+    content = last_answer_block(text)
+    if content is None:
         return None
-    content = answers[-1]
     if "Answer:" in content:
         content = content.rsplit("Answer:", 1)[1]
     return content.strip()
@@ -307,6 +312,9 @@ class DeepAnalyze(SampleReward):
             self.judge = Judge(**judge)
             self.executor = "thread"  # network-bound: the runner scores samples on `concurrency` threads
             self.concurrency = self.judge.concurrency
+        elif self.research_weights.get("code", 0) + self.research_weights.get("turns", 0) <= 0:
+            raise ValueError(f"deepanalyze: research_weights={weights} weighs only the report, which needs a judge "
+                             "(set judge.base_url, or give code/turns a weight)")
         elif not _said_no_judge:
             _said_no_judge = True
             logger.warning("deepanalyze: no judge configured (reward params judge.base_url): the judge terms are "
@@ -367,7 +375,7 @@ class DeepAnalyze(SampleReward):
 
     def _judge_terms(self, name: str, question: str, reference: str, trajectory: str, own: str) -> Dict[str, float]:
         if name == ACCURACY_JUDGE:
-            answer = last_answer(own) or ""
+            answer = last_answer_block(own) or ""
             return {"judge_accuracy": self._judge_score(ACCURACY_PROMPT, question, reference, answer, 0, 5) / 5}
         if name == ANALYZE_JUDGE:
             return {"judge_analysis": self._judge_score(ANALYZE_PROMPT, question, reference, trajectory, 1, 5) / 5}

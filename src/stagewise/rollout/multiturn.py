@@ -14,21 +14,24 @@ The loop, over a batch of prompts x ``n`` samples (one env per trajectory, `stag
      Generation stops on token ids: the env's stop tags (``</Code>``, ``</Answer>``; single tokens, checked at
      construction) are added to the backend's own stop ids (EOS) for the call. The stop token is kept.
   2. a turn that ends with a stop tag goes to ``env.step``; the steps of all trajectories run in parallel on a
-     thread pool (``env.num_workers``), each in its own sandbox process, while nothing else needs the CPU;
+     thread pool (``env.num_workers``), each trajectory in its own sandbox process (started ahead, while turn 0
+     is generated: as many as ran code in the previous batch);
   3. the observation is tokenised (tags as their single ids, the program's text with special tokens split, so a
      printed ``<|im_end|>`` is plain text) and appended with mask 0;
   4. a trajectory ends when the env says done (``</Answer>``, or ``env.max_turns`` steps), when a turn ends with
      EOS, when a turn hits ``rollout.max_new_tokens`` without stopping, or when the context (prompt + everything
      after it) would exceed ``env.max_context_tokens``; its env is closed at once (its sandbox process freed).
 
-``finish_reason``: ``answer`` | ``eos`` | ``max_turns`` | ``context`` | ``turn_length``. The last three set
-``truncated`` (the policy did not end the trajectory itself), which GRPO reports as the clipped ratio and masks
-out of the loss under ``algorithm.mask_truncated``. An observation that would not fit in the context is not
+``finish_reason``: ``answer`` | ``eos`` | ``max_turns`` | ``context`` | ``turn_length`` | ``env_error``. All but
+the first two set ``truncated`` (the policy did not end the trajectory itself), which GRPO reports as the clipped
+ratio and masks out of the loss under ``algorithm.mask_truncated``. An env whose ``step`` raises ends only its own
+trajectory (``env_error``, counted as a failed code call, logged once per error type); the batch goes on. An observation that would not fit in the context is not
 appended (the trajectory ends with ``context``); a generated turn that would not fit is cut at the limit.
 
 Per-trajectory facts go to ``batch.extra["columns"]`` (``turns``, ``code_calls``, ``code_errors``,
-``code_timeouts``, ``finish_reason``), which GRPO passes to the rewards as columns (``reward=deepanalyze`` reads
-the code-success rate from them), and ``batch.extra["timing"]`` has the seconds spent generating and in the env.
+``code_timeouts``, ``answered``, ``finish_reason``), which GRPO passes to the rewards as columns
+(``reward=deepanalyze`` reads the code-success rate from them) and logs as ``env/<name>/mean``;
+``batch.extra["timing"]`` has the seconds spent generating and in the env.
 
 Where we depart from DeepAnalyze's SkyRL generator (reference/deepanalyze.md §3-§4):
   * Their generator re-tokenised each model turn's text; we keep the sampled token ids, so the trained tokens are
@@ -53,13 +56,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from stagewise.config import DEEPANALYZE_TAGS
-from stagewise.envs import Env, build_env
+from stagewise.envs import Env, Step, build_env
 from stagewise.rollout.base import RolloutBatch, SamplingParams, decode_completions, sampling_from_config
 
 log = logging.getLogger(__name__)
 
-FINISH_REASONS = ("answer", "eos", "max_turns", "context", "turn_length")
-TRUNCATED_REASONS = frozenset({"max_turns", "context", "turn_length"})
+FINISH_REASONS = ("answer", "eos", "max_turns", "context", "turn_length", "env_error")
+TRUNCATED_REASONS = frozenset({"max_turns", "context", "turn_length", "env_error"})
 STOP_TAGS = {"code_sandbox": ("</Code>", "</Answer>")}  # env name -> the tags a turn stops at
 _TAG_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in DEEPANALYZE_TAGS) + ")")
 
@@ -148,7 +151,8 @@ class MultiTurnRollout:
     """
 
     def __init__(self, backend, tokenizer, env_factory: Callable[[], Env], *, max_context_tokens: int,
-                 stop_tags: Sequence[str] = (), num_workers: int = 8, sampling: Optional[SamplingParams] = None):
+                 stop_tags: Sequence[str] = (), num_workers: int = 8, sampling: Optional[SamplingParams] = None,
+                 prewarm: Optional[Callable[[int], None]] = None):
         if not hasattr(backend, "stop_ids"):
             raise TypeError(f"{type(backend).__name__} has no `stop_ids` list: the agent loop stops turns by adding "
                             "token ids to it")
@@ -160,6 +164,8 @@ class MultiTurnRollout:
         self.max_context_tokens = int(max_context_tokens)
         self.num_workers = max(1, int(num_workers))
         self.sampling = sampling or getattr(backend, "sampling", None) or SamplingParams()
+        self.prewarm = prewarm  # called at the start of each batch with the number of sandboxes to start ahead
+        self._code_trajectories: Optional[int] = None  # trajectories of the last batch that ran code
         self.tag_ids: Dict[str, int] = {}
         for tag in stop_tags:
             tid = single_token_id(tokenizer, tag)
@@ -180,9 +186,16 @@ class MultiTurnRollout:
     def from_config(cls, cfg, backend, tokenizer) -> "MultiTurnRollout":
         """``env.*`` (name, max_turns, max_context_tokens, num_workers, sandbox limits) and ``rollout.*``."""
         env_cfg = cfg.env
+        build_env(env_cfg).close()  # fail now on a bad env.name, naming the key
+        prewarm = None
+        if env_cfg.name == "code_sandbox":
+            from stagewise.envs.code_sandbox import prewarm_sandboxes
+
+            isolation = env_cfg.isolation
+            prewarm = lambda k: prewarm_sandboxes(k, isolation)  # noqa: E731
         return cls(backend, tokenizer, lambda: build_env(env_cfg), max_context_tokens=env_cfg.max_context_tokens,
                    stop_tags=STOP_TAGS.get(env_cfg.name, ()), num_workers=env_cfg.num_workers,
-                   sampling=sampling_from_config(cfg.rollout))
+                   sampling=sampling_from_config(cfg.rollout), prewarm=prewarm)
 
     # the backend's lifecycle, so that a stage can use this object in its place
     def sync_weights(self, *args, **kwargs) -> None:
@@ -225,6 +238,8 @@ class MultiTurnRollout:
         trajs = [Trajectory(prompt_ids=[int(t) for t in p], task=rows[k]) for k, p in enumerate(prompts)
                  for _ in range(n)]
         envs = [self.env_factory() for _ in trajs]
+        if self.prewarm is not None:  # sandbox processes start importing while the first turn is generated
+            self.prewarm(self._prewarm_count(len(trajs)))
         timing = {"generate_s": 0.0, "env_s": 0.0, "turns": 0.0}
         with_logprobs = True  # engine log-probs on every turn (vLLM with TIS), else none at all
         try:
@@ -244,7 +259,7 @@ class MultiTurnRollout:
                     turn_sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens,
                                                                          max(budgets.values())))
                     start = time.perf_counter()
-                    if shared_first_turn and timing["turns"] == 0:
+                    if shared_first_turn and timing["turns"] == 0 and len(live) == len(trajs):
                         out = self.backend.generate([list(p) for p in prompts], turn_sampling)
                     else:
                         out = self.backend.generate([trajs[i].prompt_ids + trajs[i].completion_ids for i in live],
@@ -263,7 +278,14 @@ class MultiTurnRollout:
         finally:
             list(self.pool.map(lambda env: env.close(), envs))
         self.last_timing = timing
+        self._code_trajectories = sum(t.code_calls > 0 for t in trajs)
         return self._batch(trajs, n, timing, with_logprobs)
+
+    def _prewarm_count(self, trajectories: int) -> int:
+        """How many sandbox processes to start ahead: as many trajectories as ran code in the last batch (each holds
+        one for its whole episode), ``env.num_workers`` for the first batch; at least 1, at most ``trajectories``."""
+        want = self.num_workers if self._code_trajectories is None else self._code_trajectories
+        return max(1, min(trajectories, want))
 
     def _budget(self, t: Trajectory) -> int:
         return self.max_context_tokens - t.length
@@ -294,10 +316,14 @@ class MultiTurnRollout:
             return
         turn_ids = [trajs[i].completion_ids[-k:] for i, k in pending]
         texts = self.tokenizer.batch_decode(turn_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        steps = list(self.pool.map(lambda a: envs[a[0]].step(a[1]), [(i, text) for (i, _), text in zip(pending, texts)]))
-        obs_ids = encode_observations(self.tokenizer, [s.observation for s in steps])
+        steps = list(self.pool.map(lambda i, text: self._safe_step(envs[i], text), [i for i, _ in pending], texts))
+        obs_ids = encode_observations(self.tokenizer, [s.observation if s is not None else "" for s in steps])
         for (i, _), step, ids in zip(pending, steps, obs_ids):
-            t, info = trajs[i], step.info
+            t = trajs[i]
+            if step is None:  # the env itself failed: this trajectory ends, the others go on
+                t.code_calls, t.code_errors, t.finish_reason = t.code_calls + 1, t.code_errors + 1, "env_error"
+                continue
+            info = step.info
             if info.get("executed") or info.get("no_code"):
                 t.code_calls += 1
                 t.code_errors += int(bool(info.get("error")))
@@ -312,6 +338,18 @@ class MultiTurnRollout:
         finished = [envs[i] for i, _ in pending if trajs[i].done]
         list(self.pool.map(lambda env: env.close(), finished))
 
+    _env_errors_seen: set = set()
+
+    def _safe_step(self, env: Env, text: str) -> Optional[Step]:
+        try:
+            return env.step(text)
+        except Exception as exc:  # noqa: BLE001 - isolated to its trajectory, like a failing reward
+            key = (type(exc).__name__, str(exc)[:200])
+            if key not in self._env_errors_seen:
+                self._env_errors_seen.add(key)
+                log.warning("env.step failed; the trajectory ends with finish_reason=env_error", exc_info=True)
+            return None
+
     def _batch(self, trajs: List[Trajectory], n: int, timing: Dict[str, float], with_logprobs: bool) -> RolloutBatch:
         completion_ids = [t.completion_ids for t in trajs]
         columns = {
@@ -319,6 +357,7 @@ class MultiTurnRollout:
             "code_calls": [t.code_calls for t in trajs],
             "code_errors": [t.code_errors for t in trajs],
             "code_timeouts": [t.code_timeouts for t in trajs],
+            "answered": [int(t.finish_reason == "answer") for t in trajs],
             "finish_reason": [t.finish_reason for t in trajs],
         }
         return RolloutBatch(

@@ -7,7 +7,10 @@
 One step (``stage.*``, ``rollout.*``, ``algorithm.*``, ``hardware.*``):
   1. take ``prompts_per_step`` prompts in a seeded per-epoch order (the position is checkpointed: exact resume)
   2. generate ``rollout.n`` completions each (``rollout.backend`` hf | vllm | vllm_server; temperature 0 with n > 1
-     is refused), decode, score with the weighted rewards (``reward.functions``; None is left out of the sum)
+     is refused), decode, score with the weighted rewards (``reward.functions``; None is left out of the sum).
+     With ``env=code_sandbox`` a completion is a multi-turn trajectory from the agent loop
+     (`stagewise.rollout.multiturn`: code run in a sandbox, ``<Execute>`` spans inserted); its env tokens carry no
+     loss, and its turns and code errors reach the rewards as columns and the logs as ``env/*``
   3. group advantages (``algorithm.adv_scale`` group | batch | none); groups with identical rewards can be dropped
      (``filter_zero_std_groups``) and refilled by at most ``max_resample_rounds`` extra generation rounds (DAPO
      dynamic sampling); truncated completions can be masked out of the loss (``mask_truncated``)
@@ -74,7 +77,7 @@ from stagewise.config import R1_ZERO_SYSTEM_PROMPT
 from stagewise.data import load_prompt_dataset
 from stagewise.models import load_model_and_tokenizer, num_params
 from stagewise.rewards import RewardRunner
-from stagewise.rollout import RolloutBatch, SamplingParams, build_rollout, check_sampling
+from stagewise.rollout import RolloutBatch, build_rollout, check_sampling
 from stagewise.rollout.multiturn import MultiTurnRollout
 from stagewise.run_folder import RunFolder
 from stagewise.tracking import Tracker, progress
@@ -88,7 +91,6 @@ from stagewise.training import (
     build_scheduler,
     optimizer_step,
     prepare_model,
-    save_final,
     set_seed,
     uses_deepspeed,
 )
@@ -881,6 +883,11 @@ class Window:
             "quality/format_compliance": float(a["format_ok"].mean()),
             "quality/reasoning_indicators": float(a["indicators"].mean()),
         })
+        env = {k: v for k, v in a.items() if k.startswith("env/")}  # multi-turn (env=code_sandbox)
+        out.update({f"{k}/mean": float(v.mean()) for k, v in env.items()})
+        if "env/code_calls" in env:
+            calls = float(env["env/code_calls"].sum())
+            out["env/code_error_rate"] = float(env["env/code_errors"].sum()) / calls if calls else 0.0
         step_time = sum(s.get("time/step", 0.0) for s in self.scalars)
         samples = float(sum(x["completion_tokens"].size for x in self.arrays))
         tokens = float(sum(x["completion_tokens"].sum() for x in self.arrays))

@@ -30,6 +30,7 @@ reward (``language_consistency``, ``format``, ``judge``, ``reward_model`` ...) f
 so what counts as "good" is the reward preset, the same object RL optimised.
 
 Distributed: each rank samples a strided share of the prompts; rank 0 gathers the results and writes every file.
+Not resumable inside the stage: an interrupted run samples again from the start (a pipeline reruns only this stage).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from stagewise.evaluation import (
     inference_config,
     is_correct,
     load_policy,
+    prompts_per_call,
     rank_share,
     results_table,
 )
@@ -136,7 +138,7 @@ def sampling_spec(cfg: DictConfig) -> EvalSpec:
     return EvalSpec(num_samples=int(ro.n), temperature=float(ro.temperature), top_p=float(ro.top_p),
                     max_new_tokens=int(ro.max_new_tokens), stop=tuple(ro.stop),
                     threshold=float(st.acceptance_threshold), score_reward=st.score_reward,
-                    pass_k=(1,), prompts_per_call=max(1, int(ro.batch_size) // int(ro.n)))
+                    pass_k=(1,), prompts_per_call=prompts_per_call(ro, int(ro.n)))
 
 
 # ============================================================================================ the rules

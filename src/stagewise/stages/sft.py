@@ -48,7 +48,6 @@ from stagewise.training import (
     build_scheduler,
     optimizer_step,
     prepare_model,
-    save_final,
     set_seed,
     uses_deepspeed,
 )

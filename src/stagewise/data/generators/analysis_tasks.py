@@ -182,7 +182,8 @@ def _sales_qa(rng: random.Random, rows: List[dict]) -> Optional[tuple]:
         if top is None:
             return None
         return (kind, "Which region has the highest total revenue (units times price) in sales.csv?", top,
-                head + "df['revenue'] = df['units'] * df['price']\nprint(df.groupby('region')['revenue'].sum().idxmax())")
+                head + "df['revenue'] = df['units'] * df['price']\n"
+                       "print(df.groupby('region')['revenue'].sum().idxmax())")
     if kind == "units_of":
         product = rng.choice(sorted({r["product"] for r in rows}))
         total = sum(r["units"] for r in rows if r["product"] == product)

@@ -1,0 +1,153 @@
+"""generator:analysis_tasks: the RL parquet schema, DeepAnalyze's prompt layout, real CSV/XLSX/SQLite files, exact
+answers (every worked solution is run in the sandbox and must print the ground truth), deterministic and disjoint
+splits, a real parquet round trip through the deepanalyze_rl adapter, and the data=analysis_tiny preset."""
+
+import json
+import re
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from stagewise.data.generators import GENERATORS
+from stagewise.data.generators.analysis_tasks import analysis_tasks, solution_code
+from stagewise.envs.code_sandbox import task_workspace
+from stagewise.envs.sandbox import Sandbox
+from stagewise.rewards import build
+
+from conftest import compose
+
+PROMPT = re.compile(r"# Instruction\n(?P<instruction>.+)\n\n# Data\nFile 1:\n(?P<file>\{.*\})", re.DOTALL)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tasks")
+
+
+@pytest.fixture(scope="module")
+def rows(root):
+    return analysis_tasks(24, split="train", seed=0, workspace_root=str(root))
+
+
+def test_rows_follow_the_rl_schema_and_prompt_layout(rows, root):
+    assert GENERATORS["analysis_tasks"] is analysis_tasks
+    assert {r["data_source"] for r in rows} == {"qa", "datatask", "research"}
+    for r in rows:
+        assert list(r) == ["prompt", "data_source", "input_seq", "workspace_id", "data", "reward_spec", "env_class",
+                           "workspace_root"]
+        assert r["env_class"] == "deepanalyze" and r["data"] == "files" and r["workspace_root"] == str(root)
+        spec = r["reward_spec"]
+        assert spec["method"] == {"qa": "qa", "datatask": "datatask", "research": "openresearch"}[r["data_source"]]
+        assert isinstance(spec["function"], list) and spec["ground_truth"]
+        [message] = r["prompt"]
+        m = PROMPT.fullmatch(message["content"])
+        assert message["role"] == "user" and m and m["instruction"] == r["input_seq"]
+        info = json.loads(m["file"])
+        assert list(info) == ["name", "size"]
+        path = task_workspace(r)
+        assert path == root / "files" / r["workspace_id"]
+        assert sorted(p.name for p in path.iterdir()) == [info["name"]]  # only the task's own file
+        assert info["size"] == f"{(path / info['name']).stat().st_size / 1024:.1f}KB"
+
+
+def test_files_are_real_csv_xlsx_and_sqlite(rows):
+    from openpyxl import load_workbook
+
+    seen = set()
+    for r in rows:
+        ws = task_workspace(r)
+        name = json.loads(PROMPT.fullmatch(r["prompt"][0]["content"])["file"])["name"]
+        seen.add(name)
+        if name == "sales.csv":
+            assert (ws / name).read_text().splitlines()[0] == "order_id,region,product,units,price"
+        elif name == "employees.xlsx":
+            sheet = load_workbook(ws / name)["staff"]
+            assert [c.value for c in sheet[1]] == ["name", "department", "salary", "years"]
+            assert sheet.max_row >= 9
+        else:
+            con = sqlite3.connect(ws / name)
+            tables = {t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            con.close()
+            assert tables == {"customers", "orders"}
+    assert seen == {"sales.csv", "employees.xlsx", "shop.db"}
+
+
+def test_worked_solutions_print_the_exact_ground_truth(rows, root):
+    """Every qa and datatask solution runs in one real sandbox (a copy of all the task folders) and must print the
+    answer the generator computed; the datatask's saved CSV must equal its ground-truth table."""
+    checked = 0
+    with Sandbox(root / "files", timeout_s=30) as sb:
+        for r in rows:
+            if r["data_source"] == "research":
+                continue
+            res = sb.run(f"import os\nos.chdir({r['workspace_id']!r})\n" + solution_code(r))
+            assert not res.error, (r["input_seq"], res.output)
+            truth = r["reward_spec"]["ground_truth"]
+            if r["data_source"] == "qa":
+                assert res.output == truth + "\n", (r["input_seq"], res.output, truth)
+            else:
+                out_file, rest = truth.split(":\n", 1)
+                table, top = rest.rsplit("\n", 1)
+                assert res.output == top.split(": ", 1)[1] + "\n"
+                assert (sb.workdir / r["workspace_id"] / out_file).read_text() == table + "\n"
+            checked += 1
+    assert checked >= 15
+
+
+def test_worked_response_scores_one_and_is_well_formed(rows):
+    reward = build("deepanalyze")
+    qa = [r for r in rows if r["data_source"] == "qa"]
+    texts = [r["reward_spec"]["response"] for r in qa]
+    assert all(t.count("<Execute>") == t.count("</Execute>") == 1 for t in texts)
+    scores = reward(texts, reward_spec=[r["reward_spec"] for r in qa], data_source=[r["data_source"] for r in qa])
+    assert scores == [1.0] * len(qa)
+
+
+def test_deterministic_and_splits_disjoint(rows, root, tmp_path):
+    again = analysis_tasks(24, split="train", seed=0, workspace_root=str(root))
+    assert again == rows
+    other_root = analysis_tasks(24, split="train", seed=0, workspace_root=str(tmp_path))
+    assert [r["prompt"] for r in other_root] == [r["prompt"] for r in rows]  # same files, same sizes
+    test = analysis_tasks(12, split="test", seed=0, workspace_root=str(root))
+    assert not {r["workspace_id"] for r in test} & {r["workspace_id"] for r in rows}
+    assert analysis_tasks(24, split="train", seed=1, workspace_root=str(root)) != rows
+    only_sql = analysis_tasks(5, workspace_root=str(root), mix={"qa": 1}, file_kinds=["sqlite"])
+    assert {r["data_source"] for r in only_sql} == {"qa"} and all("shop.db" in r["input_seq"] for r in only_sql)
+    with pytest.raises(ValueError, match="mix"):
+        analysis_tasks(1, workspace_root=str(root), mix={"sql": 1})
+
+
+def test_parquet_round_trip_through_the_rl_adapter(rows, tmp_path, tiny):
+    """The rows written as a real parquet file load like DeepAnalyze's RL files: auto-detected adapter, no system
+    prompt, reward_spec/workspace columns passed through."""
+    import pandas as pd
+
+    from stagewise.config import DataConfig, SourceConfig
+    from stagewise.data import load_prompt_dataset
+
+    _, tok = tiny
+    path = tmp_path / "qa.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    data = load_prompt_dataset(DataConfig(sources=[SourceConfig(path=str(path))], system_prompt="",
+                                          max_prompt_length=512), tok)
+    ds = data.train
+    assert data.report.sources[0].adapter == "deepanalyze_rl" and len(ds) == len(rows)
+    by_id = {r["workspace_id"]: r for r in rows}
+    assert sorted(ds["workspace_id"]) == sorted(by_id)  # the mixture shuffles; every row is there once
+    for got in ds:
+        want = by_id[got["workspace_id"]]
+        assert got["reward_spec"] == want["reward_spec"] and got["workspace_root"] == want["workspace_root"]
+        assert got["data_source"] == want["data_source"] and got["input_seq"] == want["input_seq"]
+        assert got["prompt"] == tok.apply_chat_template(want["prompt"], tokenize=False, add_generation_prompt=True)
+        assert got["prompt"].startswith("<|im_start|>user\n# Instruction\n")  # no system prompt
+
+
+def test_analysis_tiny_preset_composes(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROJECT_ROOT", str(tmp_path))
+    cfg = compose(["stage=grpo", "env=code_sandbox", "data=analysis_tiny", "reward=deepanalyze"])
+    [src] = cfg.data.sources
+    assert src.path == "generator:analysis_tasks" and src.adapter == "deepanalyze_rl"
+    assert Path(src.generator_kwargs.workspace_root) == tmp_path / "outputs" / ".cache" / "analysis_tasks"
+    assert cfg.data.system_prompt == "" and cfg.env.name == "code_sandbox" and cfg.env.max_turns == 30
+    assert cfg.reward.functions[0].name == "deepanalyze"
