@@ -58,7 +58,7 @@ SUMMARY_FILE = "pipeline_summary.json"
 MODEL_PRODUCING = ("vocab", "sft", "grpo")
 STAGE_REF = re.compile(r"@([A-Za-z0-9_.\-]+)/")
 # metrics shown in the summary line, in this order of preference (then any other eval/ and rs/ keys)
-SUMMARY_KEYS = ("eval/accuracy", "eval/pass@1", "eval/reward/total/mean", "eval/loss", "rs/acceptance_rate",
+SUMMARY_KEYS = ("eval/accuracy_start", "eval/accuracy", "eval/pass@1", "eval/reward/total/mean", "eval/loss", "rs/acceptance_rate",
                 "rs/rows")
 
 
@@ -238,7 +238,8 @@ def stage_outputs(stage_dir: Path) -> dict:
 
 def stage_metrics(stage_dir: Path) -> dict:
     """The stage's ``result.json`` (rejection sampling, eval) if it wrote one, else the latest value of every key
-    of its ``metrics.jsonl`` (so the final eval and the last training step both show)."""
+    of its ``metrics.jsonl`` (so the final eval and the last training step both show), plus
+    ``eval/accuracy_start``: the first held-out accuracy it logged (its step-0 baseline)."""
     if (stage_dir / "result.json").exists():
         return json.loads((stage_dir / "result.json").read_text())
     path = stage_dir / "metrics.jsonl"
@@ -247,7 +248,10 @@ def stage_metrics(stage_dir: Path) -> dict:
     latest: dict = {}
     for line in path.read_text().splitlines():
         if line.strip():
-            latest.update(json.loads(line))
+            record = json.loads(line)
+            if "eval/accuracy" in record and "eval/accuracy_start" not in latest:
+                latest["eval/accuracy_start"] = record["eval/accuracy"]  # the stage's baseline (its step-0 eval)
+            latest.update(record)
     return latest
 
 

@@ -35,7 +35,7 @@ def test_sft_generative_eval_and_early_stopping_keep_the_best_model(tmp_path):
     assert sorted(losses) == [2, 4] and losses[4] < losses[2]  # stopped at the second eval, long before step 30
     assert max(_records(run, "loss")) == 4
     acc = _records(run, "eval/accuracy")
-    assert sorted(acc) == [2, 4] and all(0.0 <= v <= 1.0 for v in acc.values())
+    assert sorted(acc) == [0, 2, 4] and all(0.0 <= v <= 1.0 for v in acc.values())  # 0: the baseline eval
     assert _records(run, "eval/num_prompts")[2] == 16 and "eval/reward/accuracy/mean" in json.loads(
         (run / "metrics.jsonl").read_text().splitlines()[-1])
 

@@ -115,8 +115,10 @@ def test_state_round_trip_and_metrics(tmp_path):
     d = tmp_path / "s"
     d.mkdir()
     (d / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n" +
-                                     json.dumps({"step": 2, "eval/accuracy": 0.5}) + "\n")
-    assert stage_metrics(d) == {"step": 2, "loss": 3.0, "eval/accuracy": 0.5}
+                                     json.dumps({"step": 2, "eval/accuracy": 0.5}) + "\n" +
+                                     json.dumps({"step": 3, "eval/accuracy": 0.75}) + "\n")
+    # the latest value of every key, plus the first held-out accuracy (the stage's baseline)
+    assert stage_metrics(d) == {"step": 3, "loss": 3.0, "eval/accuracy": 0.75, "eval/accuracy_start": 0.5}
     (d / "result.json").write_text(json.dumps({"rs/rows": 7}))
     assert stage_metrics(d) == {"rs/rows": 7}
     line = format_summary("p", [StageRecord(0, "a", "eval", "", 2.0, {}, {"eval/accuracy": 0.25, "x": 1})])

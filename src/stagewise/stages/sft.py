@@ -134,6 +134,8 @@ def run(cfg: DictConfig) -> dict:
     # ------------------------------------------------------------------ train
     install_preemption_handler()  # SIGUSR1/SIGTERM -> checkpoint at the next step boundary, exit for requeue
     nan_guard = NanGuard(st.max_nonfinite_steps)
+    if gen_eval is not None and st.eval_steps and state.step == 0:  # the baseline the stage is measured against
+        tracker.log(run_evals(acc, model, None, None, hw, gen_eval), step=0)
     model.train()
     bar = progress(total=total_steps, initial=state.step, desc="sft",
                    enabled=acc.is_main_process and cfg.logger.progress_bar)
