@@ -43,7 +43,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from stagewise.rollout import RolloutBatch, SamplingParams
+from stagewise.rollout import RolloutBatch, SamplingParams, build_rollout
+from stagewise.rollout.multiturn import MultiTurnRollout
 from stagewise.tracking import progress
 from stagewise.tracking.console import format_indicators
 
@@ -144,24 +145,13 @@ class EvalSpec:
 def build_generator(cfg, policy, tokenizer, accelerator=None, run_dir=None):
     """The ``rollout.backend`` for ``policy``; wrapped in the multi-turn agent loop when ``env.name`` is not
     ``single_turn``."""
-    from stagewise.rollout import build_rollout
-
     backend = build_rollout(cfg, policy, tokenizer, accelerator=accelerator, run_dir=run_dir)
     if cfg.env.name == "single_turn":
         return backend
-    try:
-        from stagewise.rollout.multiturn import MultiTurnRollout
-    except ImportError:
-        raise NotImplementedError(f"env.name={cfg.env.name!r} needs the agent loop of stagewise.rollout.multiturn, "
-                                  "which this install does not have; use env=single_turn") from None
     return MultiTurnRollout.from_config(cfg, backend, tokenizer)
 
 
 def is_multi_turn(generator) -> bool:
-    try:
-        from stagewise.rollout.multiturn import MultiTurnRollout
-    except ImportError:
-        return False
     return isinstance(generator, MultiTurnRollout)
 
 
