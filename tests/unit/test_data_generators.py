@@ -47,7 +47,7 @@ def test_held_out_share_is_close_to_its_setting():
 
 
 def test_arithmetic_too_small_space_is_an_error():
-    with pytest.raises(ValueError, match="cannot draw 100 distinct train triples with max_value=2"):
+    with pytest.raises(ValueError, match="cannot draw 100 distinct train 3-term sums with max_value=2"):
         arithmetic(100, max_value=2)
     with pytest.raises(ValueError, match="split must be one of"):
         arithmetic(3, split="validation")
