@@ -104,3 +104,33 @@ def test_reduce_once_by_hand():
 
 def test_registry():
     assert set(GENERATORS) == {"arithmetic", "countdown", "analysis_tasks"}
+
+
+def test_arithmetic_four_terms_and_unworked_rows_by_hand():
+    assert arithmetic_row(3, 9, 0, 7)["messages"][1]["content"] == (
+        "<think>\n3 + 9 = 12\n12 + 0 = 12\n12 + 7 = 19\n</think>\n<answer>\n19\n</answer>")
+    row = arithmetic_row(3, 9, 0, 7, worked=False)
+    assert row["problem"] == "What is 3 + 9 + 0 + 7?" and row["answer"] == "19"
+    assert row["messages"][1]["content"] == "<think>\n</think>\n<answer>\n19\n</answer>"
+
+
+def test_unworked_fraction_changes_only_the_traces():
+    worked = arithmetic(1000, max_value=9, terms=4)
+    mixed = arithmetic(1000, max_value=9, terms=4, unworked_fraction=0.5)
+    assert [r["problem"] for r in worked] == [r["problem"] for r in mixed]  # same sums, same order
+    unworked = [r["messages"][1]["content"].startswith("<think>\n</think>") for r in mixed]
+    assert not any(r["messages"][1]["content"].startswith("<think>\n</think>") for r in worked)
+    assert 450 <= sum(unworked) <= 550  # its own seeded stream: a Bernoulli(0.5) per row
+    assert mixed == arithmetic(1000, max_value=9, terms=4, unworked_fraction=0.5)
+    assert all(r["messages"][1]["content"].startswith("<think>\n</think>")
+               for r in arithmetic(20, max_value=9, terms=4, unworked_fraction=1.0))
+    for row in mixed[:50]:
+        numbers = list(map(int, re.findall(r"\d+", row["problem"])))
+        assert len(numbers) == 4 and max(numbers) <= 9 and row["answer"] == str(sum(numbers))
+
+
+def test_arithmetic_bad_terms_or_fraction_is_an_error():
+    with pytest.raises(ValueError, match="terms must be >= 2"):
+        arithmetic(3, terms=1)
+    with pytest.raises(ValueError, match=r"unworked_fraction must be in \[0, 1\]"):
+        arithmetic(3, unworked_fraction=1.5)
