@@ -134,7 +134,7 @@ class StageConfig:
     max_steps: int = -1  # > 0 overrides num_epochs
     # bookkeeping
     logging_steps: int = 1
-    eval_steps: int = 0  # 0 = no periodic eval
+    eval_steps: int = 0  # 0 = no periodic eval (held-out evals still run at the start and the end)
     save_steps: int = 0  # 0 = only final/
     save_total_limit: int = 2
     samples_steps: int = 1  # GRPO: write samples/step_<N>.parquet every N steps

@@ -373,8 +373,9 @@ class GenerativeEval:
     @classmethod
     def from_config(cls, cfg, acc, policy, tokenizer, system_prompt: Optional[str] = None
                     ) -> Optional["GenerativeEval"]:
-        """None unless ``reward.functions`` is set, ``stage.eval_steps > 0`` and the data has held-out prompts."""
-        if not cfg.reward.functions or cfg.stage.eval_steps <= 0:
+        """None unless ``reward.functions`` is set and the data has held-out prompts (the stage then evaluates at the
+        start, every ``stage.eval_steps`` and at the end)."""
+        if not cfg.reward.functions:
             return None
         from stagewise.rewards import RewardRunner
 

@@ -58,8 +58,8 @@ SUMMARY_FILE = "pipeline_summary.json"
 MODEL_PRODUCING = ("vocab", "sft", "grpo")
 STAGE_REF = re.compile(r"@([A-Za-z0-9_.\-]+)/")
 # metrics shown in the summary line, in this order of preference (then any other eval/ and rs/ keys)
-SUMMARY_KEYS = ("eval/accuracy_start", "eval/accuracy", "eval/pass@1", "eval/reward/total/mean", "eval/loss", "rs/acceptance_rate",
-                "rs/rows")
+SUMMARY_KEYS = ("eval/accuracy_start", "eval/accuracy", "eval/pass@1", "eval/reward/total/mean", "eval/loss",
+                "rs/acceptance_rate", "rs/rows")
 
 
 @dataclass

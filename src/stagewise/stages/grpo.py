@@ -147,7 +147,7 @@ def run(cfg: DictConfig) -> dict:
 
     # ------------------------------------------------------------------ train
     stopper = EarlyStopping.from_config(st, state.extra, has_loss=False, has_generative=eval_ds is not None)
-    if eval_ds is not None and st.eval_steps > 0 and state.step == 0:
+    if eval_ds is not None and state.step == 0:
         eval_metrics = evaluate(acc, rollout, eval_ds, rewards, cfg)
         tracker.log(eval_metrics, step=0)
         if stopper is not None:  # the starting model is the baseline the patience counts from

@@ -14,7 +14,8 @@ Features (flag):
   * bf16, gradient checkpointing, LoRA, Liger, DeepSpeed ZeRO-2/3 with offload (``hardware=``, ``model.lora``)
   * periodic eval loss (``stage.eval_steps``), checkpoints every N steps keeping the last K (``stage.save_steps``,
     ``stage.save_total_limit``), exact resume (``resume=auto``), HF model in ``final/``
-  * generative eval on the held-out prompts every ``stage.eval_steps`` when ``reward=`` names a reward: mean reward,
+  * generative eval on the held-out prompts when ``reward=`` names a reward, at the start (the baseline), every
+    ``stage.eval_steps`` and at the end: mean reward,
     ``eval/accuracy``, ``eval/pass@k`` (`stagewise.evaluation`; ``stage.pass_k``, ``stage.acceptance_threshold``)
   * early stopping on any eval metric with patience (``stage.early_stopping_metric``, ``early_stopping_patience``);
     the best model is kept in ``best/`` and becomes ``final/`` (`stagewise.training.early_stopping`)
@@ -134,7 +135,7 @@ def run(cfg: DictConfig) -> dict:
     # ------------------------------------------------------------------ train
     install_preemption_handler()  # SIGUSR1/SIGTERM -> checkpoint at the next step boundary, exit for requeue
     nan_guard = NanGuard(st.max_nonfinite_steps)
-    if gen_eval is not None and st.eval_steps and state.step == 0:  # the baseline the stage is measured against
+    if gen_eval is not None and state.step == 0:  # the baseline the stage is measured against
         tracker.log(run_evals(acc, model, None, None, hw, gen_eval), step=0)
     model.train()
     bar = progress(total=total_steps, initial=state.step, desc="sft",

@@ -7,14 +7,14 @@ A row (``a=12, b=7, c=30``)::
     messages [user: problem,
               assistant: "<think>\\n12 + 7 = 19\\n19 + 30 = 49\\n</think>\\n<answer>\\n49\\n</answer>"]
 
-The assistant text is the R1 format that the ``format`` and ``accuracy`` rewards read. Triples are unique within a
-split, and a triple's split is a hash of ``"a+b+c"`` (see `task_split`).
+The assistant text is the R1 format that the ``format`` and ``accuracy`` rewards read. Sums are unique within a
+split, and a sum's split is a hash of ``"a+b+c"`` (see `task_split`).
 
-``unworked_fraction`` of the rows (drawn from their own seeded stream, so the triples do not change) answer straight
+``unworked_fraction`` of the rows (drawn from their own seeded stream, so the sums do not change) answer straight
 away with an empty ``<think>`` block, ``"<think>\n</think>\n<answer>\n49\n</answer>"``: warm-up data of mixed
-quality, as distilled cold-start data is. A small model answers a three-number sum much less often right in one
-step than in two, so a model warmed up on such data has something GRPO can learn from reward alone: to show the
-work on every prompt (the default run, ``conf/pipeline/tiny.yaml``).
+quality, as distilled cold-start data is. A small model gets a four-number sum right less often in one step than
+line by line, so a model warmed up on such data has something GRPO can learn from reward alone: to show the work
+on every prompt (the default run, ``conf/pipeline/tiny.yaml``).
 """
 
 from __future__ import annotations
