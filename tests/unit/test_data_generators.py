@@ -129,6 +129,24 @@ def test_unworked_fraction_changes_only_the_traces():
         assert len(numbers) == 4 and max(numbers) <= 9 and row["answer"] == str(sum(numbers))
 
 
+def test_drop_last_shortcut_makes_only_the_unworked_answers_wrong():
+    row = arithmetic_row(3, 9, 0, 7, worked=False, shortcut="drop_last")
+    assert row["answer"] == "19"  # the reward's gold stays the true sum
+    assert row["messages"][1]["content"] == "<think>\n</think>\n<answer>\n12\n</answer>"  # 3 + 9 + 0, last term dropped
+    assert arithmetic_row(3, 9, 0, 7, shortcut="drop_last") == arithmetic_row(3, 9, 0, 7)  # worked rows stay right
+    rows = arithmetic(500, max_value=9, terms=4, unworked_fraction=0.7, shortcut="drop_last")
+    plain = arithmetic(500, max_value=9, terms=4, unworked_fraction=0.7)
+    assert [r["problem"] for r in rows] == [r["problem"] for r in plain]
+    for row, ref in zip(rows, plain):
+        numbers = list(map(int, re.findall(r"\d+", row["problem"])))
+        stated = int(re.search(r"<answer>\n(\d+)\n", row["messages"][1]["content"]).group(1))
+        unworked = ref["messages"][1]["content"].startswith("<think>\n</think>")
+        assert stated == (sum(numbers[:-1]) if unworked else sum(numbers))
+        assert row["answer"] == str(sum(numbers))
+    with pytest.raises(ValueError, match="shortcut must be one of"):
+        arithmetic(3, shortcut="random")
+
+
 def test_arithmetic_bad_terms_or_fraction_is_an_error():
     with pytest.raises(ValueError, match="terms must be >= 2"):
         arithmetic(3, terms=1)

@@ -12,9 +12,16 @@ split, and a sum's split is a hash of ``"a+b+c"`` (see `task_split`).
 
 ``unworked_fraction`` of the rows (drawn from their own seeded stream, so the sums do not change) answer straight
 away with an empty ``<think>`` block, ``"<think>\n</think>\n<answer>\n49\n</answer>"``: warm-up data of mixed
-quality, as distilled cold-start data is. A small model gets a four-number sum right less often in one step than
-line by line, so a model warmed up on such data has something GRPO can learn from reward alone: to show the work
-on every prompt (the default run, ``conf/pipeline/tiny.yaml``).
+quality, as distilled cold-start data is.
+
+``shortcut="drop_last"`` makes those straight answers systematically wrong: they give the sum *without its last
+term* (``"What is 12 + 7 + 30?"`` answered ``19``), while the worked rows stay right. The row's ``answer`` column
+always holds the true sum. This is the default run's task (``conf/experiment/tiny/``): a model that imitates the
+warm-up data answers straight away on most prompts (the majority form) and is then nearly always wrong, but it
+also learned the worked form, which sampling finds on a good share of prompts and which is right. The gap between
+the two is built into the data, so it does not depend on where SFT happens to land; closing it takes the reward
+(R1-Zero's "reasoning emerges from reward", in miniature). A consistent shortcut, not random wrong answers:
+greedy decoding would recover the mode of random noise and answer right anyway.
 """
 
 from __future__ import annotations
@@ -24,15 +31,22 @@ from typing import Any
 from stagewise.data.generators.common import check_split, rng_for, task_split
 
 
-def arithmetic_row(*numbers: int, worked: bool = True) -> dict[str, Any]:
-    """One row for ``numbers[0] + numbers[1] + ...``; the worked trace adds them left to right, one line a step."""
+SHORTCUTS = ("none", "drop_last")
+
+
+def arithmetic_row(*numbers: int, worked: bool = True, shortcut: str = "none") -> dict[str, Any]:
+    """One row for ``numbers[0] + numbers[1] + ...``; the worked trace adds them left to right, one line a step.
+    An unworked row answers ``sum(numbers)``, or ``sum(numbers[:-1])`` with ``shortcut="drop_last"``."""
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"generator:arithmetic: shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
     lines, total = [], numbers[0]
     for x in numbers[1:]:
         lines.append(f"{total} + {x} = {total + x}\n")
         total += x
     problem = "What is " + " + ".join(map(str, numbers)) + "?"
     work = "".join(lines) if worked else ""
-    trace = f"<think>\n{work}</think>\n<answer>\n{total}\n</answer>"
+    stated = total if worked or shortcut == "none" else total - numbers[-1]
+    trace = f"<think>\n{work}</think>\n<answer>\n{stated}\n</answer>"
     return {
         "problem": problem,
         "answer": str(total),
@@ -41,7 +55,7 @@ def arithmetic_row(*numbers: int, worked: bool = True) -> dict[str, Any]:
 
 
 def arithmetic(n: int, split: str = "train", seed: int = 0, max_value: int = 99, terms: int = 3,
-               unworked_fraction: float = 0.0) -> list[dict[str, Any]]:
+               unworked_fraction: float = 0.0, shortcut: str = "none") -> list[dict[str, Any]]:
     check_split(split, "arithmetic")
     if n < 0 or max_value < 0:
         raise ValueError(f"generator:arithmetic: n and max_value must be >= 0 (got n={n}, max_value={max_value})")
@@ -49,6 +63,8 @@ def arithmetic(n: int, split: str = "train", seed: int = 0, max_value: int = 99,
         raise ValueError(f"generator:arithmetic: terms must be >= 2, got {terms}")
     if not 0.0 <= unworked_fraction <= 1.0:
         raise ValueError(f"generator:arithmetic: unworked_fraction must be in [0, 1], got {unworked_fraction}")
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"generator:arithmetic: shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
     rng = rng_for("arithmetic", split, seed)
     worked_rng = rng_for("arithmetic/unworked", split, seed)
     seen: set[tuple[int, ...]] = set()
@@ -63,5 +79,5 @@ def arithmetic(n: int, split: str = "train", seed: int = 0, max_value: int = 99,
         if t in seen or task_split("+".join(map(str, t))) != split:
             continue
         seen.add(t)
-        rows.append(arithmetic_row(*t, worked=worked_rng.random() >= unworked_fraction))
+        rows.append(arithmetic_row(*t, worked=worked_rng.random() >= unworked_fraction, shortcut=shortcut))
     return rows
