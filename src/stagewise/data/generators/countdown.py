@@ -10,6 +10,12 @@ is ours (it favours targets reachable in many ways).
 
 Rows: ``nums``, ``target``, ``problem`` (TinyZero's wording), ``solution`` (one valid expression) and
 ``messages`` (the problem and a worked answer: one ``<think>`` line per step, then ``<answer> expr </answer>``).
+
+``format_only=True`` replaces the worked answer in ``messages`` by *another* random reduction of the same numbers
+(its own seeded stream; the task, its target and ``solution`` do not change): the trace is well formed and its
+arithmetic is right, but it reaches the target only by chance. An SFT warm-up on such rows teaches the output
+format and the step-by-step arithmetic, not the search for the target, which is left to the reward (the R1-Zero
+setting in miniature: ``conf/experiment/r1_zero/tiny_countdown_*.yaml``).
 """
 
 from __future__ import annotations
@@ -55,8 +61,15 @@ def countdown_row(nums: list[int], target: int, expr: str, steps: list[str]) -> 
     }
 
 
+def random_trace(nums: list[int], rng: random.Random) -> tuple[str, list[str]]:
+    """A random reduction of ``nums`` (any result): its expression and step lines."""
+    while (found := reduce_once(nums, rng)) is None:
+        pass
+    return found[1], found[2]
+
+
 def countdown(n: int, split: str = "train", seed: int = 0, num_numbers: tuple[int, ...] | list[int] = (3, 4),
-              max_number: int = 99, max_target: int = 100) -> list[dict[str, Any]]:
+              max_number: int = 99, max_target: int = 100, format_only: bool = False) -> list[dict[str, Any]]:
     check_split(split, "countdown")
     if isinstance(num_numbers, int):
         num_numbers = [num_numbers]
@@ -65,6 +78,7 @@ def countdown(n: int, split: str = "train", seed: int = 0, num_numbers: tuple[in
                          f"num_numbers >= 2 (got n={n}, max_number={max_number}, max_target={max_target}, "
                          f"num_numbers={list(num_numbers)})")
     rng = rng_for("countdown", split, seed)
+    format_rng = rng_for("countdown/format_only", split, seed)
     rows: list[dict[str, Any]] = []
     seen: set[tuple[tuple[int, ...], int]] = set()
     draws = 0
@@ -85,5 +99,9 @@ def countdown(n: int, split: str = "train", seed: int = 0, num_numbers: tuple[in
         if key in seen or task_split(f"{list(key[0])}={target}") != split:
             continue
         seen.add(key)
-        rows.append(countdown_row(nums, target, expr, steps))
+        row = countdown_row(nums, target, expr, steps)
+        if format_only:
+            shown = countdown_row(nums, target, *random_trace(nums, format_rng))
+            row["messages"] = shown["messages"]
+        rows.append(row)
     return rows
