@@ -203,7 +203,40 @@ def _single_metrics(run_dir: Path) -> pd.DataFrame:
             parts.append(df)
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     path = run_dir / "metrics.jsonl"
-    return read_jsonl(path) if path.exists() else pd.DataFrame()
+    return drop_replayed(read_jsonl(path)) if path.exists() else pd.DataFrame()
+
+
+def drop_replayed(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Each step once, as the resumed run logged it. A job killed after its last checkpoint replays the steps since
+    that checkpoint when it resumes; a file written before the loop truncated on resume (or by another writer) then
+    holds those steps twice. Per ``stage``: a record whose step goes back below a step already seen starts a new
+    attempt, and the earlier records after that step are dropped; of records with the same stage, step and set of
+    logged keys, the last is kept (a data report or step-0 eval logged again by a restart)."""
+    if metrics.empty or "step" not in metrics.columns:
+        return metrics
+    stages = metrics["stage"].tolist() if "stage" in metrics.columns else [None] * len(metrics)
+    steps = pd.to_numeric(metrics["step"], errors="coerce").tolist()
+    ignore = {"step", "stage", "time"}
+    logged = metrics.notna().to_numpy() & [c not in ignore for c in metrics.columns]
+    kinds = [row.tobytes() for row in logged]
+    kept: List[int] = []
+    seen_max: Dict[Any, float] = {}
+    for i, (stage, step) in enumerate(zip(stages, steps)):
+        if step != step:  # no step: keep as is
+            kept.append(i)
+            continue
+        if step < seen_max.get(stage, -math.inf):  # a restart from an earlier checkpoint
+            kept = [k for k in kept if not (stages[k] == stage and steps[k] > step)]
+            seen_max[stage] = step
+        seen_max[stage] = max(seen_max.get(stage, -math.inf), step)
+        kept.append(i)
+    last: Dict[Any, int] = {}
+    for k in kept:
+        last[(stages[k], steps[k], kinds[k])] = k
+    keep = sorted(last.values())
+    if len(keep) == len(metrics):
+        return metrics
+    return metrics.iloc[keep].reset_index(drop=True)
 
 
 def run_name(run_dir: Path, root: Path) -> str:

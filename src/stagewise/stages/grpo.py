@@ -107,9 +107,11 @@ def run(cfg: DictConfig) -> dict:
     # ------------------------------------------------------------------ setup
     check_config(cfg)
     set_seed(cfg.seed)
-    acc = build_accelerator(cfg)
+    hw = cfg.hardware
+    acc = build_accelerator(hw, cfg.stage.max_grad_norm, micro_batches_per_update(
+        cfg.stage, cfg.rollout.n, hw.num_processes * hw.num_machines, hw.per_device_batch_size))
     run_folder = RunFolder(cfg.run_dir)
-    st, alg, ro, hw = cfg.stage, cfg.algorithm, cfg.rollout, cfg.hardware
+    st, alg, ro = cfg.stage, cfg.algorithm, cfg.rollout
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     ref_model = frozen_copy(model) if alg.beta > 0 and not cfg.model.lora.enabled else None
     model = prepare_model(model, cfg)
@@ -134,7 +136,7 @@ def run(cfg: DictConfig) -> dict:
     if resume_from is not None:
         state = ckpt.load(resume_from)
         rollout.sync_weights(policy)
-    tracker = Tracker(cfg, run_folder.root, stage="grpo", is_main=acc.is_main_process,
+    tracker = Tracker(cfg, run_folder.root, stage="grpo", is_main=acc.is_main_process, resume_step=state.step,
                       console_formatter=format_grpo_console)
     ctx = StepContext(acc=acc, model=model, policy=policy, ref_model=ref_model, tokenizer=tokenizer,
                       loss_kwargs=policy_loss_kwargs(alg, ro.max_new_tokens), alg=alg, hw=hw,
@@ -253,6 +255,14 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"hardware.per_device_batch_size={cfg.hardware.per_device_batch_size!r} must be >= 1")
 
 
+def micro_batches_per_update(stage, n: int, world: int, per_device_batch_size: int) -> int:
+    """Micro-batches per rank in one optimizer step: one mini-batch of ``stage.mini_batch_size`` prompts (all
+    ``stage.prompts_per_step`` when 0) x ``n`` samples, split over ``world`` ranks, ``per_device_batch_size``
+    sequences at a time. What DeepSpeed is told (see `stagewise.training.accelerator`)."""
+    mini = stage.mini_batch_size or stage.prompts_per_step
+    return max(1, math.ceil(mini * n / world / per_device_batch_size))
+
+
 @dataclass
 class StepPlan:
     prompts_per_step: int
@@ -271,10 +281,6 @@ class StepPlan:
     def updates_per_step(self) -> int:
         return self.mini_batches * self.ppo_epochs
 
-    @property
-    def prompts_per_rank(self) -> int:
-        return self.prompts_per_step // self.world
-
     @classmethod
     def build(cls, cfg: DictConfig, world: int, num_prompts: int) -> "StepPlan":
         st = cfg.stage
@@ -292,7 +298,7 @@ class StepPlan:
                    per_device_batch_size=hw.per_device_batch_size,
                    filter_groups=bool(cfg.algorithm.filter_zero_std_groups),
                    max_resample_rounds=int(cfg.algorithm.max_resample_rounds), seed=int(cfg.seed))
-        accum = math.ceil(mini * plan.n / world / hw.per_device_batch_size)
+        accum = micro_batches_per_update(st, plan.n, world, hw.per_device_batch_size)
         if hw.grad_accum_steps not in (1, accum):
             log.warning("hardware.grad_accum_steps=%d is not used by stage=grpo: an optimizer step is one mini-batch "
                         "of %d prompts x %d samples = %d micro-batches of %d per rank", hw.grad_accum_steps, mini,

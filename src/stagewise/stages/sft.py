@@ -101,7 +101,7 @@ def trained_targets(batch: dict) -> torch.Tensor:
 def run(cfg: DictConfig) -> dict:
     # ------------------------------------------------------------------ setup
     set_seed(cfg.seed)
-    acc = build_accelerator(cfg)
+    acc = build_accelerator(cfg.hardware, cfg.stage.max_grad_norm, cfg.hardware.grad_accum_steps)
     run_folder = RunFolder(cfg.run_dir)
     hw, st = cfg.hardware, cfg.stage
     model, tokenizer = load_model_and_tokenizer(cfg.model)
@@ -122,7 +122,7 @@ def run(cfg: DictConfig) -> dict:
     resume_from = ckpt.resume_path(cfg.resume)
     if resume_from is not None:
         state = ckpt.load(resume_from)
-    tracker = Tracker(cfg, run_folder.root, stage="sft", is_main=acc.is_main_process)
+    tracker = Tracker(cfg, run_folder.root, stage="sft", is_main=acc.is_main_process, resume_step=state.step)
     if acc.is_main_process:
         log.info("sft: %d train rows (%s), %.2fM params, global batch %d = %d procs x %d x %d accum, %d steps",
                  len(train_ds), data_report, num_params(model) / 1e6, global_batch, world,

@@ -41,10 +41,16 @@ def format_metrics_line(step: int, metrics: Mapping[str, Any]) -> str:
 
 
 class Tracker:
-    """Fan metrics out to the configured sinks. ``console_formatter(step, metrics) -> str`` customises the console."""
+    """Fan metrics out to the configured sinks. ``console_formatter(step, metrics) -> str`` customises the console.
+
+    ``resume_step``: the step the loop (re)starts from (its checkpoint's step, 0 for a fresh start). Records of this
+    stage logged after that step by an earlier, killed attempt are dropped from metrics.jsonl before anything is
+    appended, so that after a resume the file holds every step once (the steps between the last checkpoint and the
+    kill are replayed, and logged again)."""
 
     def __init__(self, cfg: DictConfig, run_dir: str | os.PathLike, *, stage: str, is_main: bool = True,
-                 console_formatter: Callable[[int, Mapping[str, Any]], str] | None = None):
+                 console_formatter: Callable[[int, Mapping[str, Any]], str] | None = None,
+                 resume_step: int | None = None):
         self.stage = stage
         self.is_main = is_main
         self.run_dir = Path(run_dir)
@@ -62,6 +68,8 @@ class Tracker:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if "jsonl" in sinks:
+            if resume_step is not None:
+                truncate_metrics(self.run_dir / "metrics.jsonl", stage, resume_step)
             self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         if "wandb" in sinks:
             import wandb
@@ -121,6 +129,38 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
     """A tqdm bar on the main process only (disabled elsewhere and when logger.progress_bar is false)."""
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, initial=initial, dynamic_ncols=True,
                 leave=False)
+
+
+def truncate_metrics(path: str | os.PathLike, stage: str, after_step: int) -> int:
+    """Drop the records of ``stage`` with ``step > after_step`` (and a torn last line) from a metrics.jsonl, in
+    place (atomically: a new file replaces the old). Returns how many records were dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # torn by a kill mid-write
+                dropped += 1
+                continue
+            raise ValueError(f"{path}:{i + 1} is not valid JSON; cannot resume appending to it") from None
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, (int, float)) and record.get("stage", stage) == stage and step > after_step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        tmp.replace(path)
+        log.info("metrics.jsonl: dropped %d record(s) of stage %s logged after step %d by the interrupted attempt "
+                 "(those steps run again)", dropped, stage, after_step)
+    return dropped
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
