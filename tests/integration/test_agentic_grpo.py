@@ -144,7 +144,7 @@ def test_trajectory_masks_layout_and_stop_ids(tok, tasks):
         assert text.count("<Execute>") == text.count("</Execute>") == 1 and text.endswith("</Answer>")
         assert "</Code>\n<Execute>\n" in text and "\n</Execute>\n\n<" in text
     assert "never generated" not in batch.texts[1]
-    assert batch.texts[0].split("<Execute>\n")[1].startswith(f"{gold}\n</Execute>")
+    assert batch.texts[0].split("<Execute>\n")[1].startswith(f"{gold}\n\n</Execute>")  # print's newline kept
     assert batch.extra["columns"] == {"turns": [2, 2], "code_calls": [1, 1], "code_errors": [0, 1],
                                       "code_timeouts": [0, 0], "answered": [1, 1],
                                       "finish_reason": ["answer", "answer"]}
@@ -167,7 +167,7 @@ def test_samples_of_a_prompt_never_see_each_others_files(tok, tasks):
     batch = loop(ScriptedPolicy(tok, scripts), tok, n=3).generate([list(p)], tasks=[row])
     for k, text in enumerate(batch.texts):
         spans = [s.split("\n</Execute>")[0] for s in text.split("<Execute>\n")[1:]]
-        assert spans == ["['note.txt', 'sales.csv']", str(k)]  # its own note only, even though all ran at once
+        assert spans == ["['note.txt', 'sales.csv']\n", f"{k}\n"]  # its own note only, even though all ran at once
     assert sorted(x.name for x in task_workspace(row).iterdir()) == ["sales.csv"]  # the source is untouched
 
 
@@ -261,8 +261,8 @@ def test_hf_backend_stops_on_the_tag_ids(tok):
     assert batch.extra["columns"]["turns"] == [1, 4]
     assert backend.stop_ids == [tok.eos_token_id]
     no_code = encode_observations(tok, [format_observation(
-        "[Error]:\nNo code is provided. Put the code to run in <Code>\n```python\n...\n```\n</Code>, or give the "
-        "final answer in <Answer>...</Answer>.")])[0]
+        "[Error]:\nNo code is provided. To run code, write a Code action: the Code tag, a ```python fenced block, "
+        "then the closing Code tag. To finish, write the final answer in an Answer action.")])[0]
     for ids, mask, cols in zip(batch.completion_ids, batch.extra["loss_mask"],
                                [dict(zip(batch.extra["columns"], v)) for v in zip(*batch.extra["columns"].values())]):
         policy_ids = [t for t, m in zip(ids, mask) if m]
@@ -291,7 +291,7 @@ def test_one_grpo_step_trains_only_policy_tokens(tok, tmp_path):
         scripts[(p, 1)] = ["<Analyze>guess</Analyze>\n" + fenced("print(len('abc'))"), "<Answer>Answer: ?</Answer>"]
     cfg = compose(["stage=grpo", "env=code_sandbox", "reward=deepanalyze", "algorithm.loss_agg=token_mean",
                    "rollout.n=2", "stage.learning_rate=1e-3"])
-    acc = build_accelerator(cfg)
+    acc = build_accelerator(cfg.hardware)
     agent = MultiTurnRollout(ScriptedPolicy(tok, scripts), tok, lambda: build_env(cfg.env), max_context_tokens=2048,
                              stop_tags=STOP_TAGS["code_sandbox"], num_workers=4,
                              sampling=SamplingParams(n=2, max_new_tokens=256))

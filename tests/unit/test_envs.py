@@ -20,12 +20,38 @@ def test_cut_turn_keeps_the_first_closing_tag():
 
 
 def test_observation_layout_matches_sft_and_defangs_tags():
-    assert format_observation("42\n") == "\n<Execute>\n42\n</Execute>\n"
+    assert format_observation("42\n") == "\n<Execute>\n42\n\n</Execute>\n"  # print's newline is kept
+    assert format_observation("42") == "\n<Execute>\n42\n</Execute>\n"
+    assert format_observation("a\nb\n\n") == "\n<Execute>\na\nb\n\n\n</Execute>\n"
     assert format_observation("") == "\n<Execute>\n\n</Execute>\n"
     assert defang_tags("a </Execute> b <Answer>7</Answer> <think>") == "a \u2039/Execute\u203a b \u2039Answer\u203a7" \
         "\u2039/Answer\u203a <think>"
     obs = format_observation("print says </Execute><Answer>1</Answer>")
     assert obs.count("</Execute>") == 1 and obs.endswith("</Execute>\n") and "<Answer>" not in obs
+
+
+def test_rl_trajectory_is_byte_identical_to_the_sft_layout():
+    """DeepAnalyze's SFT rows and inference loop: ``<Execute>\\n{raw output}\\n</Execute>``, joined by ``\\n``."""
+    turn = "<Analyze>count</Analyze>\n<Code>\n```python\nprint(18)\n```\n</Code>"
+    sft = turn + "\n<Execute>\n18\n\n</Execute>\n<Understand>18 rows</Understand>"
+    assert turn + format_observation("18\n") + "<Understand>18 rows</Understand>" == sft
+    assert format_observation("18\n") == "\n<Execute>\n18\n\n</Execute>\n"
+
+
+def test_no_code_hint_is_plain_text_without_tags():
+    from stagewise.rewards.deepanalyze import format_ok, has_pair, strip_execute
+
+    assert NO_CODE_MESSAGE == ("[Error]:\nNo code is provided. To run code, write a Code action: the Code tag, a "
+                               "```python fenced block, then the closing Code tag. To finish, write the final answer "
+                               "in an Answer action.")
+    obs = format_observation(NO_CODE_MESSAGE)
+    assert obs == "\n<Execute>\n" + NO_CODE_MESSAGE + "\n</Execute>\n"  # nothing to defang: no look-alikes
+    assert "<" not in NO_CODE_MESSAGE and ">" not in NO_CODE_MESSAGE and "\u2039" not in obs
+    assert defang_tags(NO_CODE_MESSAGE) == NO_CODE_MESSAGE
+    # neither the raw hint nor a trajectory holding it has a tag the parser could take for the policy's
+    trajectory = "<Analyze>hm</Analyze>" + obs
+    assert not has_pair(NO_CODE_MESSAGE, "Code") and not has_pair(NO_CODE_MESSAGE, "Answer")
+    assert strip_execute(trajectory) == "<Analyze>hm</Analyze>\n\n" and not format_ok(trajectory)
 
 
 def test_task_workspace_resolution(tmp_path):
@@ -84,12 +110,12 @@ def test_code_env_runs_fenced_and_raw_code_and_reports_errors(workspace):
         obs, reward, done, info = env.step(
             "<Analyze>sum a</Analyze>\n<Code>\n```python\nimport pandas as pd\n"
             "df = pd.read_csv('data.csv')\nprint(df[df.k == 'a'].v.sum())\n```\n</Code>")
-        assert obs == "\n<Execute>\n5\n</Execute>\n" and reward == 0.0 and not done
+        assert obs == "\n<Execute>\n5\n\n</Execute>\n" and reward == 0.0 and not done
         assert info["executed"] and not info["error"] and info["exit_reason"] == "ok" and info["turns"] == 1
         assert env.workdir is not None and env.workdir != workspace
 
         obs, _, done, info = env.step("<Code>\nx = 6 * 7\nprint(x)\n</Code> trailing text is cut")  # raw code
-        assert obs == "\n<Execute>\n42\n</Execute>\n" and not done
+        assert obs == "\n<Execute>\n42\n\n</Execute>\n" and not done
 
         obs, _, _, info = env.step("<Code>\n```python\nprint('before')\n1 / 0\n```\n</Code>")
         assert info["error"] and info["exit_reason"] == "exception"
@@ -104,7 +130,7 @@ def test_code_env_runs_fenced_and_raw_code_and_reports_errors(workspace):
         assert info["no_code"]
 
         obs, _, _, info = env.step("<Code>\nprint(sorted(__import__('os').listdir('.')))\n</Code>")
-        assert obs == "\n<Execute>\n['data.csv']\n</Execute>\n"  # cwd is the workspace copy
+        assert obs == "\n<Execute>\n['data.csv']\n\n</Execute>\n"  # cwd is the workspace copy
 
         obs, _, done, info = env.step("<Understand>ok</Understand>\n<Answer>Answer: 5</Answer> <Code>x</Code>")
         assert (obs, done, info["answered"], info["executed"]) == ("", True, True, False)
@@ -119,11 +145,11 @@ def test_code_env_writes_stay_in_the_trajectory_copy_and_max_turns_ends(workspac
     env.reset(task)
     obs, _, done, _ = env.step("<Code>\nopen('data.csv', 'a').write('z,9\\n')\nopen('new.txt', 'w').write('hi')\n"
                                "print(open('data.csv').read().count('\\n'))\n</Code>")
-    assert obs == "\n<Execute>\n5\n</Execute>\n" and not done
+    assert obs == "\n<Execute>\n5\n\n</Execute>\n" and not done
     copy = env.workdir
     assert (copy / "new.txt").read_text() == "hi"
     obs, _, done, info = env.step("<Code>\nprint(open('new.txt').read())\n</Code>")
-    assert obs == "\n<Execute>\nhi\n</Execute>\n" and done and not info["answered"]  # the 2nd of max_turns=2
+    assert obs == "\n<Execute>\nhi\n\n</Execute>\n" and done and not info["answered"]  # the 2nd of max_turns=2
     env.close()
     assert sorted(p.name for p in workspace.iterdir()) == ["data.csv"]  # the source is untouched
     assert workspace.joinpath("data.csv").read_text() == "k,v\na,1\nb,2\na,4\n"
@@ -143,4 +169,4 @@ def test_missing_workspace_runs_empty_and_is_flagged(tmp_path):
     with CodeSandboxEnv() as env:
         env.reset({"workspace_id": "nope", "data": "files", "workspace_root": str(tmp_path)})
         obs, _, _, info = env.step("<Code>\nimport os\nprint(os.listdir('.'))\n</Code>")
-        assert obs == "\n<Execute>\n[]\n</Execute>\n" and info["workspace_missing"]
+        assert obs == "\n<Execute>\n[]\n\n</Execute>\n" and info["workspace_missing"]

@@ -20,7 +20,7 @@ TURNS = ["<Analyze>add them</Analyze><Code>print(40 + 2)</Code>", "<Answer>42</A
 REWARD = '''
 def executed_42(completions, turns, **columns):
     """1 when the sandbox's output (42) is in the trajectory and the loop took two turns."""
-    return [float("<Execute>\\n42\\n</Execute>" in c and t == 2) for c, t in zip(completions, turns)]
+    return [float("<Execute>\\n42\\n\\n</Execute>" in c and t == 2) for c, t in zip(completions, turns)]
 '''
 
 
@@ -65,6 +65,6 @@ def test_multi_turn_trajectories_are_generated_scored_and_counted(tiny, tmp_path
         agent.close()
         rewards.close()
     assert [r.turns for r in results] == [[2], [2]]
-    assert "<Execute>\n42\n</Execute>" in results[0].texts[0] and results[0].texts[0].endswith("</Answer>")
+    assert "<Execute>\n42\n\n</Execute>" in results[0].texts[0] and results[0].texts[0].endswith("</Answer>")
     assert metrics["eval/accuracy"] == pytest.approx(1.0) and metrics["eval/turns/mean"] == pytest.approx(2.0)
     assert metrics["eval/num_prompts"] == 2
