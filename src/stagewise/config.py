@@ -117,67 +117,166 @@ class DataConfig:
 
 
 # --------------------------------------------------------------------------------------------------- stage
+# One schema per stage, each registered in Hydra's ConfigStore as `stage/base_<name>` and named by its YAML's
+# defaults list (`- base_sft@stage`). A stage has exactly the fields it reads: `stage=sft stage.prompts_per_step=64`
+# fails (see `validate_config`). The schemas are flat (`stage.learning_rate`, not `stage.optim.learning_rate`) and
+# built from the shared blocks below by inheritance, so that a block's fields mean the same thing in every stage.
+# Bases are listed last-block-first: a dataclass orders fields from the last base to the first, and `name` should
+# print first.
 @dataclass
-class StageConfig:
-    """Which recipe runs and its schedule. Fields that a stage does not read are ignored by it."""
+class StageBase:
+    """What every stage has: which stage file runs. With no ``stage=`` chosen (a pipeline run) it is ``none``."""
 
-    name: str = "sft"  # vocab | sft | grpo | rejection_sampling | eval
-    # optimisation (sft, grpo)
+    name: str = "none"  # vocab | sft | grpo | rejection_sampling | eval
+
+
+@dataclass
+class OptimiserBlock:
+    """AdamW and the update guard (stagewise.training.optim, stagewise.tracking.alerts.NanGuard)."""
+
     learning_rate: float = 1e-4
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    max_nonfinite_steps: int = 5  # NaN/inf losses in a row before the run stops (each one skips its update)
+
+
+@dataclass
+class ScheduleBlock:
+    """How long the stage trains and how its learning rate moves."""
+
     lr_scheduler: str = "cosine"  # cosine | linear | constant | constant_with_warmup
     warmup_ratio: float = 0.05
-    max_grad_norm: float = 1.0
     num_epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides num_epochs
-    # bookkeeping
     logging_steps: int = 1
-    eval_steps: int = 0  # 0 = no periodic eval (held-out evals still run at the start and the end)
+
+
+@dataclass
+class CheckpointBlock:
     save_steps: int = 0  # 0 = only final/
     save_total_limit: int = 2
-    samples_steps: int = 1  # GRPO: write samples/step_<N>.parquet every N steps
-    # GRPO
+
+
+@dataclass
+class ScoringBlock:
+    """When a completion counts as correct/accepted (stagewise.evaluation.acceptance_scores): its score is at least
+    ``acceptance_threshold``, the score being the reward function ``score_reward`` (its display name) or, when None,
+    the weighted mean of all reward functions (weighted total / sum of weights)."""
+
+    acceptance_threshold: float = 0.8
+    score_reward: Optional[str] = None
+
+
+@dataclass
+class GenerativeEvalBlock(ScoringBlock):
+    """Held-out generation (stagewise.evaluation.EvalSpec): the eval stage, and SFT (with reward=) / GRPO in-loop."""
+
+    pass_k: List[int] = field(default_factory=lambda: [1])
+    # completions per prompt; 0 = 1 greedy completion when pass_k == [1], else max(pass_k) sampled
+    eval_num_samples: int = 0
+    num_eval_prompts: int = 0  # 0 = all
+
+
+@dataclass
+class PeriodicEvalBlock(GenerativeEvalBlock):
+    """Evals inside a training stage: at the start and the end whenever there are held-out prompts, plus these."""
+
+    eval_steps: int = 0  # 0 = no periodic eval
+
+
+@dataclass
+class EarlyStoppingBlock:
+    """Stop on a held-out metric (stagewise.training.early_stopping); final/ is then the best model."""
+
+    early_stopping_metric: Optional[str] = None  # e.g. eval/loss, eval/accuracy; None = off
+    early_stopping_patience: int = 0  # evals in a row without improvement before stopping; 0 = never stop
+    early_stopping_mode: str = "auto"  # auto (min for a metric whose name contains "loss", else max) | min | max
+    early_stopping_min_delta: float = 0.0
+
+
+@dataclass
+class TrainingStageBase(EarlyStoppingBlock, CheckpointBlock, PeriodicEvalBlock, ScheduleBlock, OptimiserBlock,
+                        StageBase):
+    """The blocks every stage that updates weights with an optimiser has (sft, grpo)."""
+
+
+@dataclass
+class VocabStage(StageBase):
+    """DeepAnalyze stage 0 (stagewise.stages.vocab): add tags as single tokens, initialise their embeddings."""
+
+    name: str = "vocab"
+    new_tokens: List[str] = field(default_factory=lambda: list(DEEPANALYZE_TAGS))
+    init: str = "subtoken_mean"  # subtoken_mean | random
+
+
+@dataclass
+class SFTStage(TrainingStageBase):
+    """Supervised fine-tuning (stagewise.stages.sft). An optimizer step is ``hardware.per_device_batch_size`` x
+    ``hardware.grad_accum_steps`` rows per process."""
+
+    name: str = "sft"
+
+
+@dataclass
+class GRPOStage(TrainingStageBase):
+    """Policy-gradient RL (stagewise.stages.grpo). One step = ``prompts_per_step`` prompts x ``rollout.n`` samples;
+    an optimizer step is one mini-batch of ``mini_batch_size`` of those prompts (``hardware.grad_accum_steps`` is
+    not used: the micro-batches of ``hardware.per_device_batch_size`` sequences follow from the mini-batch)."""
+
+    name: str = "grpo"
     prompts_per_step: int = 16
     mini_batch_size: int = 0  # prompts per optimizer step inside one rollout batch; 0 = all (on-policy)
     ppo_epochs: int = 1
-    # vocab (DeepAnalyze stage 0)
-    new_tokens: List[str] = field(default_factory=lambda: list(DEEPANALYZE_TAGS))
-    init: str = "subtoken_mean"  # subtoken_mean | random
-    # rejection_sampling
-    acceptance_threshold: float = 0.8
+    samples_steps: int = 1  # write samples/step_<N>.parquet every N steps; 0 = never
+
+
+@dataclass
+class RejectionSamplingStage(ScoringBlock, StageBase):
+    """DeepSeek-R1's rejection sampling (stagewise.stages.rejection_sampling): sample, score, keep, mix, write."""
+
+    name: str = "rejection_sampling"
     best_per_prompt: bool = False
-    general_data_ratio: float = 0.0
-    # eval
-    pass_k: List[int] = field(default_factory=lambda: [1])
-    num_eval_prompts: int = 0  # 0 = all
-    # early stopping on an eval metric (sft, grpo)
-    early_stopping_metric: Optional[str] = None
-    early_stopping_patience: int = 0
-    max_nonfinite_steps: int = 5  # NaN/inf losses in a row before the run stops (each one skips its update)
-    # scoring shared by rejection_sampling and eval (stagewise.evaluation.acceptance_scores): a completion is
-    # accepted/correct when its score >= acceptance_threshold; the score is this reward function (display name),
-    # or, when None, the weighted mean of all reward functions (weighted total / sum of weights)
-    score_reward: Optional[str] = None
-    # rejection_sampling: keep completions cut at rollout.max_new_tokens (default: rejected, they never finish)
+    # keep completions cut at rollout.max_new_tokens (default: rejected, they never finish)
     keep_truncated: bool = False
-    # rejection_sampling: general (non-reasoning) SFT data mixed in so that it makes up general_data_ratio of the
-    # output (R1: 200k general next to 600k reasoning = 0.25)
+    # general (non-reasoning) SFT data mixed in so that it makes up general_data_ratio of the output
+    # (R1: 200k general next to 600k reasoning = 0.25)
+    general_data_ratio: float = 0.0
     general_sources: List[SourceConfig] = field(default_factory=list)
-    # eval: completions per prompt; 0 = 1 greedy completion when pass_k == [1], else max(pass_k) sampled
-    eval_num_samples: int = 0
-    # early stopping: auto = min for a metric whose name contains "loss", else max
-    early_stopping_mode: str = "auto"  # auto | min | max
-    early_stopping_min_delta: float = 0.0
+
+
+@dataclass
+class EvalStage(GenerativeEvalBlock, StageBase):
+    """Held-out evaluation of any checkpoint (stagewise.stages.eval): mean reward, accuracy, pass@k."""
+
+    name: str = "eval"
+
+
+STAGE_SCHEMAS: Dict[str, type] = {"vocab": VocabStage, "sft": SFTStage, "grpo": GRPOStage,
+                                  "rejection_sampling": RejectionSamplingStage, "eval": EvalStage}
 
 
 # ----------------------------------------------------------------------------------------------- algorithm
 @dataclass
-class AlgorithmConfig:
-    """The objective. `sft` reads none of the GRPO fields; a GRPO variant sets them all in one file."""
+class AlgorithmBase:
+    """What every objective has: its name. Registered as `algorithm/base_sft` / `algorithm/base_policy_gradient`."""
 
     name: str = "sft"  # sft | grpo | dr_grpo | dapo | gspo
+
+
+@dataclass
+class SFTAlgorithm(AlgorithmBase):
+    """Token cross-entropy on trained tokens (stagewise.algorithms.sft_loss): nothing to set."""
+
+    name: str = "sft"
+
+
+@dataclass
+class PolicyGradientAlgorithm(AlgorithmBase):
+    """A GRPO-family objective; each conf/algorithm/<variant>.yaml sets every field."""
+
+    name: str = "grpo"  # grpo | dr_grpo | dapo | gspo
     # advantages
     adv_scale: str = "group"  # group | batch | none
     # policy ratio and clipping
@@ -199,13 +298,17 @@ class AlgorithmConfig:
     entropy_coef: float = 0.0
 
 
+ALGORITHM_SCHEMAS: Dict[str, type] = {"sft": SFTAlgorithm, "grpo": PolicyGradientAlgorithm,
+                                      "dr_grpo": PolicyGradientAlgorithm, "dapo": PolicyGradientAlgorithm,
+                                      "gspo": PolicyGradientAlgorithm}
+
+
 # ------------------------------------------------------------------------------------------------ hardware
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 0  # 0 = off, 2, 3
     offload_optimizer: bool = False
     offload_params: bool = False
-    config_file: Optional[str] = None  # a DeepSpeed JSON (launchers/deepspeed/*.json); its "auto" values are filled
     zero3_save_16bit_model: bool = True
 
 
@@ -279,12 +382,26 @@ class RolloutConfig:
 
 # ------------------------------------------------------------------------------------------------- logger
 @dataclass
+class AlertsConfig:
+    """Trend-alert thresholds (stagewise.tracking.alerts.TrendAlerts); an alert is logged as ``alert/<name>``."""
+
+    reward_falling_logs: int = 5  # consecutive decreases of a reward/<fn>/mean
+    entropy_collapse_fraction: float = 0.1  # of the first logged entropy
+    kl_max: float = 1.0  # nats per token; far above any healthy GRPO run (0.001-0.1)
+    kl_spike_factor: float = 10.0  # x the median of the previous `window` logs
+    grad_spike_factor: float = 10.0  # x the median of the previous `window` logs
+    window: int = 20  # logs kept for the spike medians
+    min_history: int = 5  # earlier logs needed before a spike can be judged
+
+
+@dataclass
 class LoggerConfig:
     sinks: List[str] = field(default_factory=lambda: ["console", "jsonl"])  # + wandb, tensorboard
     project: str = "stagewise"
     wandb_mode: str = "online"  # online | offline | disabled
     wandb_entity: Optional[str] = None
     progress_bar: bool = True
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
 
 # -------------------------------------------------------------------------------------------------- paths
@@ -331,8 +448,10 @@ class PipelineConfig:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    stage: StageConfig = field(default_factory=StageConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    # The chosen stage's / objective's schema (one of STAGE_SCHEMAS / ALGORITHM_SCHEMAS) replaces these bases when
+    # its YAML is composed; a subclass merged into a base-typed node keeps the subclass's fields.
+    stage: StageBase = field(default_factory=StageBase)
+    algorithm: AlgorithmBase = field(default_factory=AlgorithmBase)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -351,29 +470,115 @@ class TrainConfig:
     tags: List[str] = field(default_factory=list)
 
 
+def _unstrict(schema: type):
+    """``schema`` as a node whose struct flag is off. Merged into ``stage`` / ``algorithm``, the flag carries over,
+    so a key the chosen schema lacks survives composition and reaches `validate_config`, whose error names the key,
+    the stage and where the key does belong; OmegaConf's own would only say ``Key 'x' not in 'SFTStage'`` (and a
+    ``+stage.x`` override would pass it). Declared fields keep their types: a bad value still fails at compose."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(schema)
+    OmegaConf.set_struct(node, False)
+    return node
+
+
 def register_configs() -> None:
+    """``train_schema`` (the whole tree) plus one schema per stage and objective: ``stage/base_<name>`` and
+    ``algorithm/base_sft`` / ``algorithm/base_policy_gradient``, named by each YAML's defaults list."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    for name, schema in STAGE_SCHEMAS.items():
+        cs.store(group="stage", name=f"base_{name}", node=_unstrict(schema))
+    cs.store(group="algorithm", name="base_sft", node=_unstrict(SFTAlgorithm))
+    cs.store(group="algorithm", name="base_policy_gradient", node=_unstrict(PolicyGradientAlgorithm))
+
+
+class UnknownConfigKeyError(KeyError):
+    """A key that the schema of its node does not declare (raised by `validate_config`)."""
+
+    def __str__(self) -> str:  # KeyError's own str() wraps the message in quotes
+        return str(self.args[0])
+
+
+# Top-level nodes whose schema depends on their `name`.
+_NAMED_SCHEMAS: Dict[str, Dict[str, type]] = {"stage": STAGE_SCHEMAS, "algorithm": ALGORITHM_SCHEMAS}
+
+
+def _named_schema(group: str, node) -> type:
+    """The schema of ``stage`` / ``algorithm``: the one its YAML composed in, or (for a config printed by
+    ``--cfg job`` and fed back, which carries no types) the one its ``name`` selects. Raises when they disagree."""
+    from omegaconf import OmegaConf
+
+    registry = _NAMED_SCHEMAS[group]
+    base = StageBase if group == "stage" else AlgorithmBase
+    name = node.get("name", base.name)
+    composed = OmegaConf.get_type(node)
+    if name == "none" and group == "stage" and composed in (None, dict, StageBase):
+        return StageBase  # no stage chosen: a pipeline run
+    if name not in registry:
+        raise ValueError(f"{group}.name={name!r} is not one of {', '.join(registry)}")
+    if composed in registry.values() and composed is not registry[name]:
+        raise ValueError(f"{group}.name={name!r} does not match the composed schema {composed.__name__} "
+                         f"(which is {group}.name={composed.name!r}): choose the {group} with {group}={name}")
+    return registry[name]
+
+
+def _unknown_key_message(path: str, key: str, schema: type, fields, chosen: Optional[str] = None) -> str:
+    """``unknown config key stage.prompts_per_step (not a field of SFTStage, the schema of stage=sft; it is a field
+    of stage=grpo; valid keys: [...])``: where the key belongs, else the closest valid name. ``chosen``: the
+    ``name`` of a ``stage`` / ``algorithm`` node."""
+    import dataclasses
+    import difflib
+
+    where = schema.__name__
+    group = path[:-1]
+    hint = ""
+    if group in _NAMED_SCHEMAS:
+        registry = _NAMED_SCHEMAS[group]
+        where += f", the schema of {group}={chosen}"
+        owners = [n for n, s in registry.items() if s is not schema and key in {f.name for f in dataclasses.fields(s)}]
+        if owners:
+            hint = f"; it is a field of {group}={'|'.join(owners)}"
+    if not hint:
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        if close:
+            hint = f"; did you mean {path}{close[0]}?"
+    return f"unknown config key {path}{key!s} (not a field of {where}{hint}; valid keys: {sorted(fields)})"
 
 
 def validate_config(cfg) -> None:
-    """Re-check a composed config against the schema; raise naming the first unknown key.
+    """Check a composed config against the schemas; raise naming the first unknown key.
 
-    Hydra's ``+key=value`` appends with the struct flag lifted, so a misspelt ``+stage.learnin_rate`` would slip
-    through composition. Types were already checked by OmegaConf on assignment.
+    Needed on top of composition because (1) the ``stage`` and ``algorithm`` schemas are composed with their struct
+    flag off (see `_unstrict`), (2) Hydra's ``+key=value`` appends with the struct flag lifted, so a misspelt
+    ``+stage.learnin_rate`` would slip through, and (3) a config printed by ``--cfg job`` and fed back as the
+    primary config carries no schema. ``stage`` and ``algorithm`` are checked against the schema their ``name``
+    selects (`STAGE_SCHEMAS`, `ALGORITHM_SCHEMAS`). Types were already checked by OmegaConf on assignment. A
+    top-level ``hydra`` node (``compose(..., return_hydra_config=True)``) is Hydra's own and is skipped.
     """
     import dataclasses
+    import typing
 
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
+    def child_schema(schema: type, node, key: str):
+        typed = OmegaConf.get_type(node, key)
+        if dataclasses.is_dataclass(typed):
+            return typed
+        declared = typing.get_type_hints(schema).get(key)  # an untyped (printed) config: the declared field type
+        return declared if isinstance(declared, type) and dataclasses.is_dataclass(declared) else None
+
     def walk(node, schema, path: str) -> None:
+        if isinstance(node, DictConfig) and path[:-1] in _NAMED_SCHEMAS and path.count(".") == 1:
+            schema = _named_schema(path[:-1], node)
         if isinstance(node, DictConfig) and dataclasses.is_dataclass(schema):
-            fields = {f.name: f for f in dataclasses.fields(schema)}
+            fields = {f.name for f in dataclasses.fields(schema)}
             for key in node.keys():
+                if key == "hydra" and not path:
+                    continue
                 if key not in fields:
-                    raise KeyError(f"unknown config key {path}{key!s} (not a field of {schema.__name__}; "
-                                   f"valid keys: {sorted(fields)})")
-                walk(node._get_node(key), OmegaConf.get_type(node, key), f"{path}{key}.")
+                    raise UnknownConfigKeyError(_unknown_key_message(path, str(key), schema, fields, node.get("name")))
+                walk(node._get_node(key), child_schema(schema, node, key), f"{path}{key}.")
         elif isinstance(node, ListConfig):
             for i, item in enumerate(node._iter_ex(resolve=False)):
                 walk(item, OmegaConf.get_type(item) if isinstance(item, DictConfig) else None, f"{path[:-1]}[{i}].")

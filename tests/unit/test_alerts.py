@@ -133,7 +133,9 @@ def test_alert_state_round_trips_through_json():
 
 def test_alerts_reach_metrics_jsonl(tmp_path):
     """Merged into the record and written by the real Tracker; a NaN loss is stored as the string "nan"."""
-    cfg = OmegaConf.create({"logger": {"sinks": ["jsonl"]}})
+    from stagewise.config import LoggerConfig
+
+    cfg = OmegaConf.create({"logger": OmegaConf.structured(LoggerConfig(sinks=["jsonl"]))})
     alerts = TrendAlerts()
     with Tracker(cfg, tmp_path, stage="grpo") as tracker:
         for rec in records():
@@ -183,3 +185,22 @@ def test_nan_guard_resume_and_error():
     assert nan_guard_decision(0.0, 7, 3) == ("update", 0)
     with pytest.raises(ValueError, match="max_consecutive must be >= 1"):
         NanGuard(0)
+
+
+def test_logger_alerts_thresholds_are_settable_from_the_config():
+    """`logger.alerts.*` is a typed block (stagewise.config.AlertsConfig) that the Tracker's alerts read."""
+    import dataclasses
+
+    from conftest import compose
+    from stagewise.config import AlertsConfig
+
+    assert dataclasses.asdict(AlertsConfig()) == dataclasses.asdict(AlertThresholds())  # one set of defaults
+    cfg = compose(["stage=grpo", "logger.alerts.reward_falling_logs=2", "logger.alerts.kl_max=0.5"])
+    alerts = TrendAlerts.from_config(cfg)
+    assert alerts.t.reward_falling_logs == 2 and alerts.t.kl_max == 0.5 and alerts.t.window == 20
+    fired = {}
+    for step, r in enumerate([1.0, 0.9, 0.8]):  # two decreases in a row: fires at the third log with the setting 2
+        fired = alerts.check({"reward/total/mean": r}, step)
+    assert "alert/reward_falling/total" in fired
+    with pytest.raises(Exception, match="logger.alerts.kl_mx"):
+        compose(["logger.alerts.kl_mx=0.5"])

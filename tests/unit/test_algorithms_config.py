@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from stagewise.algorithms import check_algorithm_config, group_advantages, policy_loss, policy_loss_kwargs
-from stagewise.config import AlgorithmConfig, register_configs
+from stagewise.config import PolicyGradientAlgorithm, SFTAlgorithm, register_configs
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 VARIANTS = ["grpo", "dr_grpo", "dapo", "gspo"]
@@ -40,7 +40,7 @@ TABLE = {
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_values(composed, name):
     cfg = composed[name]
-    assert isinstance(cfg, AlgorithmConfig) and cfg.name == name
+    assert isinstance(cfg, PolicyGradientAlgorithm) and cfg.name == name
     got = (cfg.adv_scale, cfg.ratio_level, cfg.clip_eps_low, cfg.clip_eps_high, cfg.loss_agg,
            cfg.filter_zero_std_groups, cfg.max_resample_rounds, cfg.mask_truncated)
     assert got == TABLE[name]
@@ -53,11 +53,11 @@ def test_each_file_is_one_whole_variant(name):
     text = (CONF / "algorithm" / f"{name}.yaml").read_text()
     assert text.splitlines()[0] == "# @package algorithm"
     assert text.splitlines()[1].startswith("# ")  # header comment: the paper and what differs
-    keys = set(yaml.safe_load(text))
-    if name == "sft":
-        assert keys == {"name"}
-    else:  # every field set here, so no variant leans on defaults from elsewhere
-        assert keys == {f.name for f in dataclasses.fields(AlgorithmConfig)}
+    data = yaml.safe_load(text)
+    schema = SFTAlgorithm if name == "sft" else PolicyGradientAlgorithm
+    assert data.pop("defaults") == [f"base_{'sft' if name == 'sft' else 'policy_gradient'}", "_self_"]
+    # every field set here, so no variant leans on defaults from elsewhere
+    assert set(data) == {f.name for f in dataclasses.fields(schema)}
 
 
 # The HAND example of test_algorithms_policy_loss (ratios seq0 [1, 1.5, .5] A = +1, seq1 [1.5, .5] A = -2) through
@@ -87,7 +87,7 @@ def test_dr_grpo_scale_is_none_in_advantages(composed):
 
 
 def test_loss_agg_max_tokens_overrides_max_new_tokens():
-    cfg = AlgorithmConfig(name="dr_grpo", loss_agg="seq_mean_token_sum_norm", loss_agg_max_tokens=1024)
+    cfg = PolicyGradientAlgorithm(name="dr_grpo", loss_agg="seq_mean_token_sum_norm", loss_agg_max_tokens=1024)
     assert policy_loss_kwargs(cfg, max_new_tokens=256)["max_tokens"] == 1024
 
 
@@ -109,11 +109,12 @@ def test_loss_agg_max_tokens_overrides_max_new_tokens():
     ],
 )
 def test_bad_config_values_name_the_key(changes, message):
-    cfg = dataclasses.replace(AlgorithmConfig(name="grpo"), **changes)
+    cfg = dataclasses.replace(PolicyGradientAlgorithm(name="grpo"), **changes)
     with pytest.raises(ValueError) as err:
         check_algorithm_config(cfg)
     assert message in str(err.value)
 
 
-def test_sft_ignores_grpo_fields():
-    check_algorithm_config(AlgorithmConfig(name="sft", loss_agg="whatever"))
+def test_sft_has_no_policy_gradient_fields():
+    check_algorithm_config(SFTAlgorithm())
+    assert {f.name for f in dataclasses.fields(SFTAlgorithm)} == {"name"}

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF_DIR, REPO, compose, run_train
+from stagewise.config import (ALGORITHM_SCHEMAS, STAGE_SCHEMAS, UnknownConfigKeyError, validate_config)
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "local"))
 
@@ -110,7 +111,7 @@ def test_cfg_job_of_the_default_round_trips(tmp_path):
     proc = run_train(["--cfg", "job"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     printed = OmegaConf.create(proc.stdout)
-    assert printed.pipeline.name == "tiny" and "stage=sft" in printed.pipeline.stages[0].overrides
+    assert printed.pipeline.name == "tiny" and "experiment=tiny/sft" in printed.pipeline.stages[0].overrides
     conf = tmp_path / "printed"
     conf.mkdir()
     (conf / "job.yaml").write_text(proc.stdout)
@@ -121,10 +122,11 @@ def test_cfg_job_of_the_default_round_trips(tmp_path):
 
 def test_cfg_job_round_trips(tmp_path):
     """`python train.py --cfg job` prints a config that, fed back as the config, composes to the same thing."""
-    proc = run_train(["--cfg", "job", "stage=vocab", "stage.learning_rate=3e-5", "rollout.n=5"], cwd=tmp_path)
+    proc = run_train(["--cfg", "job", "stage=sft", "stage.learning_rate=3e-5", "rollout.n=5"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     printed = OmegaConf.create(proc.stdout)
-    assert printed.stage.name == "vocab" and printed.stage.learning_rate == 3e-5 and printed.rollout.n == 5
+    assert printed.stage.name == "sft" and printed.stage.learning_rate == 3e-5 and printed.rollout.n == 5
+    validate_config(printed)  # the printed (untyped) config passes the same schema check train.py runs
     # feed the printed config back in as the primary config: it must compose to the identical config
     conf = tmp_path / "printed"
     conf.mkdir()
@@ -134,3 +136,69 @@ def test_cfg_job_round_trips(tmp_path):
     assert OmegaConf.create(proc2.stdout) == printed
     # and the train.py help names the groups
     assert (REPO / "train.py").exists()
+
+
+# ----------------------------------------------------------------------------------- one schema per stage
+# (stage, a key of another stage, the stage that has it); each row composes `stage=<stage> stage.<key>=...`
+FOREIGN_STAGE_KEYS = [
+    ("vocab", "learning_rate=1e-5", "sft|grpo"),
+    ("sft", "prompts_per_step=64", "grpo"),
+    ("grpo", "new_tokens=[a]", "vocab"),
+    ("rejection_sampling", "pass_k=[1,4]", "sft|grpo|eval"),
+    ("eval", "best_per_prompt=true", "rejection_sampling"),
+]
+
+
+@pytest.mark.parametrize("stage,override,owners", FOREIGN_STAGE_KEYS, ids=[r[0] for r in FOREIGN_STAGE_KEYS])
+@pytest.mark.parametrize("plus", ["", "+"], ids=["set", "append"])
+def test_a_key_of_another_stage_fails_naming_key_stage_and_owner(stage, override, owners, plus):
+    key = override.split("=")[0]
+    with pytest.raises(UnknownConfigKeyError) as err:
+        compose([f"stage={stage}", f"{plus}stage.{override}"])
+    schema = STAGE_SCHEMAS[stage].__name__
+    assert str(err.value).startswith(f"unknown config key stage.{key} (not a field of {schema}, the schema of "
+                                     f"stage={stage}; it is a field of stage={owners};")
+
+
+def test_stage_files_compose_their_own_schema():
+    for name, schema in STAGE_SCHEMAS.items():
+        cfg = compose([f"stage={name}"])
+        assert OmegaConf.get_type(cfg.stage) is schema, name
+    assert OmegaConf.get_type(compose([]).stage).__name__ == "StageBase"  # a pipeline run chooses no stage
+
+
+def test_a_misspelt_stage_key_suggests_the_closest_field():
+    with pytest.raises(UnknownConfigKeyError) as err:
+        compose(["stage=grpo", "stage.promts_per_step=8"])
+    assert "unknown config key stage.promts_per_step (not a field of GRPOStage, the schema of stage=grpo; did you " \
+           "mean stage.prompts_per_step?;" in str(err.value)
+
+
+def test_policy_gradient_keys_fail_under_algorithm_sft():
+    with pytest.raises(UnknownConfigKeyError) as err:
+        compose(["algorithm=sft", "algorithm.beta=0.1"])
+    assert str(err.value) == ("unknown config key algorithm.beta (not a field of SFTAlgorithm, the schema of "
+                              "algorithm=sft; it is a field of algorithm=grpo|dr_grpo|dapo|gspo; valid keys: ['name'])")
+    for name in ("grpo", "dr_grpo", "dapo", "gspo"):
+        assert OmegaConf.get_type(compose([f"algorithm={name}"]).algorithm) is ALGORITHM_SCHEMAS[name]
+
+
+def test_stage_name_must_match_the_composed_schema():
+    with pytest.raises(ValueError, match=r"stage.name='grpo' does not match the composed schema SFTStage"):
+        compose(["stage=sft", "stage.name=grpo"])
+
+
+def test_train_py_rejects_a_key_of_another_stage(tmp_path):
+    """The command of issue 15, end to end: fails before anything runs, naming the key and the stage."""
+    proc = run_train(["stage=sft", "data=tiny_sft", "stage.prompts_per_step=64"], cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "unknown config key stage.prompts_per_step (not a field of SFTStage, the schema of stage=sft; it is a " \
+           "field of stage=grpo;" in proc.stderr
+
+
+def test_a_printed_config_is_checked_against_the_schema_its_name_selects():
+    printed = OmegaConf.create(OmegaConf.to_yaml(compose(["stage=grpo"])))  # untyped, as --cfg job feeds it back
+    validate_config(printed)
+    printed.stage.new_tokens = ["<a>"]
+    with pytest.raises(UnknownConfigKeyError, match=r"stage.new_tokens \(not a field of GRPOStage"):
+        validate_config(printed)

@@ -39,7 +39,7 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def acc(cfg):
-    return build_accelerator(cfg)
+    return build_accelerator(cfg.hardware)
 
 
 def plan_for(per_device, n=4, prompts=2, minis=1, epochs=1, filter_groups=False, rounds=0):

@@ -16,7 +16,9 @@ def rows(path):
 
 
 def tracker_cfg():
-    return OmegaConf.create({"logger": {"sinks": ["jsonl"]}})
+    from stagewise.config import LoggerConfig
+
+    return OmegaConf.create({"logger": OmegaConf.structured(LoggerConfig(sinks=["jsonl"]))})
 
 
 def killed_file(path):

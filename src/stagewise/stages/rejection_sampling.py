@@ -77,7 +77,7 @@ def run(cfg: DictConfig) -> dict:
     check_config(cfg)
     set_seed(cfg.seed)
     icfg = inference_config(cfg)
-    acc = build_accelerator(icfg)
+    acc = build_accelerator(icfg.hardware)
     run_folder = RunFolder(cfg.run_dir)
     model, tokenizer = load_policy(icfg, acc)
     with acc.main_process_first():

@@ -133,11 +133,8 @@ class TrendAlerts:
 
     @classmethod
     def from_config(cls, cfg) -> "TrendAlerts":
-        """Thresholds from ``cfg.logger.alerts`` when the config has that block, else the defaults."""
-        block = getattr(getattr(cfg, "logger", None), "alerts", None)
-        if block is None:
-            return cls()
-        return cls(AlertThresholds(**{k: block[k] for k in block}))
+        """Thresholds from ``logger.alerts`` (stagewise.config.AlertsConfig, where their defaults live)."""
+        return cls(AlertThresholds(**cfg.logger.alerts))
 
     def check(self, metrics: Mapping[str, Any], step: int) -> Dict[str, float]:
         fired: Dict[str, str] = {}

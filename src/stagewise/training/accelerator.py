@@ -5,6 +5,18 @@ trained tokens (or sequences) over the whole optimizer step, across micro-batche
 `backward_micro_batch` below, which marks the accumulation boundary explicitly. Accelerate's own 1/K loss scaling
 is therefore never used (Accelerator has gradient_accumulation_steps=1 unless DeepSpeed is on, and we call
 DeepSpeed's backward with ``scale_wrt_gas=False``). Gradient clipping is done by DeepSpeed when it is on.
+
+Batch sizes, stated once. An *optimizer step* is ``accum_steps`` micro-batches of ``hardware.per_device_batch_size``
+rows on each of the ``hardware.num_processes x hardware.num_machines`` ranks. The stage says what ``accum_steps``
+is, and DeepSpeed gets exactly that (``gradient_accumulation_steps``, and ``train_batch_size`` = micro-batch x
+accum_steps x world):
+  * SFT: ``hardware.grad_accum_steps``;
+  * GRPO: one mini-batch (``stage.mini_batch_size`` prompts, all ``stage.prompts_per_step`` when 0) x ``rollout.n``
+    samples, split over the ranks, in micro-batches: ``ceil(mini x n / world / per_device_batch_size)``
+    (``stagewise.stages.grpo.micro_batches_per_update``); ``hardware.grad_accum_steps`` is not used. When groups
+    are filtered (DAPO) a step can hold fewer micro-batches; the boundary is marked explicitly, so DeepSpeed
+    still steps once per mini-batch;
+  * eval and rejection sampling train nothing: no DeepSpeed (`stagewise.evaluation.inference_config`).
 """
 
 from __future__ import annotations
@@ -17,7 +29,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
-from omegaconf import DictConfig
+
+from stagewise.config import HardwareConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +41,9 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def deepspeed_plugin(hw: DictConfig, max_grad_norm: float) -> DeepSpeedPlugin | None:
+def deepspeed_plugin(hw: HardwareConfig, max_grad_norm: float, accum_steps: int) -> DeepSpeedPlugin | None:
+    """Accelerate's DeepSpeed plugin for ``hardware.deepspeed``, or None when ZeRO is off (``zero_stage=0``).
+    ``accum_steps``: micro-batches per optimizer step, as the stage counts them (see the module docstring)."""
     ds = hw.deepspeed
     if ds.zero_stage == 0:
         return None
@@ -36,7 +51,7 @@ def deepspeed_plugin(hw: DictConfig, max_grad_norm: float) -> DeepSpeedPlugin | 
         raise ValueError(f"hardware.deepspeed.zero_stage={ds.zero_stage} is not one of 0, 2, 3")
     plugin = DeepSpeedPlugin(
         zero_stage=ds.zero_stage,
-        gradient_accumulation_steps=hw.grad_accum_steps,
+        gradient_accumulation_steps=accum_steps,
         gradient_clipping=max_grad_norm if max_grad_norm > 0 else None,
         offload_optimizer_device="cpu" if ds.offload_optimizer else "none",
         offload_param_device="cpu" if ds.offload_params and ds.zero_stage == 3 else "none",
@@ -44,20 +59,22 @@ def deepspeed_plugin(hw: DictConfig, max_grad_norm: float) -> DeepSpeedPlugin | 
         zero3_init_flag=False,
     )
     plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = hw.per_device_batch_size
+    plugin.deepspeed_config["train_batch_size"] = (hw.per_device_batch_size * accum_steps * hw.num_processes
+                                                   * hw.num_machines)
     return plugin
 
 
-def build_accelerator(cfg: DictConfig) -> Accelerator:
-    hw = cfg.hardware
+def build_accelerator(hw: HardwareConfig, max_grad_norm: float = 0.0, accum_steps: int = 1) -> Accelerator:
+    """The Accelerator for ``hardware=``. ``max_grad_norm`` (``stage.max_grad_norm``) and ``accum_steps`` only matter
+    under DeepSpeed, which clips and counts micro-batches itself; a stage that trains nothing passes neither."""
+    if accum_steps < 1:
+        raise ValueError(f"{accum_steps} micro-batches per optimizer step: must be >= 1")
     cpu = hw.cpu or not torch.cuda.is_available()
     mp = hw.mixed_precision
     if cpu and mp != "no":
         log.warning("hardware.mixed_precision=%s ignored on CPU (fp32)", mp)
         mp = "no"
-    plugin = deepspeed_plugin(hw, cfg.stage.max_grad_norm)
-    if plugin is not None:
-        plugin.deepspeed_config["train_batch_size"] = (hw.per_device_batch_size * hw.grad_accum_steps
-                                                       * hw.num_processes * hw.num_machines)
+    plugin = deepspeed_plugin(hw, max_grad_norm, accum_steps)
     handlers = []
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
