@@ -10,6 +10,8 @@ import pytest
 from stagewise.config import RewardConfig, RewardFnConfig
 from stagewise.rewards import RewardRunner, build
 from stagewise.rewards.deepanalyze import (
+    answer_kind,
+    answer_matches,
     code_is_fenced,
     exact_match,
     format_ok,
@@ -84,7 +86,8 @@ def test_datatask_code_success_rate_and_fence_gate(rule_only):
     row = {"reward_spec": {"method": "datatask", "ground_truth": "table", "function": "llm_as_judgement_accuracy"},
            "data_source": "datatask"}
     assert score(rule_only, trajectory(), {**row, "code_calls": 3, "code_errors": 1}) == pytest.approx(2 / 3)
-    assert score(rule_only, trajectory(), {**row, "code_calls": 0, "code_errors": 0}) == 0.0
+    # no code step, no judge, no gold answer: no term is left, the sample scores 0.0
+    assert rule_only.score(trajectory(), {**row, "code_calls": 0, "code_errors": 0}) == {"total": 0.0}
     assert score(rule_only, trajectory(code="<Code>print(1)</Code>"), row) == -1.0  # unfenced code
     # without the loop's columns: counted from the Execute spans; the sandbox's timeout message is an error
     two = trajectory(execute="[Error]:\nPython code execution timed out after 10.0 seconds.",
@@ -104,6 +107,70 @@ def test_research_uses_the_paper_weights_and_turns(rule_only):
     assert score(rule_only, trajectory(), {"data_source": "research"}) == pytest.approx((1.0 + 0.2) / 2)
 
 
+def test_no_code_step_leaves_the_code_term_out(rule_only):
+    """DeepAnalyze adds the code term only `if len(self.code_pass) > 0`: an answer at the first turn has none."""
+    data = {"reward_spec": {"method": "datatask", "ground_truth": "t"}, "code_calls": 0, "code_errors": 0}
+    assert rule_only.score(trajectory(), {**data, "answer": "42"}) == {"answer": 1.0, "total": 1.0}
+    research = {"reward_spec": {"method": "openresearch", "ground_truth": "t"}, "code_calls": 0, "code_errors": 0,
+                "turns": 3}
+    assert rule_only.score(trajectory(), research) == pytest.approx({"turns": 0.3, "total": 0.3})
+    # a non-final turn without code is a code step that failed (the env answered with the "no code" error)
+    assert rule_only.score(trajectory(), {**data, "answer": "42", "code_calls": 1, "code_errors": 1}) \
+        == {"answer": 1.0, "code": 0.0, "total": 0.5}
+
+
+def test_gold_answer_match_kinds():
+    # exact: case, whitespace and a final period ignored, nothing else
+    assert answer_matches("north.", "North") == 1.0
+    assert answer_matches("North  East", "north east") == 1.0
+    assert answer_matches("North East", "North") == 0.0
+    assert answer_matches("42.0", "42", "exact") == 0.0
+    # numeric: the prediction's one number, within max(abs_tol, rel_tol * |gold|)
+    assert answer_matches("$1,234.50", "1234.5") == 1.0
+    assert answer_matches("The total is 18 orders", "18") == 1.0
+    assert answer_matches("18 of 20", "18") == 0.0  # two numbers: which one is the answer is unknown
+    assert answer_matches("45%", "45") == 1.0
+    assert answer_matches("12.35", "12.35") == 1.0
+    assert answer_matches("12.3456", "12.35") == 0.0
+    assert answer_matches("100.4", "100", "numeric", rel_tol=0.005) == 1.0  # |0.4| <= 0.005 * 100
+    assert answer_matches("100.6", "100", "numeric", rel_tol=0.005) == 0.0
+    assert answer_matches("0.0000005", "0", "numeric", abs_tol=1e-6) == 1.0
+    assert answer_matches("no number", "3") == 0.0
+    # set: the same items in any order
+    assert answer_matches("South, north", ["North", "South"]) == 1.0
+    assert answer_matches("North", ["North", "South"]) == 0.0
+    assert answer_matches("North, South, East", ["North", "South"]) == 0.0
+    assert answer_matches("1, 2.0", "[2, 1]") == 1.0
+    assert answer_matches("['West', 'East']", "East and West", "set") == 1.0
+    assert answer_matches("North and South", "North; South", "set") == 1.0
+    # auto picks the kind from the gold answer
+    assert [answer_kind(g) for g in (["a"], "[1, 2]", "42", "$3.50", "North", "18 of 20")] \
+        == ["set", "set", "numeric", "numeric", "exact", "exact"]
+    assert answer_matches(None, "1") == 0.0
+    with pytest.raises(ValueError, match="answer_match must be one of"):
+        answer_matches("1", "1", "fuzzy")
+
+
+def test_datatask_scores_the_gold_answer_without_a_judge(rule_only):
+    row = {"reward_spec": {"method": "datatask", "ground_truth": "the saved table"}, "data_source": "datatask",
+           "answer": "42"}
+    # right answer, 3 code steps with 1 error: (1 + 2/3) / 2
+    assert rule_only.score(trajectory(), {**row, "code_calls": 3, "code_errors": 1}) \
+        == pytest.approx({"answer": 1.0, "code": 2 / 3, "total": 5 / 6})
+    # wrong answer, clean code: 0.5 (before the answer term it scored 1.0)
+    assert score(rule_only, trajectory(answer="Answer: 41"), {**row, "code_calls": 2, "code_errors": 0}) == 0.5
+    # the gold answer may sit in reward_spec; the row's answer_match picks the kind
+    in_spec = {"reward_spec": {"method": "datatask", "ground_truth": "t", "answer": "North; South"},
+               "answer_match": "set", "code_calls": 1, "code_errors": 0}
+    assert score(rule_only, trajectory(answer="I saved it. Answer: South, North"), in_spec) == 1.0
+    assert score(rule_only, trajectory(answer="Answer: South"), in_spec) == 0.5
+    numeric = build("deepanalyze", answer_match="numeric", answer_rel_tol=0.01)
+    assert score(numeric, trajectory(answer="Answer: 41.7"), {**row, "code_calls": 1, "code_errors": 0}) == 1.0
+    assert score(numeric, trajectory(answer="Answer: 41.5"), {**row, "code_calls": 1, "code_errors": 0}) == 0.5
+    # the format gate still comes first
+    assert score(rule_only, trajectory().replace("<Analyze>plan</Analyze>", ""), row) == -1.0
+
+
 def test_bad_rows_and_params_are_errors(rule_only):
     with pytest.raises(ValueError, match="unknown method 'sql'"):
         rule_only.per_sample(trajectory(), {"reward_spec": {"method": "sql"}})
@@ -113,6 +180,10 @@ def test_bad_rows_and_params_are_errors(rule_only):
         build("deepanalyze", judge_url="x")
     with pytest.raises(ValueError, match="match must be"):
         build("deepanalyze", match="fuzzy")
+    with pytest.raises(ValueError, match="answer_match must be one of"):
+        build("deepanalyze", answer_match="fuzzy")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        build("deepanalyze", answer_rel_tol=-1.0)
     with pytest.raises(ValueError, match="weighs only the report"):
         build("deepanalyze", research_weights={"report": 1.0})
     with pytest.raises(ValueError, match="judge.model is required"):
@@ -206,6 +277,18 @@ def test_datatask_keeps_one_term_per_judge(judge_server):
     assert "<Execute>" not in accuracy_prompt  # the accuracy judge sees only the final answer
     assert fn.score(trajectory(), row) == pytest.approx(
         {"judge_accuracy": 0.6, "judge_analysis": 0.8, "code": 0.5, "total": 1.9 / 3})
+
+
+def test_datatask_with_judge_and_gold_answer(judge_server):
+    fn = judged(judge_server)
+    row = {"reward_spec": {"method": "datatask", "ground_truth": "the table", "function": "llm_as_judgement_accuracy"},
+           "input_seq": "Save the table", "answer": "42", "code_calls": 2, "code_errors": 1}
+    # judge accuracy 3/5, answer 1, code 1/2
+    assert fn.score(trajectory(), row) == pytest.approx(
+        {"judge_accuracy": 0.6, "answer": 1.0, "code": 0.5, "total": (0.6 + 1.0 + 0.5) / 3})
+    # no code step: the judge and the answer only
+    assert fn.score(trajectory(answer="Answer: 7"), {**row, "code_calls": 0, "code_errors": 0}) == pytest.approx(
+        {"judge_accuracy": 0.6, "answer": 0.0, "total": 0.3})
 
 
 def test_research_report_dimensions_with_weights(judge_server):

@@ -1,11 +1,14 @@
-"""``deepanalyze``: DeepAnalyze's RL reward (paper Eq. 2-3; reference/deepanalyze.md §4), with its bugs fixed.
+"""``deepanalyze``: DeepAnalyze's RL reward (arXiv:2510.16872 Eq. 2-3, and ``DeepAnalyzeEnv._get_reward`` in
+examples/deepanalyze/deepanalyze_env.py of their SkyRL copy, https://github.com/ruc-datalab/DeepAnalyze), with its
+bugs fixed.
 
     fn = stagewise.rewards.build("deepanalyze")                                   # no judge: rule terms only
     fn = stagewise.rewards.build("deepanalyze", judge={"base_url": "http://127.0.0.1:8000/v1", "model": "m"})
     fn(trajectories, reward_spec=specs, data_source=sources, input_seq=questions, code_calls=..., code_errors=...)
 
-Columns read: ``reward_spec`` (``method``, ``ground_truth``, ``function``), ``data_source`` (when the spec has no
-method), ``input_seq`` (the instruction, for the judge; else ``prompt``), and from the agent loop ``code_calls``,
+Columns read: ``reward_spec`` (``method``, ``ground_truth``, ``function``, optional ``answer``), ``data_source``
+(when the spec has no method), ``input_seq`` (the instruction, for the judge; else ``prompt``), ``answer`` (a gold
+answer, optional) and ``answer_match`` (its match kind, optional), and from the agent loop ``code_calls``,
 ``code_errors``, ``turns`` (when absent they are counted from the trajectory's Execute spans: a span is an error
 when it contains ``[Error]:``, and turns = spans + 1).
 
@@ -21,13 +24,26 @@ The rules (pure functions below, in this order):
      it has one, stripped, ``==`` the stripped ground truth (``match: normalized`` also ignores case, extra
      whitespace, a final period, thousands separators, and compares numbers as numbers).
   5. ``datatask``: the mean of each judge named in ``reward_spec.function`` (/5; the open-domain judge gives its
-     five dimensions as five terms) and the code-success rate (executions without error / executions).
+     five dimensions as five terms), the answer term when the row has a gold answer (see below), and the
+     code-success rate (code steps without error / code steps).
+     Code steps are the non-final turns: each ran a block or, having none, got the "no code" error. A trajectory
+     with no code step (it answered at its first turn) has no code term: the term is left out of the mean, as in
+     theirs (``if len(self.code_pass) > 0``), not scored 0.
+     Gold answer: the row's ``answer`` column (else ``reward_spec.answer``). The answer term is 1.0 when the last
+     Answer (after its last ``Answer:``) matches it, else 0.0, by ``answer_match`` (the row's column, else the
+     param; `answer_matches`): ``exact`` (equal after case, whitespace and a final period are ignored),
+     ``numeric`` (the prediction's one number within ``max(answer_abs_tol, answer_rel_tol * |gold|)``; thousands
+     separators, a leading currency sign and a trailing % are ignored), ``set`` (the same items in any order:
+     a list, or text split at commas, semicolons, newlines and " and "), or ``auto`` (set for a list, numeric for
+     a number, else exact). DeepAnalyze's data has no gold answer for datatasks (their judge compares the answer
+     with ``ground_truth``), so this term only appears on rows that carry one.
   6. ``openresearch`` (data_source ``research``): report = mean of the open-domain judge's five dimensions / 5,
      code-success rate, turns = min(turns / 10, 1), combined with ``research_weights`` (default: the paper's
      Eq. 3, a third each).
   Without a judge (``judge: null`` or no ``base_url``) the judge terms are left out and the rest is averaged with
-  the same weights; this is logged once. So qa = exact match, datatask = code-success rate, research =
-  ½(code + turns).
+  the same weights; this is logged once. So qa = exact match, datatask = ½(answer + code) (answer alone without
+  code steps, code alone without a gold answer), research = ½(code + turns). A datatask with no term at all (no
+  judge, no gold answer, no code step) scores 0.0: it passed the format gate and nothing else can be measured.
 
 Where we depart from DeepAnalyze's code and why:
   * Tags are read from the policy's text only. They concatenated assistant and execute contents, so a program that
@@ -35,8 +51,9 @@ Where we depart from DeepAnalyze's code and why:
     program output, `stagewise.envs.code_sandbox.defang_tags`).
   * The format gate wants complete pairs, not four substrings anywhere (``</Analyze><Analyze>`` passed theirs).
   * Code-success rate: the agent loop's own counts, where a timeout is an error (their timeout message lacked the
-    colon of ``[Error]:`` and counted as a success), and the final Answer turn is not a failed "step without an
-    observation". A trajectory that ran no code at all scores 0 on this term, as in theirs.
+    colon of ``[Error]:`` and counted as a success) and a block that ran without printing is a success (theirs
+    counted an empty observation as a failure). The term is left out when there was no code step, as in theirs.
+  * A gold ``answer`` on a datatask row adds an answer term (their data has none, so their runs are unchanged).
   * Several scalar judges each keep their own term; theirs stored them under one key, the last overwriting the
     others. Each judge name in ``reward_spec.function`` counts once.
   * A judge that fails or answers without a parsable score makes the sample None ("cannot be scored", counted in
@@ -147,9 +164,94 @@ def exact_match(prediction: Optional[str], gold: Any, match: str = "exact") -> f
     return float(pn is not None and gn is not None and math.isclose(pn, gn, rel_tol=1e-9, abs_tol=1e-9))
 
 
-def code_success_rate(calls: int, errors: int) -> float:
-    """Executions without error / executions; 0.0 when no code ran."""
-    return 0.0 if calls <= 0 else max(0.0, (calls - errors) / calls)
+def code_success_rate(calls: int, errors: int) -> Optional[float]:
+    """Code steps without error / code steps; None (the term is left out) when there was no code step."""
+    return None if calls <= 0 else max(0.0, (calls - errors) / calls)
+
+
+ANSWER_MATCHES = ("auto", "exact", "numeric", "set")
+_SPLIT_ITEMS = re.compile(r"\s*(?:[,;\n]|\band\b)\s*", re.IGNORECASE)
+_ANY_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
+
+
+def _list_like(gold: Any) -> Optional[List[Any]]:
+    """The items of a list-valued gold answer (a list, tuple, set or array, or a JSON list string), else None."""
+    if isinstance(gold, str):
+        t = gold.strip()
+        if t.startswith("[") and t.endswith("]"):
+            try:
+                value = json.loads(t)
+            except ValueError:
+                return None
+            return list(value) if isinstance(value, list) else None
+        return None
+    if isinstance(gold, (list, tuple, set, frozenset)) or (hasattr(gold, "tolist") and hasattr(gold, "__len__")):
+        return list(gold.tolist() if hasattr(gold, "tolist") else gold)
+    return None
+
+
+def whole_number(text: str) -> Optional[float]:
+    """The number the whole text is, once a leading currency sign, a trailing % or period and thousands
+    separators are dropped; else None."""
+    t = text.strip().rstrip(".").strip()
+    t = re.sub(r"^[$€£¥]\s*", "", t)
+    t = t[:-1].strip() if t.endswith("%") else t
+    if _NUMBER.fullmatch(t) or re.fullmatch(r"[-+]?\.\d+", t):
+        return float(t.replace(",", ""))
+    return None
+
+
+def parse_number(text: str) -> Optional[float]:
+    """The one number a prediction states: `whole_number`, else the only number in the text; None when there is
+    none or several."""
+    value = whole_number(text)
+    if value is not None:
+        return value
+    found = _ANY_NUMBER.findall(text)
+    return float(found[0].replace(",", "")) if len(found) == 1 else None
+
+
+def _item_key(item: Any) -> str:
+    text = _normalize(str(item).strip().strip("'\"").strip())
+    number = whole_number(text)
+    return repr(number) if number is not None else text
+
+
+def answer_items(text: Any) -> frozenset:
+    """A set answer's items, normalised (numbers as numbers): a list, or text split at , ; newlines and " and "."""
+    items = _list_like(text)
+    if items is None:
+        t = str(text).strip()
+        if len(t) >= 2 and t[0] in "[({" and t[-1] in "])}":
+            t = t[1:-1]
+        items = [x for x in _SPLIT_ITEMS.split(t) if x.strip()]
+    return frozenset(_item_key(x) for x in items if str(x).strip().strip("'\"").strip())
+
+
+def answer_kind(gold: Any, kind: str = "auto") -> str:
+    """``set`` for a list-valued gold answer, ``numeric`` for a number, else ``exact`` (when ``kind`` is auto)."""
+    if kind != "auto":
+        return kind
+    if _list_like(gold) is not None:
+        return "set"
+    return "numeric" if whole_number(str(gold)) is not None else "exact"
+
+
+def answer_matches(prediction: Optional[str], gold: Any, kind: str = "auto", rel_tol: float = 1e-6,
+                   abs_tol: float = 1e-9) -> float:
+    """1.0 when ``prediction`` matches the gold answer by ``kind`` (see the module docstring), else 0.0."""
+    if kind not in ANSWER_MATCHES:
+        raise ValueError(f"deepanalyze: answer_match must be one of {ANSWER_MATCHES}, got {kind!r}")
+    if prediction is None or is_missing(gold):
+        return 0.0
+    kind = answer_kind(gold, kind)
+    if kind == "set":
+        expected = answer_items(gold)
+        return float(bool(expected) and answer_items(prediction) == expected)
+    if kind == "numeric":
+        p, g = parse_number(prediction), whole_number(str(gold))
+        return float(p is not None and g is not None and abs(p - g) <= max(abs_tol, rel_tol * abs(g)))
+    return float(_normalize(prediction) == _normalize(str(gold)))
 
 
 def execute_outcomes(text: str) -> tuple:
@@ -286,10 +388,18 @@ class DeepAnalyze(SampleReward):
 
     def __init__(self, judge: Optional[Dict[str, Any]] = None, match: str = "exact",
                  research_weights: Optional[Dict[str, float]] = None, full_credit_turns: int = 10,
-                 datatask_judge: str = ACCURACY_JUDGE):
+                 datatask_judge: str = ACCURACY_JUDGE, answer_match: str = "auto", answer_rel_tol: float = 1e-6,
+                 answer_abs_tol: float = 1e-9):
         global _said_no_judge
         if match not in ("exact", "normalized"):
             raise ValueError(f"deepanalyze: match must be 'exact' or 'normalized', got {match!r}")
+        if answer_match not in ANSWER_MATCHES:
+            raise ValueError(f"deepanalyze: answer_match must be one of {ANSWER_MATCHES}, got {answer_match!r}")
+        if not (answer_rel_tol >= 0 and answer_abs_tol >= 0):
+            raise ValueError(f"deepanalyze: answer_rel_tol={answer_rel_tol} and answer_abs_tol={answer_abs_tol} "
+                             "must be >= 0")
+        self.answer_match = answer_match
+        self.answer_rel_tol, self.answer_abs_tol = float(answer_rel_tol), float(answer_abs_tol)
         weights = dict(DEFAULT_RESEARCH_WEIGHTS if research_weights is None else research_weights)
         unknown = sorted(set(weights) - set(DEFAULT_RESEARCH_WEIGHTS))
         if unknown or any(float(v) < 0 for v in weights.values()):
@@ -318,7 +428,8 @@ class DeepAnalyze(SampleReward):
         elif not _said_no_judge:
             _said_no_judge = True
             logger.warning("deepanalyze: no judge configured (reward params judge.base_url): the judge terms are "
-                           "left out; qa = exact match, datatask = code-success rate, research = code + turns")
+                           "left out; qa = exact match, datatask = gold answer (where the row has one) + code-success rate, "
+                           "research = code + turns")
 
     # ---------------------------------------------------------------------------------------- scoring
     def per_sample(self, completion: str, row: Row) -> float:
@@ -348,15 +459,31 @@ class DeepAnalyze(SampleReward):
             if self.judge is not None:
                 for name in judge_names(spec, self.datatask_judge):
                     terms.update(self._judge_terms(name, question, reference, completion, own))
-            terms["code"] = code
-            return {**terms, "total": weighted_mean(terms)}
+            answer = self._gold_answer(row, spec)
+            if answer is not None:
+                kind = row.get("answer_match")
+                kind = self.answer_match if is_missing(kind) else str(kind)
+                terms["answer"] = answer_matches(last_answer(own), answer, kind, self.answer_rel_tol,
+                                                 self.answer_abs_tol)
+            if code is not None:
+                terms["code"] = code
+            return {**terms, "total": weighted_mean(terms) if terms else 0.0}
         # openresearch
         if self.judge is not None:
             dims = self._judge_terms(OPENDOMAIN_JUDGE, question, reference, completion, own)
             terms["report"] = sum(dims.values()) / len(dims)
-        terms["code"] = code
+        if code is not None:
+            terms["code"] = code
         terms["turns"] = turns_reward(self._turns(completion, row), self.full_credit_turns)
         return {**terms, "total": weighted_mean(terms, self.research_weights)}
+
+    @staticmethod
+    def _gold_answer(row: Row, spec: Mapping[str, Any]) -> Any:
+        """The row's gold answer (``answer`` column, else ``reward_spec.answer``), or None."""
+        for value in (row.get("answer"), spec.get("answer")):
+            if _list_like(value) is not None or not is_missing(value):
+                return value
+        return None
 
     def _code_facts(self, completion: str, row: Row) -> tuple:
         calls, errors = row.get("code_calls"), row.get("code_errors")
@@ -390,5 +517,5 @@ class DeepAnalyze(SampleReward):
         return parse_score(reply, low, high)
 
 
-__all__ = ["DeepAnalyze", "code_is_fenced", "code_success_rate", "exact_match", "format_ok", "last_answer",
-           "strip_execute", "turns_reward", "weighted_mean"]
+__all__ = ["DeepAnalyze", "answer_matches", "code_is_fenced", "code_success_rate", "exact_match", "format_ok",
+           "last_answer", "parse_number", "strip_execute", "turns_reward", "weighted_mean"]

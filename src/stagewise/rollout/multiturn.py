@@ -33,7 +33,8 @@ Per-trajectory facts go to ``batch.extra["columns"]`` (``turns``, ``code_calls``
 (``reward=deepanalyze`` reads the code-success rate from them) and logs as ``env/<name>/mean``;
 ``batch.extra["timing"]`` has the seconds spent generating and in the env.
 
-Where we depart from DeepAnalyze's SkyRL generator (reference/deepanalyze.md §3-§4):
+Where we depart from DeepAnalyze's SkyRL generator (skyrl_train/generators/skyrl_gym_generator.py in their copy,
+https://github.com/ruc-datalab/DeepAnalyze):
   * Their generator re-tokenised each model turn's text; we keep the sampled token ids, so the trained tokens are
     exactly the sampled ones (no re-tokenisation drift at turn boundaries).
   * Batched: one generate call per turn over all live trajectories (theirs: ``batched=false``, one agent loop per
