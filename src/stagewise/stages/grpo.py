@@ -500,8 +500,11 @@ def sample_records(rounds: List[Dict[str, Any]], rank: int, n: int, adv_of: Dict
                 "kept": adv is not None,
                 "prompt_tokens": len(batch.prompt_ids[j]), "completion_tokens": len(batch.completion_ids[j]),
                 "completion_chars": len(batch.texts[j]), "truncated": bool(batch.truncated[j]),
-                "turns": int(batch.extra.get("columns", {}).get("turns", [1] * len(batch))[j]),
+                "turns": 1, "finish_reason": "length" if batch.truncated[j] else "stop",
             }
+            # multi-turn facts (turns, code_calls, code_errors, code_timeouts, answered, finish_reason)
+            rec.update({k: (v[j].item() if hasattr(v[j], "item") else v[j])
+                        for k, v in batch.extra.get("columns", {}).items()})
             for gold in ("answer", "solution", "target"):
                 if gold in columns:
                     rec[gold] = str(columns[gold][g])
