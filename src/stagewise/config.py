@@ -30,6 +30,8 @@ DEEPANALYZE_TAGS: List[str] = [
 ]
 REASONING_TAGS: List[str] = ["<think>", "</think>", "<answer>", "</answer>"]
 
+# DeepSeek-R1-Zero's template (arXiv:2501.12948, table 1) as a system prompt. No code injects it: the data YAMLs of
+# R1-Zero-style prompt sets (countdown, countdown_tiny, deepscaler, numina_tir) carry this text as data.system_prompt.
 R1_ZERO_SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
     "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
@@ -107,7 +109,9 @@ class DataConfig:
     overlong: str = "drop"  # drop (ms-swift `delete`) | truncate
     packing: bool = False
     on_bad_row: str = "error"  # error | skip
-    system_prompt: Optional[str] = None  # for prompt datasets (GRPO); None keeps the data's own
+    # Replaces every conversation's system message, in SFT data and in prompts alike ("" = none); None keeps the
+    # data's own. Each data YAML sets its default (the R1-Zero-style prompt sets carry R1_ZERO_SYSTEM_PROMPT's text).
+    system_prompt: Optional[str] = None
     num_proc: int = 1
     cache_dir: Optional[str] = None  # defaults to ${paths.cache_dir}/tokenized
     max_prompt_length: int = 1024

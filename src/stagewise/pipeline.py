@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "pipeline_state.json"
 SUMMARY_FILE = "pipeline_summary.json"
-MODEL_PRODUCING = ("vocab", "sft", "grpo")
 STAGE_REF = re.compile(r"@([A-Za-z0-9_.\-]+)/")
 # metrics shown in the summary line, in this order of preference (then any other eval/ and rs/ keys)
 SUMMARY_KEYS = ("eval/accuracy_start", "eval/accuracy", "eval/pass@1", "eval/reward/total/mean", "eval/loss",
@@ -162,8 +161,11 @@ def stage_kind(overrides: list[str], where: str = "") -> str:
     """The stage a list of overrides selects, composed for real (experiment files count)."""
     from hydra import compose
 
+    from stagewise.config import validate_config
+
     cfg = compose(config_name="train", return_hydra_config=True,
                   overrides=[o for o in overrides if not override_key(o).startswith("hydra.")])
+    validate_config(cfg)  # a key that stage's schema lacks fails now, before the first stage runs
     if not cfg.hydra.runtime.choices.get("stage"):
         raise ValueError(f"pipeline stage {where!r} chooses no stage: add stage=<name> or experiment=<recipe> to its "
                          "overrides")

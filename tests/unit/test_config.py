@@ -202,3 +202,17 @@ def test_a_printed_config_is_checked_against_the_schema_its_name_selects():
     printed.stage.new_tokens = ["<a>"]
     with pytest.raises(UnknownConfigKeyError, match=r"stage.new_tokens \(not a field of GRPOStage"):
         validate_config(printed)
+
+
+def test_a_pipeline_stage_with_a_key_of_another_stage_fails_before_the_pipeline_runs():
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from stagewise.pipeline import stage_kind
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        assert stage_kind(["stage=grpo", "stage.prompts_per_step=4", "pipeline=none"], where="rl") == "grpo"
+        with pytest.raises(UnknownConfigKeyError, match=r"unknown config key stage.prompts_per_step \(not a field "
+                                                        r"of SFTStage"):
+            stage_kind(["stage=sft", "stage.prompts_per_step=4", "pipeline=none"], where="warmup")

@@ -48,3 +48,30 @@ def test_tiny_presets_share_the_system_prompt_and_fit_their_lengths():
     assert (stats.rows_out, stats.overlong_dropped) == (50, 0)
     prompts = load_prompt_dataset(grpo, tok)
     assert prompts.stats["train"].too_long_dropped == 0 and len(prompts.eval) == 10
+
+
+R1_ZERO_STYLE = ["countdown", "countdown_tiny", "deepscaler", "numina_tir"]
+
+
+@pytest.mark.parametrize("name", R1_ZERO_STYLE)
+def test_r1_zero_style_data_carry_the_r1_zero_prompt_in_yaml(name):
+    """The system prompt is data config, not stage code: every stage (SFT's in-loop eval included) reads it."""
+    from stagewise.config import R1_ZERO_SYSTEM_PROMPT
+
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(CONF / f"{name}.yaml"))
+    assert cfg.system_prompt == R1_ZERO_SYSTEM_PROMPT
+
+
+def test_prompts_get_the_data_system_prompt_with_no_default_from_code():
+    from stagewise.config import R1_ZERO_SYSTEM_PROMPT
+    from stagewise.data import load_prompt_dataset
+    from stagewise.models import tiny_tokenizer
+
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(CONF / "countdown_tiny.yaml"))
+    cfg.sources[0].generator_kwargs.n = 4
+    cfg.eval_sources[0].generator_kwargs.n = 2
+    data = load_prompt_dataset(cfg, tiny_tokenizer())  # as GRPO, eval and rejection sampling call it
+    for split in (data.train, data.eval):
+        assert {row["messages"][0]["content"] for row in split} == {R1_ZERO_SYSTEM_PROMPT}
+    cfg.system_prompt = ""  # the YAML default is a plain field: "" turns it off
+    assert load_prompt_dataset(cfg, tiny_tokenizer()).train[0]["messages"][0]["role"] == "user"

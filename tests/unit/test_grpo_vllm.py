@@ -96,7 +96,10 @@ def fake(tmp_path):
 
 
 def client_cfg(url):
-    return OmegaConf.create({"rollout": {"server_url": url}, "hardware": {"deepspeed": {"zero_stage": 0}}})
+    from stagewise.config import RolloutConfig
+
+    return OmegaConf.create({"rollout": OmegaConf.structured(RolloutConfig(server_url=url)),
+                             "hardware": {"deepspeed": {"zero_stage": 0}}})
 
 
 def test_server_generation_is_parsed_exactly(fake, tmp_path):

@@ -2,9 +2,9 @@
 
 Every source goes through the same readers and adapters as SFT data, so any table with ``problem`` (or ``prompt``,
 or ``messages``) works; the conversation is cut before its first assistant message. The system prompt is set as
-follows: ``data.system_prompt`` (when not null; ``""`` means none) replaces the data's own; otherwise the caller's
-``system_prompt`` (GRPO passes the R1-Zero template, `stagewise.config.R1_ZERO_SYSTEM_PROMPT`) is added to
-conversations that have none; otherwise the data's own is kept. Then the chat template is applied with
+follows: ``data.system_prompt`` (when not null; ``""`` means none) replaces the data's own (its per-dataset default
+is in ``conf/data/<name>.yaml``, e.g. the R1-Zero template for countdown); otherwise a caller's ``system_prompt``
+argument, if any, is added to conversations that have none (the stages pass none); otherwise the data's own is kept. Then the chat template is applied with
 ``add_generation_prompt=True``.
 
 Output columns: ``messages`` (the prompt conversation), ``prompt`` (the rendered text), ``prompt_ids``,

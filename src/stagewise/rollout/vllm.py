@@ -105,7 +105,7 @@ def engine_model_path(cfg, policy, tokenizer, run_dir) -> str:
 
 
 def lora_sync_mode(cfg) -> str:
-    mode = getattr(cfg.rollout, "lora_sync", "merged")
+    mode = cfg.rollout.lora_sync
     if mode not in LORA_SYNC_MODES:
         raise ValueError(f"rollout.lora_sync={mode!r} is not one of {', '.join(LORA_SYNC_MODES)}")
     return mode

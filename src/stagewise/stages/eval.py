@@ -27,7 +27,6 @@ import time
 
 from omegaconf import DictConfig
 
-from stagewise.config import R1_ZERO_SYSTEM_PROMPT
 from stagewise.data import load_prompt_dataset
 from stagewise.evaluation import (
     EvalSpec,
@@ -56,7 +55,7 @@ def run(cfg: DictConfig) -> dict:
     run_folder = RunFolder(cfg.run_dir)
     model, tokenizer = load_policy(icfg, acc)
     with acc.main_process_first():
-        data = load_prompt_dataset(cfg.data, tokenizer, system_prompt=R1_ZERO_SYSTEM_PROMPT)
+        data = load_prompt_dataset(cfg.data, tokenizer)
     prompts, split = (data.eval, "eval") if data.eval is not None else (data.train, "train")
     rewards = RewardRunner(cfg.reward)
     rollout = build_generator(icfg, model, tokenizer, accelerator=acc, run_dir=run_folder.root)

@@ -73,7 +73,6 @@ from stagewise.algorithms import (
     token_logprobs_from_logits,
     truncated_is_weights,
 )
-from stagewise.config import R1_ZERO_SYSTEM_PROMPT
 from stagewise.data import load_prompt_dataset
 from stagewise.models import load_model_and_tokenizer, num_params
 from stagewise.rewards import RewardRunner
@@ -116,7 +115,7 @@ def run(cfg: DictConfig) -> dict:
     ref_model = frozen_copy(model) if alg.beta > 0 and not cfg.model.lora.enabled else None
     model = prepare_model(model, cfg)
     with acc.main_process_first():
-        data = load_prompt_dataset(cfg.data, tokenizer, system_prompt=R1_ZERO_SYSTEM_PROMPT)
+        data = load_prompt_dataset(cfg.data, tokenizer)
     train_ds, eval_ds = data.train, data.eval
     plan = StepPlan.build(cfg, acc.num_processes, len(train_ds))
     rewards = RewardRunner(cfg.reward)

@@ -45,7 +45,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from stagewise.config import R1_ZERO_SYSTEM_PROMPT
 from stagewise.data import load_prompt_dataset
 from stagewise.evaluation import (
     EvalSpec,
@@ -81,7 +80,7 @@ def run(cfg: DictConfig) -> dict:
     run_folder = RunFolder(cfg.run_dir)
     model, tokenizer = load_policy(icfg, acc)
     with acc.main_process_first():
-        prompts = load_prompt_dataset(cfg.data, tokenizer, system_prompt=R1_ZERO_SYSTEM_PROMPT).train
+        prompts = load_prompt_dataset(cfg.data, tokenizer).train
         general_ds = load_general_data(cfg)  # read now: a bad path fails before hours of sampling
     rewards = RewardRunner(cfg.reward)
     rollout = build_generator(icfg, model, tokenizer, accelerator=acc, run_dir=run_folder.root)
