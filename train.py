@@ -21,6 +21,7 @@ from omegaconf import DictConfig, open_dict
 
 from stagewise.config import register_configs, validate_config
 from stagewise.run_folder import register_resolvers
+from stagewise.tracking.logs import job
 
 STAGES = {
     "vocab": "stagewise.stages.vocab",
@@ -42,6 +43,7 @@ def run_stage(cfg: DictConfig):
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@job  # secrets redacted from every log line; a fatal error goes to train.log too, with its traceback
 def main(cfg: DictConfig):
     from stagewise.launch import needs_relaunch, relaunch_distributed
     from stagewise.training.distributed_env import setup_distributed_env

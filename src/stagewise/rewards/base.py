@@ -21,9 +21,9 @@ import abc
 import logging
 import math
 import threading
+import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from math_verify.errors import TimeoutException as MathVerifyTimeout
 
@@ -125,12 +125,85 @@ def run_one(reward: SampleReward, completion: str, row: Row) -> Outcome:
         return False, traceback.format_exc()
 
 
-def run_threaded(reward: SampleReward, completions: Sequence[str], rows: Sequence[Row], concurrency: int
-                 ) -> List[Outcome]:
-    """``per_sample`` on ``concurrency`` threads, results in order. No deadline here: a thread reward bounds its
-    own calls (the judge's socket timeout and retry budget), since a Python thread cannot be killed."""
-    with ThreadPoolExecutor(max_workers=max(1, int(concurrency)), thread_name_prefix=f"reward-{reward.name}") as pool:
-        return list(pool.map(lambda cr: run_one(reward, *cr), zip(completions, rows)))
+def run_threaded(reward: SampleReward, completions: Sequence[str], rows: Sequence[Row], concurrency: int,
+                 timeout_s: Optional[float] = None) -> List[Outcome]:
+    """``per_sample`` on ``concurrency`` threads, results in order, each call bounded by ``timeout_s``."""
+    return run_bounded(lambda i: reward.per_sample(completions[i], rows[i]), len(completions), timeout_s,
+                       concurrency, name=reward.name)
+
+
+TIMEOUT_PREFIX = "RewardTimeout:"
+
+
+def is_timeout(outcome_text: Any) -> bool:
+    """Whether a failed outcome's text is a time limit (the runner's own, or a reward's RewardTimeout /
+    math-verify's TimeoutException)."""
+    text = str(outcome_text)
+    last = text.strip().splitlines()[-1] if text.strip() else ""
+    return text.startswith(TIMEOUT_PREFIX) or "RewardTimeout" in last or "TimeoutException" in last
+
+
+def run_bounded(call: Callable[[int], Any], n: int, timeout_s: Optional[float], concurrency: int = 1,
+                name: str = "reward") -> List[Outcome]:
+    """``call(i)`` for ``i in range(n)`` on ``concurrency`` daemon threads, outcomes in order; each call gets
+    ``timeout_s`` seconds from its start. A call that overruns is reported as ``RewardTimeout`` and its thread is
+    abandoned (a Python thread cannot be killed: its late result is dropped) and replaced, so the batch goes on.
+    Rewards that can spin in C for ever belong in the process pool (``executor = "process"``), which kills."""
+    if n == 0:
+        return []
+    results: List[Optional[Outcome]] = [None] * n
+    cond = threading.Condition()
+    state = {"next": 0, "workers": 0}
+    running: Dict[int, Tuple[int, float]] = {}  # worker id -> (index, start)
+    abandoned: set = set()
+    ids = iter(range(1 << 30))
+
+    def worker(wid: int) -> None:
+        while True:
+            with cond:
+                if wid in abandoned or state["next"] >= n:
+                    running.pop(wid, None)
+                    state["workers"] -= 1
+                    cond.notify_all()
+                    return
+                i = state["next"]
+                state["next"] += 1
+                running[wid] = (i, time.monotonic())
+            try:
+                outcome: Outcome = (True, call(i))
+            except CAUGHT:
+                outcome = (False, traceback.format_exc())
+            with cond:
+                if wid in abandoned:
+                    return
+                results[i] = outcome
+                running.pop(wid, None)
+
+    def start() -> None:
+        wid = next(ids)
+        state["workers"] += 1
+        threading.Thread(target=worker, args=(wid,), name=f"reward-{name}-{wid}", daemon=True).start()
+
+    with cond:
+        for _ in range(max(1, min(int(concurrency), n))):
+            start()
+        while state["workers"] > 0:
+            now = time.monotonic()
+            if timeout_s is not None:
+                for wid, (i, t0) in list(running.items()):
+                    if now - t0 >= timeout_s:
+                        abandoned.add(wid)
+                        running.pop(wid)
+                        state["workers"] -= 1
+                        results[i] = (False, f"{TIMEOUT_PREFIX} no result within {timeout_s:g}s (thread abandoned)")
+                        if state["next"] < n:
+                            start()
+                deadlines = [t0 + timeout_s for _, t0 in running.values()]
+                wait = max(0.001, min(deadlines) - now) if deadlines else 0.05
+            else:
+                wait = 1.0
+            cond.wait(timeout=wait)
+    return [r if r is not None else (False, "reward not run") for r in results]
 
 
 # ------------------------------------------------------------------------------------------------ columns

@@ -4,14 +4,16 @@
     result = runner(completions, **columns)     # RewardResult(total, per_fn, metrics)
     runner.close()                              # or use it as a context manager
 
-Scheduling, by each reward's ``executor``:
-    process  per sample, in a worker pool (``num_workers``) with a hard ``timeout_s`` per sample (sympy can hang);
-             several such rewards share the pool
-    thread   per sample, on ``reward.concurrency`` threads; the reward bounds its own calls (the judge has
-             socket timeouts and a retry budget)
-    inline   per sample, in the caller's thread (regex/arithmetic rewards: microseconds)
-    batch    one call for the whole batch (reward model, users' plain functions); if it raises, it is retried one
-             sample at a time so the failure is pinned to its samples
+Scheduling, by each reward's ``executor``; every call is bounded by ``timeout_s``:
+    process  per sample, in a worker pool (``num_workers``) with a hard ``timeout_s`` per sample (sympy can hang):
+             an overrunning worker is killed; several such rewards share the pool
+    thread   per sample, on ``reward.concurrency`` threads, ``timeout_s`` per sample (the judge also bounds its own
+             requests with socket timeouts and a retry budget)
+    inline   per sample, on one helper thread, ``timeout_s`` per sample (regex/arithmetic rewards: microseconds)
+    batch    one call for the whole batch (users' plain functions: ``timeout_s`` for the call; the reward model:
+             ``timeout_s`` per sample); if it raises, it is retried one sample at a time so the failure is pinned to
+             its samples (a timeout is not retried)
+An in-process call that overruns is abandoned (its thread cannot be killed; its late result is dropped).
 The pool and the thread rewards run in the background while inline and batch rewards run in the caller.
 
 Failure isolation: a sample whose reward raises, times out or kills its worker scores None for that function; the
@@ -22,7 +24,8 @@ traceback is logged once per (function, error) and the count goes to ``rewards/<
 logged as a warning, so it never poisons a group's advantage with NaN.
 
 Metrics (population std, ddof=0; NaN when a function scored nothing): ``reward/<fn>/{mean,std,min,max}``,
-``reward/<fn>/none`` (count of None, errors included), ``rewards/<fn>/errors``, ``reward/total/{mean,std}``,
+``reward/<fn>/none`` (count of None, errors included), ``rewards/<fn>/errors`` (samples whose call failed, time
+limits included), ``rewards/<fn>/timeouts`` (of those, the ones that hit ``timeout_s``), ``reward/total/{mean,std}``,
 ``reward/total/unscored``. ``<fn>`` is the display name: the registry name, the attribute name of a custom
 ``module:fn``, or the function config's ``alias`` if the schema has one; a name used twice becomes ``name_2``...
 """
@@ -33,11 +36,12 @@ import logging
 import math
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from stagewise.rewards.base import (CAUGHT, ErrorLog, Outcome, Reward, SampleReward, run_one, run_threaded,
-                                    rows_of)
+from stagewise.rewards.base import (CAUGHT, ErrorLog, Outcome, Reward, SampleReward, is_timeout, rows_of,
+                                    run_bounded, run_threaded)
+from stagewise.rewards.custom import FunctionReward
 from stagewise.rewards.pool import WorkerPool
 
 logger = logging.getLogger("stagewise.rewards")
@@ -48,6 +52,17 @@ class RewardResult:
     total: List[float]
     per_fn: Dict[str, List[Optional[float]]]
     metrics: Dict[str, float]
+    failed: Dict[str, List[bool]] = field(default_factory=dict)  # per sample: raised, timed out or worker died
+    timed_out: Dict[str, List[bool]] = field(default_factory=dict)  # per sample: hit ``timeout_s``
+
+    def sample_flags(self) -> Dict[str, List[float]]:
+        """``rewards/<fn>/errors`` and ``rewards/<fn>/timeouts`` as one 0/1 value per sample (a training loop
+        gathers them over ranks and sums them over its logging window)."""
+        out: Dict[str, List[float]] = {}
+        for name, flags in self.failed.items():
+            out[f"rewards/{name}/errors"] = [float(f) for f in flags]
+            out[f"rewards/{name}/timeouts"] = [float(f) for f in self.timed_out.get(name, [False] * len(flags))]
+        return out
 
 
 @dataclass
@@ -136,9 +151,11 @@ class RewardRunner:
         completions = list(completions)
         rows = rows_of(completions, columns)
         columns = {k: list(v) for k, v in columns.items()}
+        n = len(completions)
         outcomes: Dict[str, List[Outcome]] = {}
         scores: Dict[str, List[Optional[float]]] = {}
-        errors: Dict[str, int] = {e.name: 0 for e in self.entries}
+        failed: Dict[str, List[bool]] = {e.name: [False] * n for e in self.entries}
+        timed_out: Dict[str, List[bool]] = {e.name: [False] * n for e in self.entries}
 
         def kind(e: _Entry) -> str:
             if not isinstance(e.reward, SampleReward):
@@ -152,12 +169,15 @@ class RewardRunner:
         with ThreadPoolExecutor(max_workers=1 + len(threaded), thread_name_prefix="reward-runner") as background:
             pool_job = background.submit(self._run_pool, pooled, completions, rows) if pooled and rows else None
             thread_jobs = {e.name: background.submit(run_threaded, e.reward, completions, rows,
-                                                     getattr(e.reward, "concurrency", 1)) for e in threaded}
+                                                     getattr(e.reward, "concurrency", 1), self.timeout_s)
+                           for e in threaded}
             for e in self.entries:
                 if kind(e) == "inline":
-                    outcomes[e.name] = [run_one(e.reward, c, r) for c, r in zip(completions, rows)]
+                    outcomes[e.name] = run_bounded(lambda i, r=e.reward: r.per_sample(completions[i], rows[i]), n,
+                                                   self.timeout_s, 1, name=e.name)
                 elif kind(e) == "batch":
-                    scores[e.name], errors[e.name] = self._run_batch(e, completions, columns, rows)
+                    scores[e.name] = self._run_batch(e, completions, columns, rows, failed[e.name],
+                                                     timed_out[e.name])
             if pool_job is not None:
                 outcomes.update(pool_job.result())
             for name, job in thread_jobs.items():
@@ -167,9 +187,10 @@ class RewardRunner:
             if e.name in scores:
                 continue
             values = []
-            for ok, value in outcomes.get(e.name, []):
+            for i, (ok, value) in enumerate(outcomes.get(e.name, [])):
                 if not ok:
-                    errors[e.name] += 1
+                    failed[e.name][i] = True
+                    timed_out[e.name][i] = is_timeout(value)
                     self._errors.report(e.name, value)
                 values.append(value if ok else None)
             try:
@@ -178,10 +199,10 @@ class RewardRunner:
             except CAUGHT:
                 self._errors.report(e.name, traceback.format_exc())
                 scores[e.name] = [None] * len(completions)
-                errors[e.name] = len(completions)
+                failed[e.name] = [True] * n
 
         per_fn = {e.name: scores[e.name] for e in self.entries}
-        return self._combine(per_fn, errors, len(completions))
+        return self._combine(per_fn, failed, timed_out, n)
 
     def _run_pool(self, entries: List[_Entry], completions: List[str], rows: List[Dict[str, Any]]
                   ) -> Dict[str, List[Outcome]]:
@@ -196,24 +217,36 @@ class RewardRunner:
         n = len(completions)
         return {e.name: results[k * n:(k + 1) * n] for k, e in enumerate(entries)}
 
-    def _run_batch(self, e: _Entry, completions: List[str], columns: Dict[str, List[Any]],
-                   rows: List[Dict[str, Any]]) -> tuple:
-        try:
-            return _floats(e.reward(completions, **columns), len(completions)), 0
-        except CAUGHT:
-            self._errors.report(e.name, traceback.format_exc())
-        values: List[Optional[float]] = []
-        failed = 0
-        for c, row in zip(completions, rows):
-            try:
-                values.append(_floats(e.reward([c], **{k: [v] for k, v in row.items()}), 1)[0])
-            except CAUGHT:
-                self._errors.report(e.name, traceback.format_exc())
-                values.append(None)
-                failed += 1
-        return values, failed
+    def _batch_deadline(self, e: _Entry, n: int) -> float:
+        """A user's plain function gets ``timeout_s`` per call (the issue's sleeping function stops the step for
+        ``timeout_s``, not 30 s); a built-in batch reward (the reward model scores in batches) ``timeout_s`` per
+        sample."""
+        return self.timeout_s if isinstance(e.reward, FunctionReward) else self.timeout_s * max(1, n)
 
-    def _combine(self, per_fn: Dict[str, List[Optional[float]]], errors: Dict[str, int], n: int) -> RewardResult:
+    def _run_batch(self, e: _Entry, completions: List[str], columns: Dict[str, List[Any]],
+                   rows: List[Dict[str, Any]], failed: List[bool], timed_out: List[bool]) -> List[Optional[float]]:
+        n = len(completions)
+        [(ok, value)] = run_bounded(lambda _: _floats(e.reward(completions, **columns), n), 1,
+                                    self._batch_deadline(e, n), name=e.name)
+        if ok:
+            return value
+        self._errors.report(e.name, value)
+        if is_timeout(value):  # retrying one sample at a time would cost n more time limits
+            failed[:] = [True] * n
+            timed_out[:] = [True] * n
+            return [None] * n
+        outcomes = run_bounded(lambda i: _floats(e.reward([completions[i]], **{k: [v] for k, v in rows[i].items()}),
+                                                 1)[0], n, self._batch_deadline(e, 1), name=e.name)
+        values: List[Optional[float]] = []
+        for i, (ok, value) in enumerate(outcomes):
+            if not ok:
+                self._errors.report(e.name, value)
+                failed[i], timed_out[i] = True, is_timeout(value)
+            values.append(value if ok else None)
+        return values
+
+    def _combine(self, per_fn: Dict[str, List[Optional[float]]], failed: Dict[str, List[bool]],
+                 timed_out: Dict[str, List[bool]], n: int) -> RewardResult:
         weights = {e.name: e.weight for e in self.entries}
         total: List[float] = []
         unscored = 0
@@ -231,12 +264,13 @@ class RewardRunner:
             for stat, value in _stats(scored).items():
                 metrics[f"reward/{name}/{stat}"] = value
             metrics[f"reward/{name}/none"] = float(n - len(scored))
-            metrics[f"rewards/{name}/errors"] = float(errors[name])
+            metrics[f"rewards/{name}/errors"] = float(sum(failed[name]))
+            metrics[f"rewards/{name}/timeouts"] = float(sum(timed_out[name]))
         total_stats = _stats(total)
         metrics["reward/total/mean"] = total_stats["mean"]
         metrics["reward/total/std"] = total_stats["std"]
         metrics["reward/total/unscored"] = float(unscored)
-        return RewardResult(total=total, per_fn=per_fn, metrics=metrics)
+        return RewardResult(total=total, per_fn=per_fn, metrics=metrics, failed=failed, timed_out=timed_out)
 
 
 def _floats(values: Any, n: int) -> List[Optional[float]]:

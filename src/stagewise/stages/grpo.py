@@ -400,6 +400,7 @@ def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainSt
         per_fn = {name: torch.tensor([np.nan if v is None else v for v in values], dtype=torch.float32)
                   for name, values in result.per_fn.items()}
         local = per_sample_arrays(batch, total, per_fn)
+        local.update({k: torch.tensor(v, dtype=torch.float32) for k, v in result.sample_flags().items()})
         everything = gather_rows(acc, local)  # [world * L * n, K], rank-major
         global_total = everything["reward/total"].reshape(world, -1, n)  # [rank, group, sample]
         zero_std = global_total.max(-1) == global_total.min(-1)  # [rank, group]
@@ -875,6 +876,7 @@ class Window:
             out.update({f"reward/{name}/{s}": float(x) for s, x in stats.items()})
             if name != "total":
                 out[f"reward/{name}/none"] = float(np.isnan(v).sum())
+        out.update({k: float(v.sum()) for k, v in a.items() if k.startswith("rewards/")})  # errors, timeouts
         lengths, truncated = a["completion_tokens"], a["truncated"].astype(bool)
         done = lengths[~truncated]
         out.update({

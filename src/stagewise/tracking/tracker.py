@@ -1,7 +1,8 @@
 """Metric sinks: console, metrics.jsonl, W&B, TensorBoard, chosen by ``logger.sinks``.
 
 Only the main process writes. Every record in metrics.jsonl is ``{"step", "stage", ...metrics}`` with plain
-floats. Secrets never reach a tracker: the config holds env-var names, not keys.
+floats. Secrets never reach a tracker: the config holds env-var names, not keys, and the values of those variables
+are masked (``stagewise.tracking.logs``) in string metrics, the W&B config and every log line.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from stagewise.tracking.alerts import TrendAlerts
+from stagewise.tracking.logs import install_redaction, redact
 
 log = logging.getLogger("stagewise")
 
@@ -61,6 +63,7 @@ class Tracker:
         if unknown:
             raise ValueError(f"logger.sinks has unknown sink(s) {unknown}; choose from {list(SINKS)}")
         self.sinks = sinks if is_main else []
+        install_redaction(cfg)  # the config's secrets are masked in every record and log line
         self._jsonl = None
         self._wandb = None
         self._tb = None
@@ -82,7 +85,7 @@ class Tracker:
                 resume="allow",
                 dir=str(self.run_dir),
                 mode=cfg.logger.wandb_mode,
-                config=OmegaConf.to_container(cfg, resolve=True),
+                config=redact(OmegaConf.to_container(cfg, resolve=True)),  # ${oc.env:..} resolves to the value
                 tags=list(cfg.tags),
             )
         if "tensorboard" in sinks:
@@ -93,7 +96,7 @@ class Tracker:
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         if not self.is_main:
             return
-        clean = {k: _plain(v) for k, v in metrics.items()}
+        clean = {k: redact(_plain(v)) for k, v in metrics.items()}
         clean.update(self.alerts.check(clean, step))  # trend alerts are printed and logged with the record
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"step": step, "stage": self.stage, "time": time.time(), **clean}) + "\n")
