@@ -25,7 +25,10 @@ Every stage also gets the pipeline run's own overrides (``python train.py pipeli
 stage ``hardware=8xa100``) and runs in its own folder ``<pipeline run>/<NN>_<name>/`` (so it can relaunch itself on
 several GPUs). ``pipeline_state.json`` records each finished stage with its overrides, outputs and metrics; a rerun
 with the same ``run_id`` skips finished stages (and warns if a finished stage's overrides have since changed); an
-interrupted stage resumes from its last checkpoint. The end prints one line per stage with its key eval metrics and
+interrupted stage resumes from its last checkpoint. Preemption: SIGUSR1/SIGTERM to the pipeline process are forwarded
+to the running stage, which checkpoints at its next step boundary and exits 75; the pipeline records it under
+``interrupted`` in ``pipeline_state.json`` and exits 75 too (a stage that exits 75 by itself does the same), so SLURM
+requeues and the rerun resumes that stage. The end prints one line per stage with its key eval metrics and
 writes ``pipeline_summary.json``.
 
 Configs: a pipeline run's own config is its stage list plus the run's overrides (``--cfg job`` prints that, and it
@@ -40,8 +43,10 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +55,7 @@ from typing import Mapping, Optional
 from omegaconf import DictConfig
 
 from stagewise.run_folder import RUN_ID_ENV
+from stagewise.training.preemption import REQUEUE_EXIT_CODE
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +157,97 @@ def load_state(root: Path) -> dict[str, StageRecord]:
         raise ValueError(f"{path} is not a pipeline state file ({e}); move it away to start this pipeline over")
 
 
-def save_state(root: Path, finished: dict[str, StageRecord]) -> None:
+def save_state(root: Path, finished: dict[str, StageRecord], interrupted: Optional[dict] = None) -> None:
+    """``{"finished": [...], "interrupted": {name, run_dir, exit, signal, checkpoint} | null}``: ``interrupted`` is the
+    stage a preemption stopped (it resumes from ``checkpoint`` on the rerun)."""
     tmp = root / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps({"finished": [asdict(r) for r in finished.values()]}, indent=2))
+    tmp.write_text(json.dumps({"finished": [asdict(r) for r in finished.values()], "interrupted": interrupted},
+                              indent=2))
     tmp.replace(root / STATE_FILE)
+
+
+def latest_checkpoint(stage_dir: Path) -> Optional[str]:
+    from stagewise.run_folder import RunFolder
+
+    found = RunFolder(stage_dir).latest_checkpoint()
+    return str(found) if found is not None else None
+
+
+# ============================================================================================ preemption
+class ForwardSignals:
+    """While a pipeline runs: SIGUSR1/SIGTERM (and submitit's preemption signal) are recorded and forwarded to the
+    running stage process, which checkpoints at its next step boundary and exits with the requeue code; the
+    pipeline then records the stage as interrupted and exits with the same code. Without this the parent died at
+    once ("User defined signal 1") and left its child running, orphaned."""
+
+    def __init__(self) -> None:
+        from stagewise.training.preemption import DEFAULT_SIGNALS, _signal, submitit_preempt_signal
+
+        self.signals = [_signal(s) for s in DEFAULT_SIGNALS]
+        extra = submitit_preempt_signal()
+        if extra is not None and extra not in self.signals:
+            self.signals.append(extra)
+        self.received: Optional[signal.Signals] = None
+        self.child: Optional[subprocess.Popen] = None
+        self._previous: dict = {}
+
+    def _on_signal(self, signum: int, frame) -> None:
+        first = self.received is None
+        self.received = signal.Signals(signum)
+        child = self.child
+        if child is not None and child.poll() is None:
+            try:
+                child.send_signal(signum)
+            except ProcessLookupError:
+                pass
+        if first:
+            os.write(2, f"[stagewise] pipeline got {self.received.name}: forwarded to the running stage; exiting "
+                        f"with code {REQUEUE_EXIT_CODE} once it has checkpointed\n".encode())
+
+    def __enter__(self) -> "ForwardSignals":
+        global _GUARD
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        _GUARD = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _GUARD
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+        self._previous.clear()
+        _GUARD = None
+
+
+_GUARD: Optional[ForwardSignals] = None
+
+
+class StageProcess:
+    """One stage's ``train.py`` child, registered with the signal forwarder while it runs; killed if the pipeline
+    itself dies of an exception (never left orphaned)."""
+
+    def __init__(self, cmd: list[str], env: dict):
+        self.proc = subprocess.Popen(cmd, env=env)
+
+    def __enter__(self) -> "StageProcess":
+        if _GUARD is not None:
+            _GUARD.child = self.proc
+        return self
+
+    def wait(self) -> int:
+        while True:
+            try:
+                return self.proc.wait()
+            except KeyboardInterrupt:  # Ctrl-C reaches the child too (same process group); wait for it
+                continue
+
+    def __exit__(self, *exc) -> None:
+        if _GUARD is not None:
+            _GUARD.child = None
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def stage_kind(overrides: list[str], where: str = "") -> str:
@@ -192,11 +285,22 @@ def run_pipeline(cfg: DictConfig, task_overrides: list[str], hydra_overrides: li
         kinds.append(stage_kind(base + expand_stage_refs(list(spec.overrides), earlier, spec.name) + ["pipeline=none"],
                                 where=spec.name))
     finished = load_state(root)
-    model_path: str | None = None
-    rs_parquet: str | None = None
     log.info("pipeline %s: %d stages (%s) in %s", cfg.pipeline.name, len(stages),
              " -> ".join(f"{n}[{k}]" for n, k in zip(names, kinds)), root)
+    with ForwardSignals() as guard:
+        return _run_stages(cfg, root, stages, names, kinds, folders, base, finished, guard)
+
+
+def _run_stages(cfg: DictConfig, root: Path, stages: list, names: list[str], kinds: list[str],
+                folders: dict[str, str], base: list[str], finished: dict[str, StageRecord],
+                guard: "ForwardSignals") -> dict:
+    model_path: str | None = None
+    rs_parquet: str | None = None
     for i, (spec, kind) in enumerate(zip(stages, kinds)):
+        if guard.received is not None and spec.name not in finished:  # signalled after the last stage ended
+            save_state(root, finished, interrupted={"name": spec.name, "run_dir": folders[spec.name], "exit": None,
+                                                    "signal": guard.received.name, "checkpoint": None})
+            raise SystemExit(REQUEUE_EXIT_CODE)
         spec_overrides = expand_stage_refs(list(spec.overrides), {n: folders[n] for n in names[:i]}, spec.name)
         if spec.name in finished:
             rec = finished[spec.name]
@@ -213,9 +317,22 @@ def run_pipeline(cfg: DictConfig, task_overrides: list[str], hydra_overrides: li
             env = {**os.environ, RUN_ID_ENV: f"{cfg.run_id}/{stage_dir.name}"}
             log.info("[%d/%d] %s: %s", i + 1, len(stages), spec.name, " ".join(cmd[2:]))
             t0 = time.time()
-            proc = subprocess.run(cmd, env=env)
-            if proc.returncode != 0:
-                raise SystemExit(f"pipeline stage {spec.name!r} failed (exit {proc.returncode}); see "
+            with StageProcess(cmd, env) as child:
+                if guard.received is not None:  # signalled between two stages: nothing to checkpoint
+                    child.proc.send_signal(guard.received)
+                returncode = child.wait()
+            if returncode == REQUEUE_EXIT_CODE or (guard.received is not None and returncode != 0):
+                save_state(root, finished, interrupted={
+                    "name": spec.name, "run_dir": str(stage_dir), "exit": returncode,
+                    "signal": guard.received.name if guard.received is not None else None,
+                    "checkpoint": latest_checkpoint(stage_dir)})
+                log.warning("pipeline stage %r stopped for requeue (exit %d%s); its checkpoint: %s. Rerun with "
+                            "run_id=%s to resume it.", spec.name, returncode,
+                            f", after {guard.received.name}" if guard.received is not None else "",
+                            latest_checkpoint(stage_dir), cfg.run_id)
+                raise SystemExit(REQUEUE_EXIT_CODE)
+            if returncode != 0:
+                raise SystemExit(f"pipeline stage {spec.name!r} failed (exit {returncode}); see "
                                  f"{stage_dir}/train.log. Rerun with run_id={cfg.run_id} to resume from here.")
             rec = StageRecord(i, spec.name, kind, str(stage_dir), round(time.time() - t0, 1),
                               outputs=stage_outputs(stage_dir), metrics=stage_metrics(stage_dir),
