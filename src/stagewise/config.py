@@ -346,6 +346,7 @@ class RewardConfig:
     functions: List[RewardFnConfig] = field(default_factory=list)
     timeout_s: float = 10.0  # per call of a slow reward (sympy, judge)
     num_workers: int = 4
+    allow_missing_columns: bool = False  # a reward's required column missing from the data: warn, don't stop
 
 
 # ---------------------------------------------------------------------------------------------------- env

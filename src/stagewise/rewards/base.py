@@ -69,6 +69,9 @@ class Reward(abc.ABC):
 
     executor: str = "inline"
     spec: Optional[Tuple[str, Dict[str, Any]]] = None
+    # columns it cannot score without, as any-of groups, e.g. (("nums",), ("target",)); None = derived from
+    # ``reads`` (gold-only readers need "answer" or "solution"); checked at data loading (RewardRunner.check_columns)
+    needs: Optional[Tuple[Tuple[str, ...], ...]] = None
 
     @property
     def name(self) -> str:

@@ -37,9 +37,9 @@ import math
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
-from stagewise.rewards.base import (CAUGHT, ErrorLog, Outcome, Reward, SampleReward, is_timeout, rows_of,
+from stagewise.rewards.base import (CAUGHT, GOLD_COLUMNS, ErrorLog, Outcome, Reward, SampleReward, is_timeout, rows_of,
                                     run_bounded, run_threaded)
 from stagewise.rewards.custom import FunctionReward
 from stagewise.rewards.pool import WorkerPool
@@ -118,6 +118,7 @@ class RewardRunner:
         functions = list(_field(cfg, "functions", []) or [])
         self.timeout_s = float(_field(cfg, "timeout_s", 10.0))
         self.num_workers = max(1, int(_field(cfg, "num_workers", 4)))
+        self.allow_missing_columns = bool(_field(cfg, "allow_missing_columns", False))
         self.entries: List[_Entry] = []
         for f, name in zip(functions, display_names(functions)):
             reward = build(str(_field(f, "name")), **_plain(_field(f, "params", {})))
@@ -204,6 +205,27 @@ class RewardRunner:
         per_fn = {e.name: scores[e.name] for e in self.entries}
         return self._combine(per_fn, failed, timed_out, n)
 
+    def missing_columns(self, columns: Iterable[str]) -> List[tuple]:
+        """``[(reward name, columns it needs, one of which is absent)]`` for the given dataset columns."""
+        present = set(columns)
+        return [(e.name, group) for e in self.entries for group in required_columns(e.reward)
+                if not present.intersection(group)]
+
+    def check_columns(self, columns: Iterable[str], where: str, allow_missing: Optional[bool] = None) -> None:
+        """Stop at data loading when a reward needs a column the data lacks (it would score None on every sample
+        and train on nothing): the error names the column(s), the reward and the data file(s). With
+        ``allow_missing`` (``reward.allow_missing_columns=true``) it is a warning instead."""
+        missing = self.missing_columns(columns)
+        if not missing:
+            return
+        parts = [f"reward {name!r} needs the column {' or '.join(repr(c) for c in group)}" for name, group in missing]
+        message = (f"{'; '.join(parts)}, but {where} has no such column (columns: {sorted(set(columns))}). Add the "
+                   "column to the data, remove the reward, or set reward.allow_missing_columns=true to train with "
+                   "that reward scoring None.")
+        if not (self.allow_missing_columns if allow_missing is None else allow_missing):
+            raise MissingColumnError(message)
+        logger.warning("%s (allowed by reward.allow_missing_columns)", message)
+
     def _run_pool(self, entries: List[_Entry], completions: List[str], rows: List[Dict[str, Any]]
                   ) -> Dict[str, List[Outcome]]:
         def ship(reward: Any, row: Dict[str, Any]) -> Dict[str, Any]:
@@ -271,6 +293,39 @@ class RewardRunner:
         metrics["reward/total/std"] = total_stats["std"]
         metrics["reward/total/unscored"] = float(unscored)
         return RewardResult(total=total, per_fn=per_fn, metrics=metrics, failed=failed, timed_out=timed_out)
+
+
+class MissingColumnError(ValueError):
+    pass
+
+
+# the registry's rewards that score nothing without these columns (the table in stagewise/rewards/__init__.py)
+BUILTIN_NEEDS: Dict[str, tuple] = {
+    "accuracy": (GOLD_COLUMNS,), "boxed_math": (GOLD_COLUMNS,), "answer_tag": (GOLD_COLUMNS,),
+    "cosine": (GOLD_COLUMNS,), "length": (GOLD_COLUMNS,), "countdown": (("nums",), ("target",)),
+}
+
+
+def data_files(data_cfg: Any) -> str:
+    """``data.sources`` as the error names them: "the data file(s) a.jsonl, b.parquet"."""
+    paths = [str(_field(s, "path")) for s in (_field(data_cfg, "sources", None) or [])]
+    return f"the data file{'s' if len(paths) > 1 else ''} {', '.join(paths)}" if paths else "the data"
+
+
+def required_columns(reward: Any) -> List[tuple]:
+    """Column groups a reward cannot score without: each group is any-of (``("answer", "solution")``). A reward
+    declares them with ``needs = (("nums",), ("target",))``; a reward that reads only the gold columns
+    (``reads = GOLD_COLUMNS``) needs one of them."""
+    needs = getattr(reward, "needs", None)
+    if needs is not None:
+        return [tuple(g) if not isinstance(g, str) else (g,) for g in needs]
+    spec = getattr(reward, "spec", None)
+    if spec is not None and spec[0] in BUILTIN_NEEDS:
+        return list(BUILTIN_NEEDS[spec[0]])
+    reads = getattr(reward, "reads", None)
+    if reads is not None and set(reads) <= set(GOLD_COLUMNS):
+        return [tuple(reads)]
+    return []
 
 
 def _floats(values: Any, n: int) -> List[Optional[float]]:

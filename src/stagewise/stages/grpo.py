@@ -76,6 +76,7 @@ from stagewise.algorithms import (
 from stagewise.data import load_prompt_dataset
 from stagewise.models import load_model_and_tokenizer, num_params
 from stagewise.rewards import RewardRunner
+from stagewise.rewards.runner import data_files
 from stagewise.rollout import RolloutBatch, build_rollout, check_sampling
 from stagewise.rollout.multiturn import MultiTurnRollout
 from stagewise.run_folder import RunFolder
@@ -119,6 +120,7 @@ def run(cfg: DictConfig) -> dict:
     train_ds, eval_ds = data.train, data.eval
     plan = StepPlan.build(cfg, acc.num_processes, len(train_ds))
     rewards = RewardRunner(cfg.reward)
+    rewards.check_columns(train_ds.column_names, data_files(cfg.data))  # a gold column missing: stop here
     optimizer = build_optimizer(model, st)
     scheduler = build_scheduler(optimizer, st, plan.total_steps * plan.updates_per_step)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
