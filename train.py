@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import importlib
 
-import hydra
+from stagewise.launch import set_cpu_thread_policy
+
+set_cpu_thread_policy()  # CPU runs: passive OpenMP waiting, set before anything imports torch (OpenMP reads it once)
+
+import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 

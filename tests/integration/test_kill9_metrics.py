@@ -73,6 +73,9 @@ def test_kill9_then_resume_logs_each_step_once(tmp_path):
 
     straight = run_train([*ARGS, "run_id=straight"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert straight.returncode == 0, straight.stderr[-3000:]
+    # issue 16 point 10: datasets' progress bars ("adapting", "tokenising", "Saving the dataset") are off by default
+    assert "examples/s" not in straight.stderr and "tokenising" not in straight.stderr
+    assert "examples/s" not in (tmp_path / "outputs" / "train" / "straight" / "train.log").read_text()
     frame = runs.load_run(cut).metrics
     train = frame[frame["loss"].notna()]
     assert train["step"].tolist() == list(range(1, 17))  # the notebook's frame too
