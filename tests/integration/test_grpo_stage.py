@@ -1,5 +1,5 @@
-"""`python train.py stage=grpo` end to end on the tiny model: it learns, logs seed 004's block and TRL's metric set,
-writes samples and final/, and resumes exactly after SIGKILL."""
+"""`python train.py stage=grpo` end to end on the tiny model: it learns, logs the R1-Zero tutorial's console block
+and TRL's metric set, writes samples and final/, and resumes exactly after SIGKILL."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def test_grpo_learns_on_held_out_prompts_and_logs_like_seed_004(tmp_path):
     assert last["num_tokens"] > 12 * 64 * 12  # prompts alone are longer than the 12-token completions
     assert last["quality/num_completions"] == 4 * 64  # 4 steps x 8 prompts x 8 samples in the window
 
-    # the console shows seed 004's block
+    # the console shows the R1-Zero tutorial's block
     log = (run / "train.log").read_text()
     for line in ("Step   12 | Loss: ", "         GRPO | Policy: ", "Reward Breakdown:", "  digit_fraction :",
                  "  total          : ", "Generation Quality:", "  Format compliance:   0.0% (0/256)",

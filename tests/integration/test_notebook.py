@@ -138,7 +138,7 @@ def test_notebook_on_a_grpo_sweep_run(run_folders, monkeypatch):
     assert "absent curves" not in out
     assert "stage      grpo   algorithm grpo" in out and "overrides  algorithm=grpo stage.name=grpo seed=1" in out
     assert "alerts fired on" in out and "alert/grad_norm_spike" in out  # the NaN grad norm at step 3
-    # seed 004's table: accuracy at step 8 for seed 1 is min(1, 0.8 + 0.05) = 0.85
+    # the table: accuracy at step 8 for seed 1 is min(1, 0.8 + 0.05) = 0.85
     assert "0.850 ± 0.300 [0.000, 1.000]" in out
     # rollout browser: last 3 sampled steps are 4 and 8; best has reward 2.0 (i=4), worst 0.0 (i=0)
     assert "=================== step 8: 8 samples" in out

@@ -189,7 +189,8 @@ def test_stage_name_must_match_the_composed_schema():
 
 
 def test_train_py_rejects_a_key_of_another_stage(tmp_path):
-    """The command of issue 15, end to end: fails before anything runs, naming the key and the stage."""
+    """`python train.py stage=sft data=tiny_sft stage.prompts_per_step=64` fails before anything runs, naming the
+    key and the stage."""
     proc = run_train(["stage=sft", "data=tiny_sft", "stage.prompts_per_step=64"], cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     assert "unknown config key stage.prompts_per_step (not a field of SFTStage, the schema of stage=sft; it is a " \

@@ -9,18 +9,18 @@ from conftest import compose
 
 # experiment -> {dotted key: value from the seed}
 SEEDS = {
-    "deepscaler/qwen3_4b_lora": {  # seed 003
+    "deepscaler/qwen3_4b_lora": {  # DeepScaleR
         "model.name_or_path": "Qwen/Qwen3-4B-Instruct-2507", "model.lora.enabled": True, "model.lora.r": 64,
         "model.lora.alpha": 32, "stage.learning_rate": 2e-5, "stage.prompts_per_step": 64,
         "stage.mini_batch_size": 32, "stage.max_steps": 50, "rollout.n": 5, "algorithm.name": "grpo",
         "rollout.backend": "vllm",
     },
-    "r1_zero/qwen2_5_7b_countdown": {  # seed 004
+    "r1_zero/qwen2_5_7b_countdown": {  # R1-Zero tutorial
         "model.name_or_path": "Qwen/Qwen2.5-7B-Instruct", "stage.learning_rate": 5e-5,
         "hardware.per_device_batch_size": 8, "hardware.grad_accum_steps": 2, "stage.logging_steps": 10,
         "stage.num_epochs": 1.0, "data.sources.0.path": "Jiayi-Pan/Countdown-Tasks-3to4",
     },
-    "r1/reasoning_rl": {"stage.max_grad_norm": 1.0, "data.sources.0.path": "AI-MO/NuminaMath-TIR"},  # seed 002
+    "r1/reasoning_rl": {"stage.max_grad_norm": 1.0, "data.sources.0.path": "AI-MO/NuminaMath-TIR"},  # DeepSeek-R1
     "r1/utility_rl": {"stage.max_grad_norm": 1.0},
 }
 REWARDS = {
@@ -29,7 +29,7 @@ REWARDS = {
     "r1/reasoning_rl": ["accuracy", "format", "language_consistency"],
     "r1/utility_rl": ["accuracy", "format", "reward_model", "reward_model_2"],
 }
-WEIGHTS = {"r1/utility_rl": [0.2, 0.2, 0.3, 0.3]}  # seed 002: 0.4 reasoning (accuracy + format) + 0.3 + 0.3
+WEIGHTS = {"r1/utility_rl": [0.2, 0.2, 0.3, 0.3]}  # DeepSeek-R1: 0.4 reasoning (accuracy + format) + 0.3 + 0.3
 
 
 def get(cfg, dotted):

@@ -1,4 +1,4 @@
-"""accuracy, boxed_math, answer_tag: hand-derived tables (reference §2.1, §4, §7 and seed 003)."""
+"""accuracy, boxed_math, answer_tag: hand-derived tables (open-r1, math-verify and DeepScaleR)."""
 
 import logging
 from fractions import Fraction

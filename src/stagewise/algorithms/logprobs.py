@@ -5,7 +5,7 @@
 token, and freed. Each chunk runs under ``torch.utils.checkpoint``, so backward recomputes the chunk's logits
 instead of keeping them: peak memory is ``O(chunk_size * V)`` in forward *and* backward, where a plain
 ``model(...).logits`` holds ``B * T * V`` floats (151,936 x 16K tokens x 4 bytes = 10 GB for one Qwen sequence; the
-long-context OOM of peers.md complaint 14). Pass ``mask`` to compute only the tokens you need (completions), which
+usual long-context OOM of RL trainers). Pass ``mask`` to compute only the tokens you need (completions), which
 also skips their work entirely.
 
 Numerics: logits are computed in the weight's dtype (as the model's own ``lm_head`` would) and upcast to fp32
@@ -137,7 +137,7 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
 def entropy_metrics(entropy: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Token-entropy summary over trained tokens (``[B, T]`` each): ``entropy/mean`` (token mean, TRL's ``entropy``),
     ``entropy/min`` and ``entropy/max`` over tokens, and ``entropy/seq_mean_min`` — the lowest per-sequence mean,
-    the first number to fall when a policy collapses (peers.md complaint 11). Detached 0-dim tensors."""
+    the first number to fall when a policy collapses (entropy collapse). Detached 0-dim tensors."""
     with torch.no_grad():
         e = entropy.detach().float()
         m = as_bool_mask(mask)

@@ -1,16 +1,17 @@
-"""Prompt datasets for RL (GRPO, rejection sampling, eval), as in seed 004's ``make_conversation``.
+"""Prompt datasets for RL (GRPO, rejection sampling, eval), as in the R1-Zero tutorial's ``make_conversation``
+(github.com/FareedKhan-dev/train-deepseek-r1).
 
 Every source goes through the same readers and adapters as SFT data, so any table with ``problem`` (or ``prompt``,
 or ``messages``) works; the conversation is cut before its first assistant message. The system prompt is set as
 follows: ``data.system_prompt`` (when not null; ``""`` means none) replaces the data's own (its per-dataset default
 is in ``conf/data/<name>.yaml``, e.g. the R1-Zero template for countdown); otherwise a caller's ``system_prompt``
-argument, if any, is added to conversations that have none (the stages pass none); otherwise the data's own is kept. Then the chat template is applied with
-``add_generation_prompt=True``.
+argument, if any, is added to conversations that have none (the stages pass none); otherwise the data's own is
+kept. Then the chat template is applied with ``add_generation_prompt=True``.
 
 Output columns: ``messages`` (the prompt conversation), ``prompt`` (the rendered text), ``prompt_ids``,
 ``prompt_length``, ``source``, and every passthrough column (``answer``, ``solution``, ``nums``, ``target``,
 ``reward_spec`` ...). Prompts longer than ``data.max_prompt_length`` tokens are dropped and counted (SkyRL's
-``max_prompt_length`` filter, seed 000).
+``max_prompt_length`` filter, as DeepAnalyze's RL uses it).
 """
 
 from __future__ import annotations

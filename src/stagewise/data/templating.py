@@ -1,6 +1,6 @@
 """Chat templating and loss masks for SFT: ``messages`` -> ``input_ids`` + ``loss_mask``, batched and cached.
 
-Rules (DeepAnalyze's ms-swift setup, shared/reference/deepanalyze.md §2-§3):
+Rules (DeepAnalyze's ms-swift SFT setup, github.com/ruc-datalab/DeepAnalyze):
 - Text goes through the tokenizer's own chat template. Only assistant tokens carry loss; every assistant turn is
   trained, including the end-of-turn token (``<|im_end|>``), but not the newline the template writes after it.
 - With ``data.mask_execute``, tokens from ``<Execute>`` through ``</Execute>`` (both tags) carry no loss, whether

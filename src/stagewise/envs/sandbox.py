@@ -40,7 +40,7 @@ in order, capped at `max_output_chars` with a visible marker. After a stateless 
 every process the block started is killed. Not covered: disk usage within the workspace and /tmp (only the
 per-file cap), CPU shares, syscall filtering (no seccomp).
 
-Departures from DeepAnalyze (reference/deepanalyze.md §4):
+Departures from DeepAnalyze (github.com/ruc-datalab/DeepAnalyze)'s code-execution environment:
 - Its workspace directory was shared by the 5 samples of a prompt and never reset; ours is a copy per Sandbox.
 - Its timeout message `[Error]\\n...` lacked the colon, so the code reward counted timeouts as successes; ours
   says `[Error]:`. A crash (signal, os._exit) is an error too.

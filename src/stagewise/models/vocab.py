@@ -1,6 +1,6 @@
 """Vocabulary extension (DeepAnalyze stage 0) as a pure function on a model and its tokenizer.
 
-Where we depart from DeepAnalyze's ``add_vocab.py`` (reference/deepanalyze.md §1), and why:
+Where we depart from DeepAnalyze's ``add_vocab.py`` (github.com/ruc-datalab/DeepAnalyze), and why:
 
 * Its docstring promises an initialisation that its code never does; in practice the tags landed in untrained
   padding rows. We initialise each new row, in the input embedding and in an untied lm_head, as the mean of the

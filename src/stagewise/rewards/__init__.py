@@ -9,8 +9,8 @@
 | -------------------- | --------------------------- | ----------------------------------- | ------------- |
 | accuracy             | open-r1 (math-verify)       | answer or solution                  | math.py       |
 | boxed_math           | DeepScaleR                  | answer or solution                  | math.py       |
-| answer_tag           | seed 003 (DeepScaleR tags)  | answer or solution                  | math.py       |
-| format               | R1-Zero tutorial (seed 004) | -                                   | format.py     |
+| answer_tag           | DeepScaleR tags             | answer or solution                  | math.py       |
+| format               | R1-Zero tutorial [1]        | -                                   | format.py     |
 | format_strict        | open-r1                     | -                                   | format.py     |
 | tag_count            | open-r1                     | -                                   | format.py     |
 | reasoning_steps      | tutorial                    | -                                   | format.py     |
@@ -19,10 +19,12 @@
 | cosine               | tutorial / open-r1          | answer or solution                  | length.py     |
 | soft_overlong        | DAPO                        | completion_lengths or completion_ids| length.py     |
 | countdown            | TinyZero                    | nums, target                        | countdown.py  |
-| deepanalyze          | DeepAnalyze RL (seed 000)   | reward_spec, data_source, input_seq | deepanalyze.py |
+| deepanalyze          | DeepAnalyze RL [2]          | reward_spec, data_source, input_seq | deepanalyze.py |
 | language_consistency | DeepSeek-R1 §2.3.2          | -                                   | language.py   |
 | judge                | LLM-as-judge (OpenAI API)   | prompt, answer or solution          | judge.py      |
 | reward_model         | HF sequence classification  | prompt                              | reward_model.py |
+
+[1] github.com/FareedKhan-dev/train-deepseek-r1 ("tutorial" below too)  [2] github.com/ruc-datalab/DeepAnalyze
 
 Each function's docstring states its rule and every decision taken where the references disagree.
 """

@@ -1,9 +1,9 @@
 """Shape-of-the-text rewards: ``format`` (tutorial), ``format_strict`` and ``tag_count`` (open-r1),
 ``reasoning_steps`` (tutorial), ``repetition_penalty`` (open-r1 / "Demystifying Long CoT", App. C.2).
 
-§10.3 decision: two format rewards. ``format`` tolerates whitespace like the FareedKhan tutorial that seed 004
-follows; ``format_strict`` is open-r1's newline-exact rule, kept byte for byte (quirks included) so results compare
-with open-r1 runs. None of these read dataset columns.
+Two format rewards. ``format`` tolerates whitespace like the R1-Zero tutorial
+(github.com/FareedKhan-dev/train-deepseek-r1); ``format_strict`` is open-r1's newline-exact rule, kept byte for
+byte (quirks included) so results compare with open-r1 runs. None of these read dataset columns.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ class ReasoningSteps(SampleReward):
 class RepetitionPenalty(SampleReward):
     """open-r1's ``get_repetition_penalty_reward``: ``(1 - unique_ngrams / total_ngrams) * max_penalty`` over
     lower-cased whitespace words (punctuation stays attached). Empty text or fewer words than ``ngram_size`` -> 0.0.
-    Defaults are seed 004's (n=3, max -0.1; open-r1's script uses -1.0). Only English word splitting is provided
-    (open-r1's ``zh`` mode needs jieba); a positive ``max_penalty`` is a ValueError, as in open-r1."""
+    Defaults are the R1-Zero tutorial's (n=3, max -0.1; open-r1's script uses -1.0). Only English word splitting is
+    provided (open-r1's ``zh`` mode needs jieba); a positive ``max_penalty`` is a ValueError, as in open-r1."""
 
     def __init__(self, ngram_size: int = 3, max_penalty: float = -0.1, language: str = "en"):
         if max_penalty > 0:

@@ -1,7 +1,7 @@
 """Length-shaped rewards: ``length`` (Kimi k1.5), ``cosine`` (length-scaled correctness, "Demystifying Long CoT"
 as in the tutorial), ``soft_overlong`` (DAPO eq. 13).
 
-§10.4 decision: ``length`` and ``cosine`` count **characters** (as open-r1 and the tutorial do, so their constants
+Decision: ``length`` and ``cosine`` count **characters** (as open-r1 and the tutorial do, so their constants
 keep their meaning); ``soft_overlong`` counts **tokens** (DAPO's limits are token budgets). Token counts come from a
 ``completion_lengths`` column (ints) or, failing that, a ``completion_ids`` column (unpadded id lists, as TRL passes
 them); the reward has no tokenizer. ``cosine`` clamps at ``max_len``; see its docstring.
@@ -71,9 +71,10 @@ class Cosine(SampleReward):
     wrong: lo=max_value_wrong, hi=min_value_wrong (swapped on purpose). So short correct -> 1.0, long correct ->
     0.8, short wrong -> -0.5, long wrong -> -0.1 (longer thinking is penalised less when wrong).
 
-    §10.5: defaults are the tutorial's (seed 004), not open-r1's script defaults, which make short wrong answers
-    score 0 (better than long wrong ones, the opposite of the intent). §10.4: clamped at ``max_len``; open-r1 keeps
-    following the cosine past it, so a correct answer of 2*max_len chars would again earn the short-answer maximum.
+    Defaults are the R1-Zero tutorial's (FareedKhan-dev/train-deepseek-r1), not open-r1's script defaults, which
+    make short wrong answers score 0 (better than long wrong ones, the opposite of the intent). Clamped at
+    ``max_len``; open-r1 keeps following the cosine past it, so a correct answer of 2*max_len chars would again
+    earn the short-answer maximum.
     Correctness is computed here (the tutorial's version needs an extra ``accuracy_rewards`` column and crashes
     without it); unparseable gold -> None (open-r1 gives 1.0). An empty completion is wrong with L=0 -> -0.5.
     """

@@ -1,15 +1,16 @@
-"""Math answer rewards: ``accuracy`` (open-r1, math-verify), ``boxed_math`` (DeepScaleR), ``answer_tag`` (seed 003).
+"""Math answer rewards: ``accuracy`` (open-r1, math-verify), ``boxed_math`` (DeepScaleR), ``answer_tag``
+(DeepScaleR's <answer> tags).
 
-Decisions on the points where the references disagree (shared/reference/rewards.md §10):
+Decisions on the points where open-r1, DeepScaleR and the R1-Zero tutorial disagree:
 
-* Unparseable gold (§10.1): ``None`` for every function here ("cannot be scored", left out of the weighted sum),
+* Unparseable gold: ``None`` for every function here ("cannot be scored", left out of the weighted sum),
   as open-r1 does today. A gold that is a non-numeric string is *not* unparseable for ``answer_tag``: it is
   compared as a string.
-* Where the answer is read (§10.2): ``accuracy`` lets math-verify search the whole completion (``\\boxed{}`` first,
+* Where the answer is read: ``accuracy`` lets math-verify search the whole completion (``\\boxed{}`` first,
   then "the answer is $...$"-style anchors); ``boxed_math`` reads the last ``\\boxed{}`` after ``</think>``;
   ``answer_tag`` reads the last ``<answer>...</answer>``. Several boxed answers in ``accuracy`` follow the
   installed math-verify (0.9: different values become a set and fail, so hedging is not rewarded).
-* Binary scores (§10.6): 1.0 correct / 0.0 otherwise, which is what DeepScaleR actually trained with (its -1
+* Binary scores: 1.0 correct / 0.0 otherwise, which is what DeepScaleR actually trained with (its -1
   constants never reached the trainer); ``answer_tag`` adds a documented partial credit when the tag is missing.
 
 Gold answers come from the ``answer`` column when it has a value, else ``solution`` (see ``base.gold_of``); a list

@@ -15,7 +15,7 @@ Colocated (TRL's "colocate", verl's hybrid engine)
 Server
     ``rollout.server_url`` points at a running ``vllm serve`` (OpenAI-compatible). Completions come from
     ``/v1/completions`` with token-id prompts and ``return_tokens_as_token_ids``, so ids and log-probs are exact.
-    Weights reach the server in one of two ways, both loud on failure (peers.md complaint 3: silent sync hangs):
+    Weights reach the server in one of two ways, both loud on failure (never a silent hang):
       * LoRA: the adapter is saved under ``<run>/rollout_adapters/step_<N>`` (a filesystem the server can read) and
         hot-loaded with ``/v1/load_lora_adapter`` (server: ``--enable-lora``, ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``);
       * full weights: written as safetensors into the directory the server serves (read from ``/v1/models``), which

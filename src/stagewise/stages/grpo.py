@@ -1,8 +1,9 @@
-"""Stage ``grpo``: group-relative policy optimisation on prompts with verifiable rewards (seeds 002, 003, 004).
+"""Stage ``grpo``: group-relative policy optimisation on prompts with verifiable rewards (DeepSeek-R1,
+arXiv:2501.12948; DeepScaleR; the R1-Zero tutorial github.com/FareedKhan-dev/train-deepseek-r1).
 
     python train.py stage=grpo data=<prompts> reward=<preset>                     # tiny model on CPU
-    python train.py experiment=deepscaler/qwen3_4b_lora hardware=8xa100             # seed 003
-    python train.py experiment=r1_zero/qwen2_5_7b_countdown                         # seed 004
+    python train.py experiment=deepscaler/qwen3_4b_lora hardware=8xa100             # DeepScaleR recipe
+    python train.py experiment=r1_zero/qwen2_5_7b_countdown                         # R1-Zero tutorial
 
 One step (``stage.*``, ``rollout.*``, ``algorithm.*``, ``hardware.*``):
   1. take ``prompts_per_step`` prompts in a seeded per-epoch order (the position is checkpointed: exact resume)
@@ -26,7 +27,7 @@ One step (``stage.*``, ``rollout.*``, ``algorithm.*``, ``hardware.*``):
      mini-batch on all ranks, so accumulation is exact for every ``algorithm.loss_agg``
   6. with vLLM: truncated importance sampling against the engine's log-probs (``algorithm.tis_cap``; null = off),
      and the new weights are pushed to the engine (LoRA merged) before the next generation
-Logs every ``logging_steps``: seed 004's console block and TRL's metric set in metrics.jsonl (see
+Logs every ``logging_steps``: the R1-Zero tutorial's console block and TRL's metric set in metrics.jsonl (see
 `stagewise.tracking.console`); ``samples/step_<N>.parquet`` every ``samples_steps``; held-out mean reward (greedy)
 at step 0, every ``eval_steps`` and at the end when the data has eval prompts; checkpoints every ``save_steps``;
 ``final/`` at the end. LoRA, gradient checkpointing, ZeRO-2/3 and precision come from ``model.lora`` and
@@ -35,8 +36,8 @@ at step 0, every ``eval_steps`` and at the end when the data has eval prompts; c
 eval is the baseline) keeps the best model in ``best/`` and makes it ``final/`` (`stagewise.training.early_stopping`).
 
 The logged ``loss`` is ~0 with one optimizer step per batch: the ratio is 1 and group advantages average to 0, so
-the loss value carries no information (peers.md complaint 2); its gradient does. Watch the rewards, ``grad_norm``,
-``kl``, ``entropy`` and the clip ratios instead.
+the loss value carries no information (the usual cause of "GRPO loss is 0" bug reports); its gradient does. Watch
+the rewards, ``grad_norm``, ``kl``, ``entropy`` and the clip ratios instead.
 
 Where we depart from peers:
   * Shared-prompt training (above) and a prompt prefilled once per group: TRL and verl run every prompt ``n`` times.

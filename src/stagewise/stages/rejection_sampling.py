@@ -4,7 +4,7 @@
     python train.py pipeline=r1          # SFT -> reasoning RL -> rejection sampling -> SFT -> utility RL
 
 Features (flag):
-  * ``rollout.n`` completions per prompt of ``data.sources`` (seed 002: 5, temperature 0.7, top_p 0.9; any
+  * ``rollout.n`` completions per prompt of ``data.sources`` (defaults: 5, temperature 0.7, top_p 0.9; any
     ``rollout.backend``), scored by the ``reward=`` preset; the prompts are built as GRPO builds them (same system
     prompt rule), so the samples come from the distribution RL trained on
   * acceptance: score >= ``stage.acceptance_threshold`` (0.8), where the score is the weighted mean of the rewards

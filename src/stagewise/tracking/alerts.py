@@ -16,9 +16,10 @@ Alerts (names as logged):
   * ``alert/grad_norm_spike``           grad norm above ``grad_spike_factor`` x the median of the previous
                                         ``window`` logs, or non-finite
 
-Where we depart from seed 004: its "trend detection" compares the last two values of a reward and prints
-"improvement"/"degradation" at every log, which fires on noise. We alert only on runs of consecutive decreases
-and on robust (median-based) spikes, and we log the alerts as metrics so that a notebook can find them later.
+Where we depart from the R1-Zero tutorial (github.com/FareedKhan-dev/train-deepseek-r1): its "trend detection"
+compares the last two values of a reward and prints "improvement"/"degradation" at every log, which fires on
+noise. We alert only on runs of consecutive decreases and on robust (median-based) spikes, and we log the alerts as
+metrics so that a notebook can find them later.
 
 ``NanGuard`` decides per optimizer step, from the step's loss (already reduced over ranks, so every rank decides
 the same): ``"update"`` when it is finite, ``"skip"`` when it is not (the loop zeroes the gradients and does not

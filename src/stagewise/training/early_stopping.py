@@ -1,4 +1,5 @@
-"""Early stopping on an eval metric with patience, keeping the best model (seed 002's best practices).
+"""Early stopping on an eval metric with patience, keeping the best model
+(as HF Trainer's EarlyStoppingCallback with load_best_model_at_end).
 
     stage.early_stopping_metric=eval/accuracy     # any key the stage's eval logs (eval/loss, eval/pass@4 ...)
     stage.early_stopping_patience=3               # evals in a row without improvement before stopping; 0 = never

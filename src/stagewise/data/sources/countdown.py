@@ -1,9 +1,9 @@
 """Countdown (Jiayi-Pan/Countdown-Tasks-3to4, TinyZero): ``nums`` (3-4 ints) and ``target`` (int).
 
-The user message is TinyZero's request, word for word (``examples/data_preprocess/countdown.py``; see
-shared/reference/rewards.md §5). TinyZero puts it inside a hand-written "User: ... Assistant:" frame; here the
-model's chat template and the configured system prompt supply that frame instead. ``problem`` gets the same text
-so that every prompt loader sees one wording, and ``nums``/``target`` pass through for the countdown reward.
+The user message is TinyZero's request, word for word (github.com/Jiayi-Pan/TinyZero,
+``examples/data_preprocess/countdown.py``). TinyZero puts it inside a hand-written "User: ... Assistant:" frame;
+here the model's chat template and the configured system prompt supply that frame instead. ``problem`` gets the
+same text so that every prompt loader sees one wording, and ``nums``/``target`` pass through for the countdown reward.
 Rows that already carry ``messages`` (e.g. the generator's worked solutions) keep them.
 """
 
