@@ -589,3 +589,42 @@ def validate_config(cfg) -> None:
                 walk(item, OmegaConf.get_type(item) if isinstance(item, DictConfig) else None, f"{path[:-1]}[{i}].")
 
     walk(cfg, TrainConfig, "")
+
+
+# Shared stage blocks in the order the README lists them (`schema_reference`).
+_STAGE_BLOCKS = [("optimiser", OptimiserBlock), ("schedule", ScheduleBlock), ("checkpoints", CheckpointBlock),
+                 ("scoring", ScoringBlock), ("generative eval", GenerativeEvalBlock),
+                 ("periodic eval", PeriodicEvalBlock), ("early stopping", EarlyStoppingBlock)]
+
+
+def schema_reference() -> str:
+    """The README's per-stage and per-objective field tables, generated from the schemas (a test keeps the README
+    equal to this; regenerate with ``python -m stagewise.config``)."""
+    import dataclasses
+
+    def names(cls) -> list:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    lines = ["| `stage=` | schema | fields (besides `name`), by shared block |", "|---|---|---|"]
+    for stage, schema in STAGE_SCHEMAS.items():
+        seen = {"name"}
+        parts = []
+        for label, block in _STAGE_BLOCKS:
+            if issubclass(schema, block):
+                own = [n for n in names(block) if n not in seen]
+                seen.update(own)
+                parts.append(f"{label}: " + ", ".join(f"`{n}`" for n in own))
+        own = [n for n in names(schema) if n not in seen]
+        if own:
+            parts.append(f"{stage}: " + ", ".join(f"`{n}`" for n in own))
+        lines.append(f"| `{stage}` | `{schema.__name__}` | " + "; ".join(parts) + " |")
+    lines += ["", "| `algorithm=` | schema | fields (besides `name`) |", "|---|---|---|"]
+    for schema in dict.fromkeys(ALGORITHM_SCHEMAS.values()):
+        choices = ", ".join(f"`{n}`" for n, s in ALGORITHM_SCHEMAS.items() if s is schema)
+        fields = ", ".join(f"`{n}`" for n in names(schema) if n != "name") or "none"
+        lines.append(f"| {choices} | `{schema.__name__}` | {fields} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(schema_reference())

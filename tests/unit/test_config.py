@@ -217,3 +217,13 @@ def test_a_pipeline_stage_with_a_key_of_another_stage_fails_before_the_pipeline_
         with pytest.raises(UnknownConfigKeyError, match=r"unknown config key stage.prompts_per_step \(not a field "
                                                         r"of SFTStage"):
             stage_kind(["stage=sft", "stage.prompts_per_step=4", "pipeline=none"], where="warmup")
+
+
+def test_readme_lists_each_stage_schema_as_generated():
+    from stagewise.config import schema_reference
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- schema-reference:begin -->\n", 1)[1].split("\n<!-- schema-reference:end -->", 1)[0]
+    assert block == schema_reference(), "README's schema table is stale: paste `python -m stagewise.config` into it"
+    assert "`prompts_per_step`" in block.split("| `grpo` |")[1].split("\n")[0]
+    assert "`prompts_per_step`" not in block.split("| `sft` |")[1].split("\n")[0]
