@@ -152,3 +152,26 @@ def test_arithmetic_bad_terms_or_fraction_is_an_error():
         arithmetic(3, terms=1)
     with pytest.raises(ValueError, match=r"unworked_fraction must be in \[0, 1\]"):
         arithmetic(3, unworked_fraction=1.5)
+
+
+def test_countdown_format_only_rows_keep_the_task_and_show_a_random_valid_trace():
+    from stagewise.rewards import build
+
+    plain = countdown(300, num_numbers=[3], max_number=12, max_target=30)
+    rows = countdown(300, num_numbers=[3], max_number=12, max_target=30, format_only=True, wording="short")
+    score = build("countdown")
+    for a, b in zip(plain, rows):  # same tasks, same gold solution
+        assert (a["nums"], a["target"], a["solution"]) == (b["nums"], b["target"], b["solution"])
+        assert b["problem"] == f"Using the numbers {b['nums']}, create an equation that equals {b['target']}."
+        assert b["messages"][0]["content"] == b["problem"]
+    texts = [r["messages"][1]["content"] for r in rows]
+    cols = {"nums": [r["nums"] for r in rows], "target": [r["target"] for r in rows]}
+    # every shown trace is well formed and uses each number once (format score 0.1 at least) ...
+    shown = score(texts, **cols)
+    assert all(s in (0.1, 1.0) for s in shown)
+    # ... but hits the target only by chance, while the gold solutions always do
+    assert 0.03 < sum(s == 1.0 for s in shown) / len(rows) < 0.25
+    gold = score([f"<answer> {r['solution']} </answer>" for r in rows], **cols)
+    assert gold == [1.0] * len(rows)
+    with pytest.raises(ValueError, match="wording must be one of"):
+        countdown(3, wording="long")

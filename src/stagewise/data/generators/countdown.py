@@ -11,6 +11,10 @@ is ours (it favours targets reachable in many ways).
 Rows: ``nums``, ``target``, ``problem`` (TinyZero's wording), ``solution`` (one valid expression) and
 ``messages`` (the problem and a worked answer: one ``<think>`` line per step, then ``<answer> expr </answer>``).
 
+``wording="short"`` keeps only the first sentence of TinyZero's request ("Using the numbers [8, 3, 9], create an
+equation that equals 14."), a quarter of its length: the tiny model on CPU learns to read the numbers from it
+within a short warm-up, while with the full wording (117 tiny-tokenizer tokens) its traces did not even copy them.
+
 ``format_only=True`` replaces the worked answer in ``messages`` by *another* random reduction of the same numbers
 (its own seeded stream; the task, its target and ``solution`` do not change): the trace is well formed and its
 arithmetic is right, but it reaches the target only by chance. An SFT warm-up on such rows teaches the output
@@ -49,8 +53,14 @@ def reduce_once(nums: list[int], rng: random.Random) -> tuple[int, str, list[str
     return value, expr[1:-1] if expr.startswith("(") else expr, steps
 
 
-def countdown_row(nums: list[int], target: int, expr: str, steps: list[str]) -> dict[str, Any]:
+WORDINGS = ("tinyzero", "short")
+
+
+def countdown_row(nums: list[int], target: int, expr: str, steps: list[str], wording: str = "tinyzero"
+                  ) -> dict[str, Any]:
     problem = countdown_prompt(nums, target)
+    if wording == "short":
+        problem = problem.split(". ", 1)[0] + "."
     answer = "<think>\n" + "\n".join(steps) + f"\n</think>\n<answer> {expr} </answer>"
     return {
         "nums": list(nums),
@@ -69,7 +79,8 @@ def random_trace(nums: list[int], rng: random.Random) -> tuple[str, list[str]]:
 
 
 def countdown(n: int, split: str = "train", seed: int = 0, num_numbers: tuple[int, ...] | list[int] = (3, 4),
-              max_number: int = 99, max_target: int = 100, format_only: bool = False) -> list[dict[str, Any]]:
+              max_number: int = 99, max_target: int = 100, format_only: bool = False,
+              wording: str = "tinyzero") -> list[dict[str, Any]]:
     check_split(split, "countdown")
     if isinstance(num_numbers, int):
         num_numbers = [num_numbers]
@@ -77,6 +88,8 @@ def countdown(n: int, split: str = "train", seed: int = 0, num_numbers: tuple[in
         raise ValueError("generator:countdown: need n >= 0, max_number >= 1, max_target >= 1 and every "
                          f"num_numbers >= 2 (got n={n}, max_number={max_number}, max_target={max_target}, "
                          f"num_numbers={list(num_numbers)})")
+    if wording not in WORDINGS:
+        raise ValueError(f"generator:countdown: wording must be one of {WORDINGS}, got {wording!r}")
     rng = rng_for("countdown", split, seed)
     format_rng = rng_for("countdown/format_only", split, seed)
     rows: list[dict[str, Any]] = []
@@ -99,9 +112,9 @@ def countdown(n: int, split: str = "train", seed: int = 0, num_numbers: tuple[in
         if key in seen or task_split(f"{list(key[0])}={target}") != split:
             continue
         seen.add(key)
-        row = countdown_row(nums, target, expr, steps)
+        row = countdown_row(nums, target, expr, steps, wording)
         if format_only:
-            shown = countdown_row(nums, target, *random_trace(nums, format_rng))
+            shown = countdown_row(nums, target, *random_trace(nums, format_rng), wording)
             row["messages"] = shown["messages"]
         rows.append(row)
     return rows

@@ -4,7 +4,8 @@ The user message is TinyZero's request, word for word (github.com/Jiayi-Pan/Tiny
 ``examples/data_preprocess/countdown.py``). TinyZero puts it inside a hand-written "User: ... Assistant:" frame;
 here the model's chat template and the configured system prompt supply that frame instead. ``problem`` gets the
 same text so that every prompt loader sees one wording, and ``nums``/``target`` pass through for the countdown reward.
-Rows that already carry ``messages`` (e.g. the generator's worked solutions) keep them.
+Rows that already carry ``messages`` (e.g. the generator's worked solutions) keep them, and rows with a ``problem`` keep
+their wording (the generator's ``wording="short"``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def countdown_adapter(row: dict[str, Any]) -> dict[str, Any]:
     if not nums or not all(isinstance(n, int) and not isinstance(n, bool) for n in nums):
         raise RowError("nums", f"expected a non-empty list of ints, got {nums!r}")
     target = need(row, "target", int)
-    problem = countdown_prompt(nums, target)
+    problem = row.get("problem") or countdown_prompt(nums, target)  # a generator's own wording is kept
     if row.get("messages") is not None:
         return {"messages": check_messages(row["messages"]), "problem": problem}
     return {"messages": [{"role": "user", "content": problem}], "problem": problem}
