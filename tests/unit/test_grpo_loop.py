@@ -262,14 +262,15 @@ def test_chunked_and_plain_lm_head_paths_agree(tiny, monkeypatch):
     """Small batches take one plain LM-head matmul, big ones the chunked, recomputed path: same values, same
     gradients (prompts and completions of different lengths, so both paddings are exercised)."""
     import stagewise.stages.grpo as grpo
+    import stagewise.training.modeling as modeling
 
     model, tok = tiny
     samples = hand_samples(tok)
     mb = collate(samples, tok.pad_token_id, "cpu")
     head = model.get_output_embeddings()
     results = []
-    for limit in (grpo.SMALL_LOGITS_BYTES, 0):  # 0: everything goes through chunked_token_logprobs
-        monkeypatch.setattr(grpo, "SMALL_LOGITS_BYTES", limit)
+    for limit in (modeling.SMALL_LOGITS_BYTES, 0):  # 0: everything goes through chunked_token_logprobs
+        monkeypatch.setattr(modeling, "SMALL_LOGITS_BYTES", limit)
         model.zero_grad()
         lp, ent = grpo.completion_logprobs(model, head, mb, chunk_size=5, temperature=0.8, with_entropy=True)
         (lp * mb.advantages[:, None]).sum().backward()
@@ -281,6 +282,35 @@ def test_chunked_and_plain_lm_head_paths_agree(tiny, monkeypatch):
     assert torch.allclose(lp_a, lp_b, atol=1e-5) and torch.allclose(ent_a, ent_b, atol=1e-5)
     # embedding grads reach ~30 here: fp32 summation order differs between the paths, so compare relatively
     assert torch.allclose(gh_a, gh_b, rtol=1e-4, atol=1e-5) and torch.allclose(ge_a, ge_b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_zero3_partitioned_head_is_called_as_a_module_with_the_same_values(tiny, monkeypatch):
+    """The one ZeRO-3 rule (`stagewise.training.modeling`): a head whose weight DeepSpeed has partitioned (``ds_id``)
+    is called as a module, so its hooks can gather the weight, on both the plain and the chunked path; here the
+    weight is whole, so the values and gradients must equal the weight path's."""
+    import stagewise.training.modeling as modeling
+
+    model, tok = tiny
+    mb = collate(hand_samples(tok), tok.pad_token_id, "cpu")
+    head = model.get_output_embeddings()
+    calls = []
+    hook = head.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        reference, _ = modeling.completion_logprobs(model, head, mb, chunk_size=5, temperature=0.8)
+        assert len(calls) == 1  # the model's own forward (one kept logit); the plain rule multiplies by the weight
+        head.weight.ds_id = 0  # what ZeRO-3 marks a partitioned parameter with
+        for limit in (modeling.SMALL_LOGITS_BYTES, 0):
+            monkeypatch.setattr(modeling, "SMALL_LOGITS_BYTES", limit)
+            calls.clear()
+            lp, _ = modeling.completion_logprobs(model, head, mb, chunk_size=5, temperature=0.8)
+            # the model's forward, then one call for the 44 completion tokens or one per chunk of 5 (9)
+            assert len(calls) == 1 + (1 if limit else 9)
+            assert torch.allclose(lp, reference, atol=1e-6)
+    finally:
+        hook.remove()
+        if hasattr(head.weight, "ds_id"):
+            del head.weight.ds_id
+    assert modeling.vocab_size(head) == head.weight.shape[0]
 
 
 def test_shared_prefix_pass_equals_the_full_sequence_pass(tiny):

@@ -19,6 +19,7 @@ from stagewise.algorithms.logprobs import (
     chunked_token_logprobs,
     entropy_from_logits,
     entropy_metrics,
+    lm_head_logits,
     token_logprobs_from_logits,
 )
 from stagewise.algorithms.masking import masked_max, masked_mean, masked_min, masked_sum
@@ -35,6 +36,6 @@ from stagewise.algorithms.sft import sft_loss
 __all__ = [
     "ADVANTAGE_SCALES", "ALGORITHMS", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "RATIO_LEVELS",
     "aggregate", "check_algorithm_config", "chunked_token_logprobs", "entropy_from_logits", "entropy_metrics",
-    "group_advantages", "kl_estimate", "loss_normalizer", "masked_max", "masked_mean", "masked_min", "masked_sum",
+    "group_advantages", "kl_estimate", "lm_head_logits", "loss_normalizer", "masked_max", "masked_mean", "masked_min", "masked_sum",
     "policy_loss", "policy_loss_kwargs", "sft_loss", "token_logprobs_from_logits", "truncated_is_weights",
 ]

@@ -43,8 +43,14 @@ def _logprobs_from_logits_2d(
     return logprobs, entropy
 
 
+def lm_head_logits(h: torch.Tensor, head: torch.Tensor | torch.nn.Module) -> torch.Tensor:
+    """``h [N, H]`` -> logits ``[N, V]`` through the LM-head weight ``[V, H]`` or the bias-free head module (ZeRO-3:
+    calling the module lets its hooks gather the partitioned weight)."""
+    return head(h) if isinstance(head, torch.nn.Module) else F.linear(h, head)
+
+
 def _chunk(h: torch.Tensor, head, targets: torch.Tensor, temperature: float, with_entropy: bool):
-    logits = head(h) if isinstance(head, torch.nn.Module) else F.linear(h, head)
+    logits = lm_head_logits(h, head)
     return _logprobs_from_logits_2d(logits, targets, temperature, with_entropy)
 
 

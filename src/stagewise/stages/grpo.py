@@ -66,12 +66,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from stagewise.algorithms import (
     check_algorithm_config,
-    chunked_token_logprobs,
     group_advantages,
     loss_normalizer,
     policy_loss,
     policy_loss_kwargs,
-    token_logprobs_from_logits,
     truncated_is_weights,
 )
 from stagewise.data import load_prompt_dataset
@@ -99,6 +97,7 @@ from stagewise.tracking.alerts import STOP, UPDATE, NanGuard
 from stagewise.training.preemption import checkpoint_and_exit_if_preempted, install_preemption_handler
 from stagewise.evaluation import EvalSpec, evaluate_prompts
 from stagewise.training.early_stopping import EarlyStopping, save_final_model
+from stagewise.training.modeling import completion_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -640,70 +639,6 @@ class StepContext:
     shared_prefix: bool = True  # off under gradient checkpointing (see completion_logprobs)
     filler: List[Sample] = field(default_factory=list)
     nan_guard: NanGuard = field(default_factory=NanGuard)  # a NaN/inf mini-batch loss skips its update
-
-
-SMALL_LOGITS_BYTES = 64 * 2**20
-
-
-def completion_logprobs(model, head, mb: MicroBatch, chunk_size: int, temperature: float,
-                        with_entropy: bool = False, shared_prefix: bool = False):
-    """Log-probs (and entropies) of the completion tokens, ``[B, T]`` each.
-
-    The model's own forward runs (so DDP/DeepSpeed/PEFT hooks do) with one kept logit, and only the completion
-    tokens' final hidden states go through the LM head. Those logits are built ``chunk_size`` tokens at a time and
-    recomputed in backward (`chunked_token_logprobs`) unless all of them fit in ``SMALL_LOGITS_BYTES`` (64 MiB: a
-    few thousand tokens of a 1K vocabulary, a few hundred of Qwen's 152K), where one plain matmul is kept instead.
-
-    ``shared_prefix``: the rows of a group share one prompt, so each distinct prompt is run once (with gradients)
-    and its KV cache is indexed out to its rows before the completions run: exact, and n times less prompt compute
-    (a group's 8 samples of an R1-Zero prompt: half the tokens of the step). Not under gradient checkpointing,
-    which drops the KV cache. Under ZeRO-3 the head weight is partitioned, so the model's own logits over the
-    completion positions are used instead.
-    """
-    partitioned = head.weight.numel() == 0 or hasattr(head.weight, "ds_id")
-    t = mb.targets.shape[1]
-    if partitioned:
-        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                    logits_to_keep=t + 1, use_cache=False)
-        return token_logprobs_from_logits(out.logits[:, :-1], mb.targets, temperature, with_entropy)
-    if shared_prefix and len(mb.unique_rows) < len(mb.prompt_index):
-        hidden = shared_prefix_hidden(model, mb)
-    else:
-        keep = torch.tensor([mb.input_ids.shape[1] - 1], device=mb.input_ids.device)
-        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                    output_hidden_states=True, logits_to_keep=keep, use_cache=False)
-        hidden = out.hidden_states[-1][:, mb.prompt_width - 1:mb.prompt_width - 1 + t]
-    tokens = int(mb.tokens.sum())
-    if tokens * head.weight.shape[0] * 4 > SMALL_LOGITS_BYTES:
-        return chunked_token_logprobs(hidden, head.weight, mb.targets, chunk_size, temperature=temperature,
-                                      with_entropy=with_entropy, mask=mb.tokens)
-    logits = torch.nn.functional.linear(hidden[mb.tokens], head.weight)
-    lp, ent = token_logprobs_from_logits(logits[None], mb.targets[mb.tokens][None], temperature, with_entropy)
-    zeros = torch.zeros(mb.targets.shape, dtype=lp.dtype, device=lp.device)
-    return (zeros.masked_scatter(mb.tokens, lp[0]),
-            zeros.masked_scatter(mb.tokens, ent[0]) if with_entropy else None)
-
-
-def shared_prefix_hidden(model, mb: MicroBatch) -> torch.Tensor:
-    """Final hidden states ``[B, T, H]`` that predict the completion tokens, with each distinct prompt run once.
-    The prompt pass goes through the inner module (a DDP wrapper expects one forward per backward); gradients
-    reach the prompt's weights through the KV cache and the last prompt position."""
-    from transformers import DynamicCache
-
-    inner = getattr(model, "module", model)
-    pw, u = mb.prompt_width, mb.unique_rows
-    one = torch.tensor([pw - 1], device=mb.input_ids.device)
-    cache = DynamicCache()
-    prompt = inner(input_ids=mb.input_ids[u, :pw], attention_mask=mb.attention_mask[u, :pw],
-                   position_ids=mb.position_ids[u, :pw], past_key_values=cache, use_cache=True,
-                   output_hidden_states=True, logits_to_keep=one)
-    last = prompt.hidden_states[-1][:, -1]  # [U, H]: predicts each prompt's first completion token
-    cache.batch_select_indices(mb.prompt_index)
-    keep = torch.tensor([mb.targets.shape[1] - 1], device=mb.input_ids.device)
-    out = model(input_ids=mb.input_ids[:, pw:], attention_mask=mb.attention_mask,
-                position_ids=mb.position_ids[:, pw:], past_key_values=cache, use_cache=True,
-                output_hidden_states=True, logits_to_keep=keep)
-    return torch.cat([last[mb.prompt_index][:, None], out.hidden_states[-1][:, :-1]], dim=1)
 
 
 def fill_old_and_ref_logprobs(ctx: StepContext, minis: List[List[MicroBatch]], need_old: bool) -> None:

@@ -1,9 +1,11 @@
-"""Model setup for training: LoRA via PEFT, gradient checkpointing, Liger kernels when available on a GPU."""
+"""Model setup for training (LoRA via PEFT, gradient checkpointing, Liger kernels when available on a GPU) and the
+one home of running the policy for per-token log-probs (shared-prefix, chunked, ZeRO-3 LM head)."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from typing import Optional, Protocol
 
 import torch
 from omegaconf import DictConfig
@@ -45,28 +47,136 @@ def prepare_model(model, cfg: DictConfig):
     return model
 
 
+# ============================================================================================ log-probs
+# The one place the policy is run for per-token log-probs: SFT's loss and eval loss (`sequence_token_logprobs`),
+# GRPO's policy, old and reference log-probs (`completion_logprobs`). Generation-only stages (eval, rejection
+# sampling) score text with rewards and never need them.
+#
+# ZeRO-3 and the LM head. Under ZeRO-3 every weight is a partitioned placeholder (``numel() == 0``, a ``ds_id``)
+# outside its own module's call. The rule here: hand the head *module* to `chunked_token_logprobs`, whose chunks
+# call it, so ZeRO-3's module hooks gather the weight for each chunk (and again when backward recomputes a chunk).
+# The log-probs stay chunked, ``O(chunk_size x V)`` memory, which is the point of the chunking: ZeRO-3 is what a model
+# too large for one device runs under, and it is where full logits hurt most. (The rejected rule asked the model for
+# its own logits over every completion position, ``[B, T, V]`` at once: with Qwen's 152K vocabulary and 8K-token
+# completions that is gigabytes per sequence.) The SFT ZeRO-3 test (`tests/integration/test_sft_stage.py`) shows the
+# module rule gives the per-step losses of one process without DeepSpeed; `tests/unit/test_algorithms_logprobs.py`
+# that the module and its weight give the same values and gradients.
+
+# below this many bytes of completion logits (64 MiB: a few thousand tokens of a 1K vocabulary, a few hundred of
+# Qwen's 152K) one plain LM-head matmul is kept for backward instead of recomputing chunks
+SMALL_LOGITS_BYTES = 64 * 2**20
+
+
+def head_is_partitioned(head) -> bool:
+    """True when DeepSpeed ZeRO-3 partitions the LM head's weight (a placeholder outside the module's call)."""
+    return hasattr(head.weight, "ds_id") or head.weight.numel() == 0
+
+
+def lm_head_for_chunks(head):
+    """What `chunked_token_logprobs` projects with: the head's weight, or the head module itself when ZeRO-3
+    partitions the weight (its hooks gather it; see the note above)."""
+    return head if head_is_partitioned(head) else head.weight
+
+
+def vocab_size(head) -> int:
+    """Rows of the LM head, also when ZeRO-3 has partitioned its weight away."""
+    weight = head.weight
+    return int(weight.ds_shape[0]) if hasattr(weight, "ds_shape") else int(getattr(head, "out_features",
+                                                                                   weight.shape[0]))
+
+
+def final_hidden(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The final-norm hidden states ``[B, T, H]`` from the wrapped model's own forward (so DDP/DeepSpeed/PEFT hooks
+    run), with ``logits_to_keep`` set to a single position: no full-vocabulary logits are built."""
+    keep = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                output_hidden_states=True, logits_to_keep=keep, use_cache=False)
+    return out.hidden_states[-1]
+
+
+def _output_head(model):
+    inner = model.module if hasattr(model, "module") else model
+    return inner.get_output_embeddings()
+
+
 def sequence_token_logprobs(model, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                             attention_mask: torch.Tensor | None = None, chunk_size: int = 1024,
                             temperature: float = 1.0, with_entropy: bool = False):
     """``log p(x_{t+1} | x_<=t)`` for every position, shape [B, T-1] (and the entropy if asked), without ever
-    materialising full-vocabulary logits for the whole batch.
-
-    The wrapped model's own forward is called (so DDP/DeepSpeed/PEFT hooks run) with ``logits_to_keep`` set to a
-    single position; the final-norm hidden state comes back in ``hidden_states[-1]`` and is projected through
-    the lm_head chunk by chunk in ``chunked_token_logprobs``.
-    """
+    materialising full-vocabulary logits for the whole batch: `final_hidden`, then the LM head chunk by chunk in
+    ``chunked_token_logprobs``."""
     from stagewise.algorithms import chunked_token_logprobs
 
-    keep = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
-    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                output_hidden_states=True, logits_to_keep=keep, use_cache=False)
-    hidden = out.hidden_states[-1][:, :-1]
-    inner = model.module if hasattr(model, "module") else model
-    head = inner.get_output_embeddings()
-    return chunked_token_logprobs(hidden, lm_head_for_chunks(head), input_ids[:, 1:], chunk_size,
+    hidden = final_hidden(model, input_ids, attention_mask=attention_mask, position_ids=position_ids)[:, :-1]
+    return chunked_token_logprobs(hidden, lm_head_for_chunks(_output_head(model)), input_ids[:, 1:], chunk_size,
                                   temperature=temperature, with_entropy=with_entropy)
 
 
-def lm_head_for_chunks(head):
-    """The head's weight, or the head module itself when ZeRO-3 partitions the weight (its hooks gather it)."""
-    return head if hasattr(head.weight, "ds_id") else head.weight
+class CompletionRows(Protocol):
+    """What `completion_logprobs` reads from a batch of prompt + completion rows (GRPO's ``MicroBatch``)."""
+
+    input_ids: torch.Tensor  # [B, P + T]: left-padded prompts then right-padded completions
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_width: int  # P
+    targets: torch.Tensor  # [B, T] completion ids, -1 at padding
+    tokens: torch.Tensor  # [B, T] bool: real completion tokens
+    prompt_index: Optional[torch.Tensor]  # [B]: which distinct prompt (of `unique_rows`) each row has
+    unique_rows: Optional[torch.Tensor]  # [U]: the first row of each distinct prompt
+
+
+def completion_logprobs(model, head, mb: CompletionRows, chunk_size: int, temperature: float,
+                        with_entropy: bool = False, shared_prefix: bool = False):
+    """Log-probs (and entropies) of the completion tokens, ``[B, T]`` each (0 on padding).
+
+    The model's own forward runs (so DDP/DeepSpeed/PEFT hooks do) with one kept logit, and only the completion
+    tokens' final hidden states go through the LM head ``head``. Those logits are built ``chunk_size`` tokens at a
+    time and recomputed in backward (`chunked_token_logprobs`) unless all of them fit in ``SMALL_LOGITS_BYTES``,
+    where one plain matmul is kept instead. Under ZeRO-3 the head module is called (see the note above).
+
+    ``shared_prefix``: the rows of a group share one prompt, so each distinct prompt is run once (with gradients)
+    and its KV cache is indexed out to its rows before the completions run: exact, and n times less prompt compute
+    (a group's 8 samples of an R1-Zero prompt: half the tokens of the step). Not under gradient checkpointing,
+    which drops the KV cache.
+    """
+    from stagewise.algorithms import chunked_token_logprobs, lm_head_logits, token_logprobs_from_logits
+
+    t = mb.targets.shape[1]
+    if shared_prefix and mb.unique_rows is not None and len(mb.unique_rows) < len(mb.prompt_index):
+        hidden = shared_prefix_hidden(model, mb)
+    else:
+        hidden = final_hidden(model, mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids)
+        hidden = hidden[:, mb.prompt_width - 1:mb.prompt_width - 1 + t]
+    projection = lm_head_for_chunks(head)
+    tokens = int(mb.tokens.sum())
+    if tokens * vocab_size(head) * 4 > SMALL_LOGITS_BYTES:
+        return chunked_token_logprobs(hidden, projection, mb.targets, chunk_size, temperature=temperature,
+                                      with_entropy=with_entropy, mask=mb.tokens)
+    logits = lm_head_logits(hidden[mb.tokens], projection)
+    lp, ent = token_logprobs_from_logits(logits[None], mb.targets[mb.tokens][None], temperature, with_entropy)
+    zeros = torch.zeros(mb.targets.shape, dtype=lp.dtype, device=lp.device)
+    return (zeros.masked_scatter(mb.tokens, lp[0]),
+            zeros.masked_scatter(mb.tokens, ent[0]) if with_entropy else None)
+
+
+def shared_prefix_hidden(model, mb: CompletionRows) -> torch.Tensor:
+    """Final hidden states ``[B, T, H]`` that predict the completion tokens, with each distinct prompt run once.
+    The prompt pass goes through the inner module (a DDP wrapper expects one forward per backward); gradients
+    reach the prompt's weights through the KV cache and the last prompt position."""
+    from transformers import DynamicCache
+
+    inner = getattr(model, "module", model)
+    pw, u = mb.prompt_width, mb.unique_rows
+    one = torch.tensor([pw - 1], device=mb.input_ids.device)
+    cache = DynamicCache()
+    prompt = inner(input_ids=mb.input_ids[u, :pw], attention_mask=mb.attention_mask[u, :pw],
+                   position_ids=mb.position_ids[u, :pw], past_key_values=cache, use_cache=True,
+                   output_hidden_states=True, logits_to_keep=one)
+    last = prompt.hidden_states[-1][:, -1]  # [U, H]: predicts each prompt's first completion token
+    cache.batch_select_indices(mb.prompt_index)
+    keep = torch.tensor([mb.targets.shape[1] - 1], device=mb.input_ids.device)
+    out = model(input_ids=mb.input_ids[:, pw:], attention_mask=mb.attention_mask,
+                position_ids=mb.position_ids[:, pw:], past_key_values=cache, use_cache=True,
+                output_hidden_states=True, logits_to_keep=keep)
+    return torch.cat([last[mb.prompt_index][:, None], out.hidden_states[-1][:, :-1]], dim=1)
