@@ -14,6 +14,7 @@ Stages are end-of-chain code: this file imports them, the library never does.
 from __future__ import annotations
 
 import importlib
+import sys
 
 from stagewise.launch import set_cpu_thread_policy
 
@@ -23,7 +24,8 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from stagewise.config import register_configs, validate_config
+from stagewise.config import UnknownConfigKeyError, config_error_exit, register_configs, validate_config, \
+    validate_printed_config
 from stagewise.run_folder import register_resolvers
 from stagewise.tracking.logs import job
 
@@ -49,16 +51,28 @@ def run_stage(cfg: DictConfig):
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @job  # secrets redacted from every log line; a fatal error goes to train.log too, with its traceback
 def main(cfg: DictConfig):
-    from stagewise.launch import needs_relaunch, relaunch_distributed
+    from stagewise.data.schema import BadRowError
+    from stagewise.launch import HardwareMismatchError
+
+    try:  # errors in the user's config, hardware choice or data: one line ("Error: ..."), no traceback
+        return _main(cfg)
+    except (UnknownConfigKeyError, BadRowError, HardwareMismatchError) as e:
+        raise config_error_exit(e) from None
+
+
+def _main(cfg: DictConfig):
+    from stagewise.launch import check_hardware, needs_relaunch, relaunch_distributed
     from stagewise.training.distributed_env import setup_distributed_env
 
-    validate_config(cfg)
+    validate_config(cfg)  # also done before the run folder by the ValidateConfig callback; here for multirun jobs
     with open_dict(cfg):
         cfg.run_dir = HydraConfig.get().runtime.output_dir
         cfg.run_id = str(cfg.run_id)  # resolve once; children inherit it through $STAGEWISE_RUN_ID
     from stagewise.pipeline import run_mode, run_pipeline
 
-    if run_mode(cfg, HydraConfig.get().runtime.choices) == "pipeline":
+    choices = HydraConfig.get().runtime.choices
+    check_hardware(cfg.hardware, choices.get("hardware"))  # done by the CheckHardware callback for single runs
+    if run_mode(cfg, choices) == "pipeline":
         return run_pipeline(cfg, HydraConfig.get().overrides.task, HydraConfig.get().overrides.hydra)
     setup_distributed_env(cfg)  # submitit tasks become torch.distributed ranks before any Accelerator exists
     if needs_relaunch(cfg):
@@ -67,4 +81,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    validate_printed_config(sys.argv[1:], __file__)  # `--cfg job` exits inside Hydra before any check runs
     main()

@@ -18,7 +18,9 @@ Secrets (API keys) are never config values: configs name the *environment variab
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -487,11 +489,29 @@ def _unstrict(schema: type):
     return node
 
 
+def _unstrict_tree(schema: type):
+    """`_unstrict` for ``schema`` and every dataclass node below it: Hydra sets the struct flag on the composed
+    root, but a node's own ``False`` wins, so ``hardware.num_proceses=2`` (no ``+``) reaches `validate_config` too
+    instead of stopping in OmegaConf with ``Key 'num_proceses' not in 'HardwareConfig'``."""
+    from omegaconf import DictConfig, OmegaConf
+
+    node = OmegaConf.structured(schema)
+
+    def unset(n) -> None:
+        if isinstance(n, DictConfig) and OmegaConf.get_type(n) not in (None, dict):
+            OmegaConf.set_struct(n, False)
+            for key in n.keys():
+                unset(n._get_node(key))
+
+    unset(node)
+    return node
+
+
 def register_configs() -> None:
     """``train_schema`` (the whole tree) plus one schema per stage and objective: ``stage/base_<name>`` and
     ``algorithm/base_sft`` / ``algorithm/base_policy_gradient``, named by each YAML's defaults list."""
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="train_schema", node=_unstrict_tree(TrainConfig))
     for name, schema in STAGE_SCHEMAS.items():
         cs.store(group="stage", name=f"base_{name}", node=_unstrict(schema))
     cs.store(group="algorithm", name="base_sft", node=_unstrict(SFTAlgorithm))
@@ -548,7 +568,16 @@ def _unknown_key_message(path: str, key: str, schema: type, fields, chosen: Opti
         close = difflib.get_close_matches(str(key), list(fields), n=1)
         if close:
             hint = f"; did you mean {path}{close[0]}?"
-    return f"unknown config key {path}{key!s} (not a field of {where}{hint}; valid keys: {sorted(fields)})"
+    if len(fields) <= _LISTED_FIELDS:
+        listing = f"; valid keys: {sorted(fields)}"
+    elif hint:
+        listing = ""
+    else:  # no close match among many fields: not the whole list
+        listing = f"; no valid key is close, `python train.py --cfg job` shows all {len(fields)}"
+    return f"unknown config key {path}{key!s} (not a field of {where}{hint}{listing})"
+
+
+_LISTED_FIELDS = 8  # a node with at most this many fields lists them all in the unknown-key message
 
 
 def validate_config(cfg) -> None:
@@ -589,6 +618,75 @@ def validate_config(cfg) -> None:
                 walk(item, OmegaConf.get_type(item) if isinstance(item, DictConfig) else None, f"{path[:-1]}[{i}].")
 
     walk(cfg, TrainConfig, "")
+
+
+# ------------------------------------------------------------------------------- checks before anything runs
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover
+    _HydraCallback = object
+
+
+def config_error_exit(err: Exception) -> SystemExit:
+    """The short exit for a config error: ``Error: <message>`` on stderr, exit code 1, no traceback."""
+    return SystemExit(f"Error: {err}")
+
+
+class ValidateConfig(_HydraCallback):  # type: ignore[misc, valid-type]
+    """Hydra callback (``conf/hydra/default.yaml``): `validate_config` before Hydra creates the run folder, so an
+    unknown key stops with the project's one-line message and leaves nothing behind. Hydra turns a callback's
+    exception into a warning and goes on, hence the ``SystemExit``."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        self._check(config)  # the sweep's base config; each job's own overrides are checked by train.py's main
+
+    @staticmethod
+    def _check(config: Any) -> None:
+        try:
+            validate_config(config)
+        except (UnknownConfigKeyError, ValueError) as e:
+            raise config_error_exit(e) from None
+
+
+def validate_printed_config(argv: List[str], calling_file: str, config_path: str = "conf",
+                            config_name: str = "train") -> None:
+    """``python train.py ... --cfg job|hydra|all``: Hydra prints the config and exits before any callback or the
+    task function runs, so an unknown key would be printed without complaint. Compose the config as Hydra is about
+    to (same search path, ``--config-path``/``--config-dir``/``--config-name``, overrides) and validate it; raise the
+    short `config_error_exit` on an unknown key. Anything else (not ``--cfg``, a compose error) is left to Hydra,
+    which reports it itself."""
+    from hydra._internal.utils import create_automatic_config_search_path, get_args_parser
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:  # Hydra will print its own usage error
+        return
+    if not args.cfg:
+        return
+    from hydra._internal.hydra import Hydra
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    search_path = create_automatic_config_search_path(calling_file, None, args.config_path or config_path)
+    if args.config_dir is not None:
+        search_path.prepend(provider="command-line", path=f"file://{os.path.abspath(args.config_dir)}",
+                            anchor=SearchPathQuery(provider="schema"))
+    try:
+        hydra = Hydra.create_main_hydra2(task_name=Path(calling_file).stem, config_search_path=search_path)
+        cfg = hydra.compose_config(config_name=args.config_name or config_name, overrides=args.overrides,
+                                   run_mode=RunMode.RUN, with_log_configuration=False)
+    except Exception:  # noqa: BLE001 - Hydra reports compose errors itself when it composes again
+        return
+    finally:
+        GlobalHydra.instance().clear()
+    try:
+        validate_config(cfg)
+    except (UnknownConfigKeyError, ValueError) as e:
+        raise config_error_exit(e) from None
 
 
 # Shared stage blocks in the order the README lists them (`schema_reference`).

@@ -57,7 +57,7 @@ def test_mixture_is_reproducible_from_seed():
 
 
 def test_bad_rows_in_a_mixture_raise_by_default():
-    with pytest.raises(ValueError, match=r"deepanalyze_bad.jsonl: row 1: field 'messages\[1\].role'"):
+    with pytest.raises(ValueError, match=r"deepanalyze_bad.jsonl: line 2: field 'messages\[1\].role'"):
         load_sources(cfg(on_bad_row="error"))
 
 

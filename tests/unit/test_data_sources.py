@@ -138,7 +138,7 @@ def test_bad_rows_error_names_file_row_and_field():
     path = str(FIX / "deepanalyze_bad.jsonl")
     with pytest.raises(BadRowError) as e:
         load("deepanalyze_bad.jsonl", adapter="deepanalyze")
-    assert str(e.value).startswith(f"{path}: row 1: field 'messages[1].role': unknown role 'bot'")
+    assert str(e.value).startswith(f"{path}: line 2: field 'messages[1].role': unknown role 'bot'")
     assert "(2 more bad rows)" in str(e.value) and "data.on_bad_row=skip" in str(e.value)
 
 
@@ -147,10 +147,10 @@ def test_bad_rows_skipped_and_counted():
     ds, rep = load("deepanalyze_bad.jsonl", adapter="deepanalyze", _data={"on_bad_row": "skip"})
     assert (rep.rows_read, rep.rows_skipped, rep.rows_kept, rep.rows_used, len(ds)) == (5, 3, 2, 2, 2)
     assert rep.errors == [
-        f"{path}: row 1: field 'messages[1].role': unknown role 'bot' (expected one of system, user, assistant, "
+        f"{path}: line 2: field 'messages[1].role': unknown role 'bot' (expected one of system, user, assistant, "
         "execute, tool)",
-        f"{path}: row 3: field 'messages[1].content': missing or null",
-        f"{path}: row 4: field 'messages[1].content': unclosed <Execute>",
+        f"{path}: line 4: field 'messages[1].content': missing or null",
+        f"{path}: line 5: field 'messages[1].content': unclosed <Execute>",
     ]
     assert [m[1]["content"] for m in ds["messages"]] == ["<Answer>1</Answer>", "<Answer>2</Answer>"]
     # the generic adapter does not check Execute balance: row 4 is kept
@@ -160,7 +160,7 @@ def test_bad_rows_skipped_and_counted():
 
 def test_malformed_json_line_error_and_skip():
     path = str(FIX / "malformed.jsonl")
-    with pytest.raises(BadRowError, match=rf"^{path}: row 2: field '<json>': invalid JSON"):
+    with pytest.raises(BadRowError, match=rf"^{path}: line 3: field '<json>': invalid JSON"):
         load("malformed.jsonl")
     ds, rep = load("malformed.jsonl", _data={"on_bad_row": "skip"})
     assert (rep.rows_read, rep.rows_skipped, len(ds)) == (4, 1, 3)
@@ -170,11 +170,11 @@ def test_malformed_json_line_error_and_skip():
 def test_type_change_between_rows_names_row_and_field(tmp_path):
     p = tmp_path / "mixed.jsonl"
     p.write_text('{"messages": [{"role": "user", "content": "a"}]}\n{"messages": "oops"}\n')
-    with pytest.raises(BadRowError, match=r"mixed.jsonl: row 1: field 'messages': expected a list of messages, got"):
+    with pytest.raises(BadRowError, match=r"mixed.jsonl: line 2: field 'messages': expected a list of messages, got"):
         load_source(SourceConfig(path=str(p)), DataConfig())
     q = tmp_path / "nested.jsonl"
     q.write_text('{"messages": [{"role": "user", "content": "a"}]}\n{"messages": [{"role": "user", "content": [1]}]}\n')
-    with pytest.raises(BadRowError, match=r"nested.jsonl: row 1: field 'messages\[0\].content': expected a string"):
+    with pytest.raises(BadRowError, match=r"nested.jsonl: line 2: field 'messages\[0\].content': expected a string"):
         load_source(SourceConfig(path=str(q)), DataConfig())
 
 
@@ -182,7 +182,7 @@ def test_nested_execute_is_a_bad_row(tmp_path):
     p = tmp_path / "nested_exec.jsonl"
     p.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": '
                  '"<Execute>a<Execute>b</Execute></Execute>"}]}\n')
-    with pytest.raises(BadRowError, match=r"row 0: field 'messages\[1\].content': nested <Execute> at character 10"):
+    with pytest.raises(BadRowError, match=r"line 1: field 'messages\[1\].content': nested <Execute> at character 10"):
         load_source(SourceConfig(path=str(p), adapter="deepanalyze"), DataConfig())
 
 
@@ -215,8 +215,53 @@ def test_line_reader_names_a_column_whose_type_changes(tmp_path):
 
     p = tmp_path / "t.jsonl"
     p.write_text('{"a": [1], "b": 1}\n\n{"a": null}\n{"a": "x"}\n{"a": [2], "b": true}\n')
-    with pytest.raises(BadRowError, match=r"t.jsonl: row 2: field 'a': string here but array in earlier rows"):
+    with pytest.raises(BadRowError, match=r"t.jsonl: line 4: field 'a': string here but array in earlier rows"):
         read_json_rows(str(p), "error")
     raw = read_json_rows(str(p), "skip")
-    assert (raw.row_ids, raw.skipped) == ([0, 1], 2)  # blank lines are not rows; row 3's b changes number->boolean
-    assert raw.errors[1].endswith("row 3: field 'b': boolean here but number in earlier rows")
+    assert (raw.row_ids, raw.skipped) == ([0, 1], 2)  # blank lines are not rows (but count as lines)
+    assert raw.errors[1].endswith("t.jsonl: line 5: field 'b': boolean here but number in earlier rows")
+
+
+def _chat(i):
+    import json
+
+    return json.dumps({"messages": [U(f"q{i}"), A(f"a{i}")]})
+
+
+@pytest.mark.parametrize("blank_lines", [False, True], ids=["dense", "with_blank_lines"])
+def test_malformed_json_line_is_named_by_its_1_based_line_in_one_short_error(tmp_path, blank_lines):
+    """A truncated row on the 8th line of the file is 'line 8' (as an editor shows it; blank lines count), in one
+    exception with no chained reader errors."""
+    lines = [_chat(i) for i in range(10)]
+    if blank_lines:
+        lines[2] = lines[5] = ""
+    lines[7] = lines[7][:-3]
+    p = tmp_path / "bad.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(BadRowError) as e:
+        load_source(SourceConfig(path=str(p)), DataConfig())
+    assert str(e.value) == (f"{p}: line 8: field '<json>': invalid JSON: Expecting ',' delimiter at column 87 "
+                            "(set data.on_bad_row=skip to skip bad rows)")
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_adapter_error_in_an_arrow_read_file_is_named_by_its_line(tmp_path):
+    """Valid JSON read by the Arrow reader, a bad role on line 6 after two blank lines: 'line 6', not 'row 3'."""
+    import json
+
+    bad = json.dumps({"messages": [U("q"), {"role": "bot", "content": "x"}]})
+    p = tmp_path / "roles.jsonl"
+    p.write_text("\n".join([_chat(0), "", _chat(1), "  ", _chat(2), bad, _chat(3)]) + "\n")
+    with pytest.raises(BadRowError) as e:
+        load_source(SourceConfig(path=str(p)), DataConfig())
+    assert str(e.value).startswith(f"{p}: line 6: field 'messages[1].role': unknown role 'bot'")
+
+
+def test_rows_of_a_non_line_source_are_1_based(tmp_path):
+    import json
+
+    p = tmp_path / "arr.json"
+    p.write_text(json.dumps([{"messages": [U("q"), A("a")]}, {"messages": [U("q"), {"role": "bot", "content": "x"}]}],
+                            indent=1))
+    with pytest.raises(BadRowError, match=r"arr.json: row 2: field 'messages\[1\].role': unknown role 'bot'"):
+        load_source(SourceConfig(path=str(p)), DataConfig())

@@ -84,15 +84,15 @@ def _adapt_batch(batch: dict[str, list], indices: list[int], *, adapter_name: st
     adapter = ADAPTERS[adapter_name]
     keys = list(batch)
     out: dict[str, list] = {c: batch[c] for c in passthrough}
-    out.update({"messages": [], "_error": [], **{c: [] for c in adapter.adds}})
+    out.update({"messages": [], "_row_problem": [], **{c: [] for c in adapter.adds}})
     for j, idx in enumerate(indices):
         try:
             res = adapt_row(adapter, {k: batch[k][j] for k in keys}, system_prompt)
             err = None
         except RowError as e:
-            res, err = {"messages": []}, f"{where}: row {idx}: field {e.field!r}: {e}"
+            res, err = {"messages": []}, f"field {e.field!r}: {e}"  # `adapt` adds the file and the line
         out["messages"].append(res["messages"])
-        out["_error"].append(err)
+        out["_row_problem"].append(err)
         for c in adapter.adds:
             out[c].append(res.get(c))
     return out
@@ -108,7 +108,7 @@ def adapt(raw: RawSource, adapter: Adapter, *, where: str, data_cfg: DataConfig)
         ds = raw.dataset
         passthrough = [c for c in ds.column_names if c not in adapter.consumes and c not in adapter.adds]
         features = Features({**{c: ds.features[c] for c in passthrough}, "messages": MESSAGES_FEATURE,
-                             **adapter.adds, "_error": Value("string")})
+                             **adapter.adds, "_row_problem": Value("string")})
         ds = ds.map(
             _adapt_batch, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
             fn_kwargs=dict(adapter_name=adapter.name, system_prompt=data_cfg.system_prompt, where=where,
@@ -116,18 +116,19 @@ def adapt(raw: RawSource, adapter: Adapter, *, where: str, data_cfg: DataConfig)
             num_proc=data_cfg.num_proc if data_cfg.num_proc > 1 and len(ds) >= 2 * data_cfg.num_proc else None,
             desc=f"adapting {where}",
         )
-        error_col = ds["_error"]
-        errors = [e for e in error_col if e is not None]
+        error_col = ds["_row_problem"]  # one entry per input row, in order (renamed from
+        # "_error", which held "<file>: row <i>: ...": the new features key keeps old map caches from being reused)
+        errors = [f"{where}: {raw.location(i)}: {e}" for i, e in enumerate(error_col) if e is not None]
         if errors:
             ds = ds.select(np.flatnonzero(np.asarray([e is None for e in error_col], dtype=bool)))
-        ds = ds.remove_columns("_error")
+        ds = ds.remove_columns("_row_problem")
     else:  # reader fallback: python rows, each with its index in the file
         rows, errors = [], []
         for i, row in zip(raw.row_ids or [], raw.rows or []):
             try:
                 res = adapt_row(adapter, row, data_cfg.system_prompt)
             except RowError as e:
-                errors.append(f"{where}: row {i}: field {e.field!r}: {e}")
+                errors.append(f"{where}: {raw.location(i)}: field {e.field!r}: {e}")
                 continue
             rows.append({**{k: v for k, v in row.items() if k not in adapter.consumes}, **res})
         ds = Dataset.from_list(rows) if rows else Dataset.from_dict({"messages": []})

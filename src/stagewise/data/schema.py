@@ -27,7 +27,8 @@ class RowError(ValueError):
 
 
 class BadRowError(ValueError):
-    """A row of a data file is unusable. The message names the file, the row (0-based) and the field."""
+    """A row of a data file is unusable. The message names the file, where the row is (``line 8`` of a JSON lines
+    file, 1-based as an editor shows it; ``row 8``, 1-based, elsewhere) and the field."""
 
 
 def need(row: dict[str, Any], key: str, kind: type | tuple[type, ...] = str) -> Any:

@@ -2,12 +2,17 @@
 
 Files go through `datasets`' Arrow readers (fast, memory-mapped, cached). When the JSON reader fails (a malformed
 line, or a column whose type changes between rows), the file is read again line by line so that the error can
-name the exact row; with ``on_bad_row=skip`` the unreadable rows are dropped and counted instead.
+name the exact row; with ``on_bad_row=skip`` the unreadable rows are dropped and counted instead. A row of a JSON
+lines file is named by its 1-based line number, as an editor shows it (blank lines count), in one short
+`BadRowError` (no chained reader tracebacks); rows of other sources by their 1-based row number.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +36,17 @@ class RawSource:
     row_ids: list[int] | None = None  # each python row's index in the file
     skipped: int = 0
     errors: list[str] = field(default_factory=list)
+    path: str | None = None  # a JSON lines file: rows are located by line (`location`)
+    _lines: list[int] | None = field(default=None, repr=False)
+
+    def location(self, row: int) -> str:
+        """Where the 0-based ``row`` (a ``row_ids`` entry, or an Arrow row index) is: ``line 8`` in a JSON lines
+        file (1-based, blank lines counted), else ``row 8`` (1-based)."""
+        if self.path is not None and self._lines is None:
+            self._lines = json_lines_rows(self.path)
+        if self._lines is not None and 0 <= row < len(self._lines):
+            return f"line {self._lines[row]}"
+        return f"row {row + 1}"
 
     @property
     def num_rows(self) -> int:
@@ -69,6 +85,41 @@ def source_stem(path: str) -> str:
     return name
 
 
+def _open_text(path: str):
+    p = Path(path).expanduser()
+    return gzip.open(p, "rt") if p.name.endswith(".gz") else open(p)
+
+
+def is_json_lines(path: str) -> bool:
+    """A .jsonl file, or a .json file that is not one JSON array."""
+    if ".jsonl" in Path(path).name:
+        return True
+    with _open_text(path) as f:
+        head = f.read(4096).lstrip()
+    return not head.startswith("[")
+
+
+def json_lines_rows(path: str) -> list[int] | None:
+    """The 1-based line number of each row of a JSON lines file (its non-blank lines), or None for a JSON array."""
+    if not is_json_lines(path):
+        return None
+    with _open_text(path) as f:
+        return [n for n, line in enumerate(f, 1) if line.strip()]
+
+
+@contextlib.contextmanager
+def _quiet_json_reader():
+    """``datasets`` logs the Arrow JSON reader's failure at ERROR ("Failed to load JSON ... in row 7", 0-based)
+    before raising; the line-by-line fallback reports it better, so that record is dropped."""
+    logger = logging.getLogger("datasets.packaged_modules.json.json")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def read_source(path: str, split: str, *, seed: int, generator_kwargs: dict[str, Any], on_bad_row: str,
                 cache_dir: str | None = None) -> RawSource:
     kind = source_kind(path)
@@ -93,32 +144,38 @@ def read_source(path: str, split: str, *, seed: int, generator_kwargs: dict[str,
     if kind == "hub":
         return RawSource(kind, dataset=load_dataset(path, split=split, cache_dir=cache_dir))
     try:
-        return RawSource(kind, dataset=Dataset.from_json(str(Path(path).expanduser()), cache_dir=cache_dir))
+        with _quiet_json_reader():
+            dataset = Dataset.from_json(str(Path(path).expanduser()), cache_dir=cache_dir)
     except Exception as arrow_error:  # noqa: BLE001 - any reader failure is diagnosed row by row below
         return read_json_rows(path, on_bad_row, arrow_error)
+    return RawSource(kind, dataset=dataset, path=path)
 
 
 def read_json_rows(path: str, on_bad_row: str, cause: Exception | None = None) -> RawSource:
     """Line-by-line JSON reader that names the bad row: invalid JSON, a non-object line, or a top-level column
     whose JSON type differs from the first row that has it. Nested type errors (a message content that is a list)
-    are then caught row by row by the adapter, which is why these rows are returned as python objects."""
-    text = Path(path).expanduser().read_text()
+    are then caught row by row by the adapter, which is why these rows are returned as python objects.
+    ``cause`` (the Arrow reader's error) is not chained: the row's message says all there is."""
+    with _open_text(path) as f:
+        text = f.read()
     entries: list[tuple[int, Any, str | None]] = []  # (row index, value, parse error)
-    if path.endswith(".json") and text.lstrip().startswith("["):
+    lines: list[int] | None = None
+    if not is_json_lines(path):
         try:
             entries = [(i, v, None) for i, v in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
-            raise BadRowError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+            raise BadRowError(f"{path}: line {e.lineno}: invalid JSON at column {e.colno}: {e.msg}") from None
     else:
-        row = 0
-        for line in text.splitlines():
+        lines = []
+        for n, line in enumerate(text.split("\n"), 1):  # JSON lines are split at \n only (as `json_lines_rows`)
             if not line.strip():
                 continue
             try:
-                entries.append((row, json.loads(line), None))
+                entries.append((len(lines), json.loads(line), None))
             except json.JSONDecodeError as e:
-                entries.append((row, None, f"field '<json>': invalid JSON: {e.msg} at column {e.colno}"))
-            row += 1
+                entries.append((len(lines), None, f"field '<json>': invalid JSON: {e.msg} at column {e.colno}"))
+            lines.append(n)
+    where = RawSource("json", path=path if lines is not None else None, _lines=lines)
     rows: list[dict[str, Any]] = []
     row_ids: list[int] = []
     errors: list[str] = []
@@ -136,13 +193,14 @@ def read_json_rows(path: str, on_bad_row: str, cause: Exception | None = None) -
             rows.append(value)
             row_ids.append(i)
             continue
-        msg = f"{path}: row {i}: {problem}"
+        msg = f"{path}: {where.location(i)}: {problem}"
         if on_bad_row != "skip":
-            raise BadRowError(msg + " (set data.on_bad_row=skip to skip bad rows)") from cause
+            raise BadRowError(msg + " (set data.on_bad_row=skip to skip bad rows)") from None
         errors.append(msg)
     if not rows and errors:
-        raise BadRowError(f"{path}: no readable rows; first error: {errors[0]}") from cause
-    return RawSource("json", rows=rows, row_ids=row_ids, skipped=len(errors), errors=errors)
+        raise BadRowError(f"{path}: no readable rows; first error: {errors[0]}") from None
+    return RawSource("json", rows=rows, row_ids=row_ids, skipped=len(errors), errors=errors, path=where.path,
+                     _lines=lines)
 
 
 def _json_type(v: Any) -> str | None:
