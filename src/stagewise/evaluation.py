@@ -28,9 +28,9 @@ weighted sum and each function, as GRPO logs them in training), ``eval/completio
 Distributed: every rank takes a strided share of the prompts, padded so all ranks make the same number of
 ``generate`` calls (ZeRO-3 gathers parameters collectively inside each call); numbers are gathered to every rank.
 
-Multi-turn (``env.name != single_turn``, e.g. ``code_sandbox``): `build_generator` wraps the backend in the agent
-loop (`stagewise.rollout.multiturn.MultiTurnRollout`); each prompt's dataset row is passed as its task (workspace
-files), the loop's per-trajectory facts (``turns``, ``code_calls`` ...) reach the rewards as columns, and the whole
+Multi-turn (``env.name != single_turn``, e.g. ``code_sandbox``): `stagewise.rollout.build_generator` wraps the
+backend in the agent loop (`stagewise.rollout.multiturn.MultiTurnRollout`); each prompt's dataset row is passed as its
+task (workspace files), the loop's per-trajectory facts (``turns``, ``code_calls`` ...) reach the rewards as columns, and the whole
 trajectory (with its ``<Execute>`` spans) is the completion that is scored.
 """
 
@@ -43,8 +43,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from stagewise.rollout import RolloutBatch, SamplingParams, build_rollout
-from stagewise.rollout.multiturn import MultiTurnRollout
+from stagewise.rollout import SamplingParams, build_generator, generate, reward_columns
 from stagewise.tracking import progress
 from stagewise.tracking.console import format_indicators
 
@@ -142,27 +141,6 @@ class EvalSpec:
                    num_prompts=int(st.num_eval_prompts), prompts_per_call=prompts_per_call(ro, n))
 
 
-def build_generator(cfg, policy, tokenizer, accelerator=None, run_dir=None):
-    """The ``rollout.backend`` for ``policy``; wrapped in the multi-turn agent loop when ``env.name`` is not
-    ``single_turn``."""
-    backend = build_rollout(cfg, policy, tokenizer, accelerator=accelerator, run_dir=run_dir)
-    if cfg.env.name == "single_turn":
-        return backend
-    return MultiTurnRollout.from_config(cfg, backend, tokenizer)
-
-
-def is_multi_turn(generator) -> bool:
-    return isinstance(generator, MultiTurnRollout)
-
-
-def generate(generator, columns: Mapping[str, list], sampling: SamplingParams) -> RolloutBatch:
-    """One ``generate`` call for a batch of dataset rows; the agent loop also gets the rows as its tasks."""
-    if is_multi_turn(generator):
-        tasks = {k: v for k, v in columns.items() if k != "prompt_ids"}
-        return generator.generate(columns["prompt_ids"], sampling, tasks=tasks)
-    return generator.generate(columns["prompt_ids"], sampling)
-
-
 # ============================================================================================ generate + score
 @dataclass
 class PromptResult:
@@ -181,18 +159,6 @@ class PromptResult:
 
     def correct(self, threshold: float) -> int:
         return sum(is_correct(s, threshold) for s in self.scores)
-
-
-def reward_columns(columns: Mapping[str, list], batch: RolloutBatch) -> Dict[str, list]:
-    """Dataset columns repeated ``n`` times (one value per completion) plus the completion facts rewards read
-    (and, from the agent loop, each trajectory's ``turns``, ``code_calls`` ...)."""
-    n = batch.n
-    cols = {k: [v for v in values for _ in range(n)] for k, values in columns.items() if k != "prompt_ids"}
-    cols["completion_ids"] = batch.completion_ids
-    cols["completion_lengths"] = [len(c) for c in batch.completion_ids]
-    cols["truncated"] = batch.truncated
-    cols.update((batch.extra or {}).get("columns", {}))
-    return cols
 
 
 def rank_share(num_rows: int, rank: int, world: int) -> tuple[List[int], int]:

@@ -10,7 +10,8 @@ from datasets import Dataset
 
 from stagewise.config import EnvConfig
 from stagewise.envs import build_env
-from stagewise.evaluation import EvalSpec, evaluate_prompts, is_multi_turn
+from stagewise.evaluation import EvalSpec, evaluate_prompts
+from stagewise.rollout import is_multi_turn
 from stagewise.rewards import RewardRunner
 from stagewise.rollout import RolloutBatch
 from stagewise.rollout.multiturn import STOP_TAGS, MultiTurnRollout

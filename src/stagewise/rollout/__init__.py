@@ -41,5 +41,50 @@ def build_rollout(cfg, model, tokenizer, *, accelerator=None, run_dir=None, retu
     raise ValueError(f"rollout.backend={rollout.backend!r} is not one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "RolloutBatch", "SamplingParams", "build_rollout", "check_sampling", "decode_completions",
-           "left_pad", "sampling_from_config", "stop_token_ids"]
+# ============================================================================================ the generator
+# What GRPO, evaluation (in-loop and ``stage=eval``) and rejection sampling generate with: the backend, wrapped in
+# the multi-turn agent loop when ``env.name`` is not ``single_turn`` (`stagewise.rollout.multiturn`).
+def build_generator(cfg, policy, tokenizer, *, accelerator=None, run_dir=None, return_logprobs: bool = False):
+    """The ``rollout.backend`` for ``policy``; wrapped in the multi-turn agent loop when ``env.name`` is not
+    ``single_turn``. ``return_logprobs``: the engine's log-probs of the sampled tokens (GRPO's TIS)."""
+    backend = build_rollout(cfg, policy, tokenizer, accelerator=accelerator, run_dir=run_dir,
+                            return_logprobs=return_logprobs)
+    if cfg.env.name == "single_turn":
+        return backend
+    from stagewise.rollout.multiturn import MultiTurnRollout
+
+    return MultiTurnRollout.from_config(cfg, backend, tokenizer)
+
+
+def is_multi_turn(generator) -> bool:
+    from stagewise.rollout.multiturn import MultiTurnRollout
+
+    return isinstance(generator, MultiTurnRollout)
+
+
+def generate(generator, columns, sampling: SamplingParams | None = None) -> RolloutBatch:
+    """One ``generate`` call for a batch of dataset rows (``columns``: column -> values, with ``prompt_ids``); the
+    agent loop also gets the rows as its tasks (workspaces, reward specs). ``sampling`` None: the generator's own
+    (``rollout.*``)."""
+    if is_multi_turn(generator):
+        tasks = {k: v for k, v in columns.items() if k != "prompt_ids"}
+        return generator.generate(columns["prompt_ids"], sampling, tasks=tasks)
+    return generator.generate(columns["prompt_ids"], sampling)
+
+
+def reward_columns(columns, batch: RolloutBatch) -> dict:
+    """What the rewards get besides the texts: the dataset columns repeated ``n`` times (one value per completion),
+    the completion facts (``completion_ids``, ``completion_lengths``, ``truncated``) and, from the agent loop, each
+    trajectory's ``turns``, ``code_calls`` ..."""
+    n = batch.n
+    cols = {k: [v for v in values for _ in range(n)] for k, values in columns.items() if k != "prompt_ids"}
+    cols["completion_ids"] = batch.completion_ids
+    cols["completion_lengths"] = [len(c) for c in batch.completion_ids]
+    cols["truncated"] = batch.truncated
+    cols.update((batch.extra or {}).get("columns", {}))
+    return cols
+
+
+__all__ = ["BACKENDS", "RolloutBatch", "SamplingParams", "build_generator", "build_rollout", "check_sampling",
+           "decode_completions", "generate", "is_multi_turn", "left_pad", "reward_columns", "sampling_from_config",
+           "stop_token_ids"]

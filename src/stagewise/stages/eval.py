@@ -30,13 +30,13 @@ from omegaconf import DictConfig
 from stagewise.data import load_prompt_dataset
 from stagewise.evaluation import (
     EvalSpec,
-    build_generator,
     evaluate_prompts,
     inference_config,
     load_policy,
     results_table,
 )
 from stagewise.rewards import RewardRunner
+from stagewise.rollout import build_generator
 from stagewise.run_folder import RunFolder
 from stagewise.tracking import Tracker
 from stagewise.training import build_accelerator, set_seed

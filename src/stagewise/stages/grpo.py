@@ -76,13 +76,13 @@ from stagewise.data import load_prompt_dataset
 from stagewise.models import load_model_and_tokenizer, num_params
 from stagewise.rewards import RewardRunner
 from stagewise.rewards.runner import data_files
-from stagewise.rollout import RolloutBatch, build_rollout, check_sampling
-from stagewise.rollout.multiturn import MultiTurnRollout
+from stagewise.rollout import RolloutBatch, build_generator, check_sampling, generate, reward_columns
 from stagewise.run_folder import RunFolder
 from stagewise.tracking import Tracker, progress
 from stagewise.tracking.console import format_grpo_console, format_indicators
 from stagewise.training import (
     CheckpointManager,
+    StepEnd,
     TrainState,
     backward_micro_batch,
     build_accelerator,
@@ -94,9 +94,9 @@ from stagewise.training import (
     uses_deepspeed,
 )
 from stagewise.tracking.alerts import STOP, UPDATE, NanGuard
-from stagewise.training.preemption import checkpoint_and_exit_if_preempted, install_preemption_handler
+from stagewise.training.preemption import install_preemption_handler
 from stagewise.evaluation import EvalSpec, evaluate_prompts
-from stagewise.training.early_stopping import EarlyStopping, save_final_model
+from stagewise.training.early_stopping import EarlyStopping
 from stagewise.training.modeling import completion_logprobs
 
 log = logging.getLogger(__name__)
@@ -128,9 +128,8 @@ def run(cfg: DictConfig) -> dict:
         ref_model.to(acc.device)
     policy = acc.unwrap_model(model)
     tis = alg.tis_cap is not None and ro.backend != "hf"
-    rollout = build_rollout(cfg, policy, tokenizer, accelerator=acc, run_dir=run_folder.root, return_logprobs=tis)
-    if cfg.env.name != "single_turn":  # env=code_sandbox: the multi-turn agent loop drives the backend
-        rollout = MultiTurnRollout.from_config(cfg, rollout, tokenizer)
+    # env=code_sandbox: the multi-turn agent loop drives the backend
+    rollout = build_generator(cfg, policy, tokenizer, accelerator=acc, run_dir=run_folder.root, return_logprobs=tis)
     ckpt = CheckpointManager(acc, run_folder, keep_last=st.save_total_limit)
     state = TrainState(extra={"num_tokens": 0})
     resume_from = ckpt.resume_path(cfg.resume)
@@ -150,15 +149,15 @@ def run(cfg: DictConfig) -> dict:
 
     # ------------------------------------------------------------------ train
     stopper = EarlyStopping.from_config(st, state.extra, has_loss=False, has_generative=eval_ds is not None)
-    if eval_ds is not None and state.step == 0:
-        eval_metrics = evaluate(acc, rollout, eval_ds, rewards, cfg)
-        tracker.log(eval_metrics, step=0)
-        if stopper is not None:  # the starting model is the baseline the patience counts from
-            stopper.after_eval(eval_metrics, 0, acc, model, tokenizer, run_folder)
+    ctx.nan_guard = NanGuard(st.max_nonfinite_steps)
+    end = StepEnd(acc, ckpt, model, tokenizer, run_folder, tracker, stopper, ctx.nan_guard, eval_steps=st.eval_steps,
+                  save_steps=st.save_steps, total_steps=plan.total_steps)
+    held_out = (lambda: evaluate(acc, rollout, eval_ds, rewards, cfg)) if eval_ds is not None else None
+    if held_out is not None and state.step == 0:  # the starting model is the baseline the patience counts from
+        end.log_eval(held_out(), 0)
     bar = progress(total=plan.total_steps, initial=state.step, desc="grpo", enabled=bar_enabled(acc, cfg))
     window = Window()
     install_preemption_handler()  # SIGUSR1/SIGTERM -> checkpoint at the next step boundary, exit for requeue
-    ctx.nan_guard = NanGuard(st.max_nonfinite_steps)
     model.train()
     # console blocks print above the progress bar instead of through it
     with logging_redirect_tqdm() if bar_enabled(acc, cfg) else contextlib.nullcontext():
@@ -194,31 +193,13 @@ def run(cfg: DictConfig) -> dict:
                 window = Window()
             if st.samples_steps and state.step % st.samples_steps == 0:
                 write_samples(acc, run_folder.sample_file(state.step), groups, state.step)
-            if eval_ds is not None and st.eval_steps > 0 and state.step % st.eval_steps == 0 \
-                    and state.step < plan.total_steps:
-                eval_metrics = evaluate(acc, rollout, eval_ds, rewards, cfg)
-                tracker.log(eval_metrics, step=state.step)
-                if stopper is not None:
-                    stopper.after_eval(eval_metrics, state.step, acc, model, tokenizer, run_folder)
-            if update["nan_stop"]:
-                ckpt.save(state, model, tokenizer)
-                raise ctx.nan_guard.error(state.step, str(run_folder.root))
-            if st.save_steps and state.step % st.save_steps == 0 and state.step < plan.total_steps:
-                ckpt.save(state, model, tokenizer)
-            checkpoint_and_exit_if_preempted(acc, lambda: ckpt.save(state, model, tokenizer))
-            if stopper is not None and stopper.stopped:
+            if end.after_step(state, held_out, nan_stop=bool(update["nan_stop"])):
                 break
     bar.close()
 
     # ------------------------------------------------------------------ save
-    final_metrics: Dict[str, Any] = {}
-    if eval_ds is not None:
-        final_metrics.update(evaluate(acc, rollout, eval_ds, rewards, cfg))
-        tracker.log(final_metrics, step=state.step)
-        if stopper is not None:
-            stopper.after_eval(final_metrics, state.step, acc, model, tokenizer, run_folder)
+    final_metrics: Dict[str, Any] = end.finish(state, held_out)  # final/: the best model under early stopping
     final_metrics["step"] = state.step
-    save_final_model(acc, model, tokenizer, run_folder, stopper, state.step)  # the best model under early stopping
 
     # ------------------------------------------------------------------ cleanup
     tracker.close()
@@ -316,19 +297,12 @@ class StepPlan:
 
 
 # ============================================================================================ prompts
-def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
-    """A pure function of (seed, epoch): resuming needs only the position in it."""
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
-
-
 def next_prompt_rows(state: TrainState, plan: StepPlan, num_rows: int) -> np.ndarray:
     """The next ``prompts_per_step`` dataset rows; advances ``state`` (epoch, batch_in_epoch)."""
-    order = epoch_order(num_rows, plan.seed, state.epoch)
+    order = state.epoch_order(num_rows, plan.seed)
     p = plan.prompts_per_step
     rows = order[state.batch_in_epoch * p:(state.batch_in_epoch + 1) * p]
-    state.batch_in_epoch += 1
-    if state.batch_in_epoch >= plan.steps_per_epoch:
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    state.advance(plan.steps_per_epoch)
     return rows
 
 
@@ -362,25 +336,6 @@ class Groups:
         return sample_records(self.rounds, self.rank, self.n, self.advantages)
 
 
-def reward_columns(rows: Dict[str, list], batch: RolloutBatch) -> Dict[str, list]:
-    """Dataset columns repeated ``n`` times (one value per completion) plus completion facts rewards may read."""
-    n = batch.n
-    cols = {k: [v for v in values for _ in range(n)] for k, values in rows.items() if k != "prompt_ids"}
-    cols["completion_ids"] = batch.completion_ids
-    cols["completion_lengths"] = [len(c) for c in batch.completion_ids]
-    cols["truncated"] = batch.truncated
-    cols.update(batch.extra.get("columns", {}))  # multi-turn: turns, code_calls, code_errors ... per completion
-    return cols
-
-
-def generate_for(rollout, columns: Dict[str, list]) -> RolloutBatch:
-    """The multi-turn agent loop (env=code_sandbox) gets the dataset rows (workspaces, reward specs) with the
-    prompts; a plain backend gets the prompt ids."""
-    if isinstance(rollout, MultiTurnRollout):
-        return rollout.generate(columns["prompt_ids"], tasks=columns)
-    return rollout.generate(columns["prompt_ids"])
-
-
 def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainState, plan: StepPlan, alg,
                    timer: "PhaseTimer") -> Groups:
     """Generate, score and keep groups for one step. With ``filter_zero_std_groups``, groups whose rewards are all
@@ -395,7 +350,7 @@ def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainSt
         mine = [int(i) for i in rows[rank::world]]
         columns = train_ds[mine]
         with timer("generate"):
-            batch = generate_for(rollout, columns)
+            batch = generate(rollout, columns)
         with timer("score"):
             result = rewards(batch.texts, **reward_columns(columns, batch))
         total = torch.tensor(result.total, dtype=torch.float32)

@@ -48,7 +48,6 @@ from omegaconf import DictConfig, OmegaConf
 from stagewise.data import load_prompt_dataset
 from stagewise.evaluation import (
     EvalSpec,
-    build_generator,
     gather_to_main,
     generate_and_score,
     inference_config,
@@ -59,7 +58,7 @@ from stagewise.evaluation import (
     results_table,
 )
 from stagewise.rewards import RewardRunner
-from stagewise.rollout import check_sampling
+from stagewise.rollout import build_generator, check_sampling
 from stagewise.run_folder import RunFolder
 from stagewise.tracking import Tracker
 from stagewise.training import build_accelerator, set_seed

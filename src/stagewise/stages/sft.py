@@ -42,6 +42,7 @@ from stagewise.tracking import Tracker, progress
 from stagewise.tracking.alerts import STOP, UPDATE, NanGuard
 from stagewise.training import (
     CheckpointManager,
+    StepEnd,
     TrainState,
     backward_micro_batch,
     build_accelerator,
@@ -52,16 +53,11 @@ from stagewise.training import (
     set_seed,
     uses_deepspeed,
 )
-from stagewise.training.early_stopping import EarlyStopping, save_final_model
-from stagewise.training.preemption import checkpoint_and_exit_if_preempted, install_preemption_handler
+from stagewise.training.early_stopping import EarlyStopping
+from stagewise.training.preemption import install_preemption_handler
 from stagewise.training.modeling import sequence_token_logprobs
 
 log = logging.getLogger(__name__)
-
-
-def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
-    """The data order of one epoch: a pure function of (seed, epoch), so resuming needs only a position."""
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
 def step_rows(order: np.ndarray, step_in_epoch: int, global_batch: int) -> np.ndarray:
@@ -135,6 +131,10 @@ def run(cfg: DictConfig) -> dict:
     # ------------------------------------------------------------------ train
     install_preemption_handler()  # SIGUSR1/SIGTERM -> checkpoint at the next step boundary, exit for requeue
     nan_guard = NanGuard(st.max_nonfinite_steps)
+    end = StepEnd(acc, ckpt, model, tokenizer, run_folder, tracker, stopper, nan_guard, eval_steps=st.eval_steps,
+                  save_steps=st.save_steps, total_steps=total_steps)
+    evaluate = (lambda: run_evals(acc, model, eval_ds, collate, hw, gen_eval)) \
+        if eval_ds is not None or gen_eval is not None else None
     if gen_eval is not None and state.step == 0:  # the baseline the stage is measured against
         tracker.log(run_evals(acc, model, None, None, hw, gen_eval), step=0)
     model.train()
@@ -142,7 +142,7 @@ def run(cfg: DictConfig) -> dict:
                    enabled=acc.is_main_process and cfg.logger.progress_bar)
     window = {"loss_sum": 0.0, "tokens": 0, "steps": 0, "t0": time.time()}
     while state.step < total_steps:
-        order = epoch_order(len(train_ds), cfg.seed, state.epoch)
+        order = state.epoch_order(len(train_ds), cfg.seed)
         rows = step_rows(order, state.batch_in_epoch, global_batch)
         mine = rows[acc.process_index::world]  # this rank's rows, split into micro-batches below
         micro = [mine[i:i + hw.per_device_batch_size] for i in range(0, len(mine), hw.per_device_batch_size)]
@@ -168,9 +168,7 @@ def run(cfg: DictConfig) -> dict:
             grad_norm = float("nan")
 
         state.step += 1
-        state.batch_in_epoch += 1
-        if state.batch_in_epoch >= steps_per_epoch:
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        state.advance(steps_per_epoch)
         bar.update(1)
         window["loss_sum"] += step_loss
         window["tokens"] += step_tokens
@@ -190,30 +188,12 @@ def run(cfg: DictConfig) -> dict:
             tracker.log(metrics, step=state.step)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             window = {"loss_sum": 0.0, "tokens": 0, "steps": 0, "t0": time.time()}
-        if st.eval_steps and (eval_ds is not None or gen_eval) and state.step % st.eval_steps == 0 \
-                and state.step < total_steps:
-            eval_metrics = run_evals(acc, model, eval_ds, collate, hw, gen_eval)
-            tracker.log(eval_metrics, step=state.step)
-            if stopper is not None:
-                stopper.after_eval(eval_metrics, state.step, acc, model, tokenizer, run_folder)
-        if action == STOP:
-            ckpt.save(state, model, tokenizer)
-            raise nan_guard.error(state.step, str(run_folder.root))
-        if st.save_steps and state.step % st.save_steps == 0 and state.step < total_steps:
-            ckpt.save(state, model, tokenizer)
-        checkpoint_and_exit_if_preempted(acc, lambda: ckpt.save(state, model, tokenizer))
-        if stopper is not None and stopper.stopped:
+        if end.after_step(state, evaluate, nan_stop=action == STOP):
             break
     bar.close()
 
     # ------------------------------------------------------------------ save
-    final_metrics = {"step": state.step}
-    if eval_ds is not None or gen_eval is not None:
-        final_metrics.update(run_evals(acc, model, eval_ds, collate, hw, gen_eval))
-        tracker.log({k: v for k, v in final_metrics.items() if k != "step"}, step=state.step)
-        if stopper is not None:
-            stopper.after_eval(final_metrics, state.step, acc, model, tokenizer, run_folder)
-    save_final_model(acc, model, tokenizer, run_folder, stopper, state.step)  # the best model under early stopping
+    final_metrics = {"step": state.step, **end.finish(state, evaluate)}  # final/: the best model under early stopping
 
     # ------------------------------------------------------------------ cleanup
     if gen_eval is not None:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from accelerate import Accelerator
 
 from stagewise.run_folder import RunFolder
@@ -35,9 +36,25 @@ class TrainState:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    def epoch_order(self, num_rows: int, seed: int) -> np.ndarray:
+        """This epoch's data order (`epoch_order`)."""
+        return epoch_order(num_rows, seed, self.epoch)
+
+    def advance(self, steps_per_epoch: int) -> None:
+        """One batch of the epoch consumed; the next epoch starts after ``steps_per_epoch`` of them."""
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch >= steps_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
     @classmethod
     def from_file(cls, path: Path) -> "TrainState":
         return cls(**json.loads(Path(path).read_text()))
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The data order of one epoch (SFT rows, GRPO prompts): a pure function of (seed, epoch), so resuming needs
+    only the position in it."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
 def _is_peft(model) -> bool:
