@@ -35,7 +35,7 @@ def test_rows_follow_the_rl_schema_and_prompt_layout(rows, root):
     assert {r["data_source"] for r in rows} == {"qa", "datatask", "research"}
     for r in rows:
         assert list(r) == ["prompt", "data_source", "input_seq", "workspace_id", "data", "reward_spec", "env_class",
-                           "workspace_root"]
+                           "workspace_root", "answer"]
         assert r["env_class"] == "deepanalyze" and r["data"] == "files" and r["workspace_root"] == str(root)
         spec = r["reward_spec"]
         assert spec["method"] == {"qa": "qa", "datatask": "datatask", "research": "openresearch"}[r["data_source"]]

@@ -146,5 +146,6 @@ def test_shipped_pipelines_compose_stage_by_stage(name):
         assert stage_cfg.hydra.runtime.choices.stage, f"pipeline {name} stage {spec.name} chooses no stage"
         kinds.append(stage_cfg.stage.name)
     expected = {"r1": ["sft", "grpo", "rejection_sampling", "sft", "grpo"],
-                "deepanalyze": ["vocab", "sft", "sft", "grpo"], "tiny": ["sft", "grpo"], "r1_zero_tiny": ["sft", "grpo"]}
+                "deepanalyze": ["vocab", "sft", "sft", "grpo"], "tiny": ["sft", "grpo"], "r1_zero_tiny": ["sft", "grpo"],
+                "deepanalyze_tiny": ["vocab", "sft", "sft", "grpo"]}
     assert kinds == expected[name]

@@ -18,7 +18,16 @@ left as it is, and a new one appears atomically by rename, so ranks and reruns c
                    "response": a worked trajectory}``
 ``env_class``      ``deepanalyze``
 ``workspace_root`` the root the files were written under (the env reads it; ``env.workspace_root`` otherwise)
+``answer``         the gold answer (qa: the ground truth; datatask: the reported top row; research: None),
+                   which ``reward=deepanalyze`` scores
 =================  ====================================================================================
+
+Other forms (``form=``), in the layout of DataScience-Instruct's SFT files (ms-swift ``messages``; ``adapter:
+deepanalyze`` reads them): ``trajectory``, the multi-turn cold start, one assistant message whose Execute span is
+what the worked code really printed in `stagewise.envs.sandbox.Sandbox`, formatted by the env's own
+`format_observation` (so SFT data and RL context are byte-identical; ``direct_fraction`` of the qa rows answer at
+once with a shortcut instead); ``single``, single-ability rows (qa only) with the file's content inline in the
+prompt and an Analyze + Answer reply, no code.
 
 Tasks (``mix`` sets the share of each method; the file kind is drawn uniformly from ``file_kinds``):
   * qa, with an exact answer computed here in integers (money in cents, so no float ties): ``sales.csv``
@@ -28,8 +37,8 @@ Tasks (``mix`` sets the share of each method; the file kind is drawn uniformly f
     whose answer would be a tie, or whose rounding would sit on a .5 boundary, are never asked.
   * datatask: write a summary table to a named CSV file and report its top row; ground truth = the expected file.
   * research: a short report on the file; ground truth = a data summary (DeepAnalyze's "data thumbnail").
-The ``response`` of a qa task is a full correct trajectory (Analyze, fenced Code, its exact Execute output,
-Understand, ``Answer: <value>``): the tests run its code in the sandbox and check the output equals the answer.
+The ``response`` of a task is a full correct trajectory (Analyze, fenced Code, the Execute span of its real
+sandbox output, Understand, ``Answer: <value>``); outputs are cached next to the workspaces (`run_solutions`).
 
 Split: a task's key (method, file kind, question, table) is hashed to train or test (`task_split`), so the splits
 never overlap. Deterministic in (n, split, seed, kwargs).
@@ -83,6 +92,8 @@ class Task:
     conclusion: str
     answer_text: str
     extra_files: List[str] = field(default_factory=list)  # files the solution writes (datatask)
+    shortcut: str = ""  # qa: an answer read off the first row / the whole table, without the computation
+    tables: str = ""  # the files' content as text (single-ability rows give it inline)
 
 
 # ============================================================================================ tables
@@ -183,24 +194,26 @@ def _sales_qa(rng: random.Random, rows: List[dict]) -> Optional[tuple]:
             return None
         return (kind, "Which region has the highest total revenue (units times price) in sales.csv?", top,
                 head + "df['revenue'] = df['units'] * df['price']\n"
-                       "print(df.groupby('region')['revenue'].sum().idxmax())")
+                       "print(df.groupby('region')['revenue'].sum().idxmax())", rows[0]["region"])
     if kind == "units_of":
         product = rng.choice(sorted({r["product"] for r in rows}))
         total = sum(r["units"] for r in rows if r["product"] == product)
         return (f"{kind}:{product}", f"How many units of {product} were sold in total in sales.csv?", str(total),
-                head + f"print(int(df.loc[df['product'] == '{product}', 'units'].sum()))")
+                head + f"print(int(df.loc[df['product'] == '{product}', 'units'].sum()))",
+                str(next(r["units"] for r in rows if r["product"] == product)))
     if kind == "orders_over":
         k = rng.randint(5, 35)
         count = sum(r["units"] > k for r in rows)
         return (f"{kind}:{k}", f"How many orders in sales.csv have more than {k} units?", str(count),
-                head + f"print(int((df['units'] > {k}).sum()))")
+                head + f"print(int((df['units'] > {k}).sum()))", str(len(rows)))
     product = rng.choice(sorted({r["product"] for r in rows}))
     prices = [r["price_cents"] for r in rows if r["product"] == product]
     avg = _safe_round(sum(prices), len(prices))
     if avg is None:
         return None
     return (f"{kind}:{product}", f"What is the average price of {product} orders in sales.csv, rounded to 2 decimal "
-            "places?", avg, head + f"print(f\"{{df.loc[df['product'] == '{product}', 'price'].mean():.2f}}\")")
+            "places?", avg, head + f"print(f\"{{df.loc[df['product'] == '{product}', 'price'].mean():.2f}}\")",
+            _money(prices[0]))
 
 
 def _employees_qa(rng: random.Random, rows: List[dict]) -> Optional[tuple]:
@@ -214,22 +227,23 @@ def _employees_qa(rng: random.Random, rows: List[dict]) -> Optional[tuple]:
         if top is None:
             return None
         return (kind, "Which department in employees.xlsx has the highest average salary?", top,
-                head + "print(df.groupby('department')['salary'].mean().idxmax())")
+                head + "print(df.groupby('department')['salary'].mean().idxmax())", rows[0]["department"])
     if kind == "headcount":
         dept = rng.choice(DEPARTMENTS)
         count = sum(r["department"] == dept for r in rows)
         return (f"{kind}:{dept}", f"How many employees in employees.xlsx work in the {dept} department?", str(count),
-                head + f"print(int((df['department'] == '{dept}').sum()))")
+                head + f"print(int((df['department'] == '{dept}').sum()))", str(len(rows)))
     if kind == "top_earner":
         top = _unique_top({r["name"]: r["salary"] for r in rows}, margin=1)
         if top is None:
             return None
         return (kind, "Who has the highest salary in employees.xlsx?", top,
-                head + "print(df.loc[df['salary'].idxmax(), 'name'])")
+                head + "print(df.loc[df['salary'].idxmax(), 'name'])", rows[0]["name"])
     y = rng.randint(3, 25)
     total = sum(r["salary"] for r in rows if r["years"] > y)
     return (f"{kind}:{y}", f"What is the total salary of the employees in employees.xlsx with more than {y} years "
-            "of service?", str(total), head + f"print(int(df.loc[df['years'] > {y}, 'salary'].sum()))")
+            "of service?", str(total), head + f"print(int(df.loc[df['years'] > {y}, 'salary'].sum()))",
+            str(sum(r["salary"] for r in rows)))
 
 
 def _shop_qa(rng: random.Random, customers: List[dict], orders: List[dict]) -> Optional[tuple]:
@@ -239,7 +253,8 @@ def _shop_qa(rng: random.Random, customers: List[dict], orders: List[dict]) -> O
         status = rng.choice(STATUSES)
         count = sum(o["status"] == status for o in orders)
         return (f"{kind}:{status}", f"How many orders in shop.db have the status '{status}'?", str(count),
-                head + f"print(con.execute(\"SELECT COUNT(*) FROM orders WHERE status = '{status}'\").fetchone()[0])")
+                head + f"print(con.execute(\"SELECT COUNT(*) FROM orders WHERE status = '{status}'\").fetchone()[0])",
+                str(len(orders)))
     name_of = {c["id"]: c["name"] for c in customers}
     if kind == "best_customer":
         totals: Dict[str, int] = {}
@@ -250,7 +265,8 @@ def _shop_qa(rng: random.Random, customers: List[dict], orders: List[dict]) -> O
             return None
         return (kind, "Which customer in shop.db has the largest total order amount (all statuses)?", top,
                 head + "print(con.execute('SELECT c.name FROM orders o JOIN customers c ON o.customer_id = c.id '\n"
-                       "                  'GROUP BY c.id ORDER BY SUM(o.amount) DESC LIMIT 1').fetchone()[0])")
+                       "                  'GROUP BY c.id ORDER BY SUM(o.amount) DESC LIMIT 1').fetchone()[0])",
+                customers[0]["name"])
     city_of = {c["id"]: c["city"] for c in customers}
     cities = sorted({city_of[o["customer_id"]] for o in orders if o["status"] == "shipped"})
     if not cities:
@@ -260,7 +276,8 @@ def _shop_qa(rng: random.Random, customers: List[dict], orders: List[dict]) -> O
     return (f"{kind}:{city}", f"What is the total amount of shipped orders from customers in {city} in shop.db, "
             "rounded to 2 decimal places?", _money(total),
             head + "total = con.execute(\"SELECT SUM(o.amount) FROM orders o JOIN customers c ON o.customer_id = "
-                   f"c.id WHERE o.status = 'shipped' AND c.city = '{city}'\").fetchone()[0]\nprint(f\"{{total:.2f}}\")")
+                   f"c.id WHERE o.status = 'shipped' AND c.city = '{city}'\").fetchone()[0]\nprint(f\"{{total:.2f}}\")",
+            _money(sum(o["amount_cents"] for o in orders if o["status"] == "shipped")))
 
 
 # ============================================================================================ datatask, research
@@ -315,6 +332,21 @@ def _shop_datatask(customers: List[dict], orders: List[dict]) -> tuple:
             "orders_per_customer.csv")
 
 
+def _tables_text(file_kind: str, table: Any) -> str:
+    """The file's content as CSV text (one block per table of a database), for single-ability rows."""
+    if file_kind == "csv":
+        return "sales.csv:\norder_id,region,product,units,price\n" + "\n".join(
+            f"{r['order_id']},{r['region']},{r['product']},{r['units']},{_money(r['price_cents'])}" for r in table)
+    if file_kind == "xlsx":
+        return "employees.xlsx (sheet staff):\nname,department,salary,years\n" + "\n".join(
+            f"{r['name']},{r['department']},{r['salary']},{r['years']}" for r in table)
+    customers, orders = table
+    return ("shop.db table customers:\nid,name,city\n" + "\n".join(f"{c['id']},{c['name']},{c['city']}"
+                                                                  for c in customers) +
+            "\n\nshop.db table orders:\nid,customer_id,amount,status\n" +
+            "\n".join(f"{o['id']},{o['customer_id']},{_money(o['amount_cents'])},{o['status']}" for o in orders))
+
+
 def _thumbnail(file_name: str, columns: Sequence[str], rows: List[List[Any]]) -> str:
     head = "\n".join(",".join(str(x) for x in r) for r in rows[:3])
     return f"{file_name}: {len(rows)} rows; columns: {', '.join(columns)}; first rows:\n{head}"
@@ -350,13 +382,14 @@ def _make_task(rng: random.Random, source: str, file_kind: str) -> Optional[Task
         qa = lambda: _shop_qa(rng, customers, orders)  # noqa: E731
         datatask = lambda: _shop_datatask(customers, orders)  # noqa: E731
     tkey = f"{file_kind}|{_table_hash(table)}"
+    tables = _tables_text(file_kind, table)
     if source == "qa":
         made = qa()
         if made is None:
             return None
-        qkey, question, answer, code = made
+        qkey, question, answer, code, shortcut = made
         return Task(key=f"qa|{tkey}|{qkey}", source="qa", files=files, instruction=f"{question} {ANSWER_HINT}",
-                    ground_truth=answer, code=code, expected_output=answer,
+                    ground_truth=answer, code=code, expected_output=answer, shortcut=shortcut, tables=tables,
                     plan=f"I will load {fname} and compute the answer directly from the data.",
                     conclusion=f"The result printed by the code is {answer}.", answer_text=f"Answer: {answer}")
     if source == "datatask":
@@ -365,7 +398,7 @@ def _make_task(rng: random.Random, source: str, file_kind: str) -> Optional[Task
                     ground_truth=truth, code=code, expected_output=top,
                     plan=f"I will load {fname}, build the requested table, save it and read off the top row.",
                     conclusion=f"{out_file} is written; its first row is {top}.",
-                    answer_text=f"I saved {out_file}. Answer: {top}", extra_files=[out_file])
+                    answer_text=f"I saved {out_file}. Answer: {top}", extra_files=[out_file], tables=tables)
     instruction = (f"Write a short analytical report on {fname}: describe the data, give its key statistics and "
                    "the most notable patterns, and state your conclusions.")
     code = {"csv": "import pandas as pd\ndf = pd.read_csv('sales.csv')\nprint(df.describe())\n"
@@ -379,7 +412,8 @@ def _make_task(rng: random.Random, source: str, file_kind: str) -> Optional[Task
                 ground_truth=thumb, code=code, expected_output="",
                 plan=f"I will load {fname}, look at summary statistics and group totals, then write the report.",
                 conclusion="The statistics above show the spread of the values and the group totals.",
-                answer_text=f"# Report on {fname}\n\nThe data was loaded and summarised; see the statistics above.")
+                answer_text=f"# Report on {fname}\n\nThe data was loaded and summarised; see the statistics above.",
+                tables=tables)
 
 
 def _size(num_bytes: int) -> str:
@@ -414,20 +448,91 @@ def prompt_text(instruction: str, sizes: Dict[str, int]) -> str:
     return f"# Instruction\n{instruction}\n\n# Data\n{files}"
 
 
-def worked_response(task: Task) -> str:
-    """A correct trajectory for the task, in the one-assistant-message layout with inline Execute spans."""
-    output = task.expected_output if task.source != "research" else "(summary statistics)"
-    return (f"<Analyze>{task.plan}</Analyze>\n<Code>\n```python\n{task.code}\n```\n</Code>\n"
-            f"<Execute>\n{output}\n</Execute>\n<Understand>{task.conclusion}</Understand>\n"
+def worked_response(task: Task, output: Optional[str] = None) -> str:
+    """A correct trajectory for the task, in the one-assistant-message layout with inline Execute spans.
+
+    ``output`` is what the code printed when it ran (`run_solution`); the Execute span is then exactly the env's
+    observation (`stagewise.envs.code_sandbox.format_observation`), so this text is byte for byte what the agent
+    loop builds when a policy writes the same turns. Without it, the expected output plus its newline stands in."""
+    from stagewise.envs.code_sandbox import format_observation
+
+    if output is None:
+        output = (task.expected_output if task.source != "research" else "(summary statistics)") + "\n"
+    return (f"<Analyze>{task.plan}</Analyze>\n<Code>\n```python\n{task.code}\n```\n</Code>"
+            f"{format_observation(output)}<Understand>{task.conclusion}</Understand>\n"
             f"<Answer>{task.answer_text}</Answer>")
 
 
+def direct_response(task: Task) -> str:
+    """A trajectory that answers at once, without code, with the task's shortcut (often wrong): warm-up noise that
+    only a reward for the right answer can remove."""
+    return ("<Analyze>I will answer straight away, without running code.</Analyze>\n"
+            f"<Answer>Answer: {task.shortcut}</Answer>")
+
+
+def single_ability_response(task: Task) -> str:
+    """A single-ability answer over the table given inline: reasoning, then ``Answer: <value>`` (no code)."""
+    return (f"<Analyze>The table is given above, so I read it directly and compute the answer from its rows. "
+            f"{task.conclusion.replace('printed by the code', 'computed from the table')}</Analyze>\n"
+            f"<Answer>{task.answer_text}</Answer>")
+
+
+def _output_cache(root: Path, workspace_id: str, code: str) -> Path:
+    return root / DATA_SUBDIR / f"{workspace_id}.out" / (hashlib.blake2b(code.encode(), digest_size=8).hexdigest()
+                                                         + ".txt")
+
+
+def run_solutions(jobs: Sequence[tuple], root: Path, timeout_s: float = 30.0) -> List[str]:
+    """Run each ``(task, workspace_id)``'s code in a `stagewise.envs.sandbox.Sandbox` and return what it printed.
+
+    The blocks run in one sandbox over a copy of their workspaces (each block starts with ``os.chdir`` into its own
+    workspace folder; a stateless sandbox forks a fresh process per block, so blocks share nothing but the files),
+    because entering a sandbox per task costs an interpreter start. For qa and datatask tasks the printed value
+    must be the expected answer (else ValueError: a generator bug). Outputs are kept next to the workspaces
+    (``files/<workspace_id>.out/<code hash>.txt``, written atomically): a workspace never changes once written, so
+    reruns and later stages read them instead of running the code again."""
+    from stagewise.envs.sandbox import Sandbox
+
+    todo = [(i, task, wid) for i, (task, wid) in enumerate(jobs) if not _output_cache(root, wid, task.code).is_file()]
+    if todo:
+        stage = Path(tempfile.mkdtemp(prefix=".run-", dir=root))
+        try:
+            for _, _, wid in todo:
+                if not (stage / wid).exists():
+                    shutil.copytree(root / DATA_SUBDIR / wid, stage / wid)
+            with Sandbox(stage, timeout_s=timeout_s) as sandbox:
+                for _, task, wid in todo:
+                    result = sandbox.run(f"import os\nos.chdir({wid!r})\n{task.code}")
+                    if result.error or (task.source != "research" and result.output.strip() != task.expected_output):
+                        raise ValueError(f"generator:analysis_tasks: the worked code of {task.key} printed "
+                                         f"{result.output!r}, expected {task.expected_output!r}")
+                    cache = _output_cache(root, wid, task.code)
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".tmp-")
+                    with os.fdopen(fd, "w", encoding="utf-8") as f:
+                        f.write(result.output)
+                    os.replace(tmp, cache)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return [_output_cache(root, wid, task.code).read_text(encoding="utf-8") for task, wid in jobs]
+
+
+FORMS = ("rl", "trajectory", "single")
+
+
 def analysis_tasks(n: int, split: str = "train", seed: int = 0, workspace_root: Optional[str] = None,
-                   mix: Optional[Dict[str, float]] = None, file_kinds: Sequence[str] = FILE_KINDS
-                   ) -> List[Dict[str, Any]]:
+                   mix: Optional[Dict[str, float]] = None, file_kinds: Sequence[str] = FILE_KINDS,
+                   form: str = "rl", direct_fraction: float = 0.0) -> List[Dict[str, Any]]:
     """``n`` tasks of ``split``; see the module docstring. ``workspace_root`` defaults to
-    ``<tmp>/stagewise-analysis-tasks``; ``mix`` to ``{"qa": 0.6, "datatask": 0.3, "research": 0.1}``."""
+    ``<tmp>/stagewise-analysis-tasks``; ``mix`` to ``{"qa": 0.6, "datatask": 0.3, "research": 0.1}``.
+    ``form``: ``rl`` (RL parquet rows), ``trajectory`` (cold-start ``messages`` rows) or ``single`` (single-ability
+    ``messages`` rows, qa tasks only); ``direct_fraction``: the share of qa trajectories that answer at once with
+    the task's shortcut instead of running code (``trajectory`` only)."""
     check_split(split, "analysis_tasks")
+    if form not in FORMS:
+        raise ValueError(f"generator:analysis_tasks: form must be one of {FORMS}, got {form!r}")
+    if not 0.0 <= float(direct_fraction) <= 1.0:
+        raise ValueError(f"generator:analysis_tasks: direct_fraction must be in [0, 1], got {direct_fraction}")
     if n < 0:
         raise ValueError(f"generator:analysis_tasks: n must be >= 0, got {n}")
     mix = dict(mix or {"qa": 0.6, "datatask": 0.3, "research": 0.1})
@@ -442,9 +547,11 @@ def analysis_tasks(n: int, split: str = "train", seed: int = 0, workspace_root: 
     root = Path(workspace_root if workspace_root else Path(tempfile.gettempdir()) / "stagewise-analysis-tasks")
     root = root.expanduser().resolve()
     rng = rng_for("analysis_tasks", split, seed)
+    direct_rng = rng_for("analysis_tasks/direct", split, seed)  # its own stream: the tasks do not depend on it
     sources, weights = zip(*[(k, float(w)) for k, w in mix.items() if float(w) > 0])
     seen: set = set()
     rows: List[Dict[str, Any]] = []
+    pending: List[tuple] = []  # (task, workspace_id) of the rows that need their code run
     attempts = 0
     while len(rows) < n:
         attempts += 1
@@ -455,20 +562,42 @@ def analysis_tasks(n: int, split: str = "train", seed: int = 0, workspace_root: 
         task = _make_task(rng, source, rng.choice(kinds))
         if task is None or task.key in seen or task_split(task.key) != split:
             continue
+        if form == "single" and source != "qa":
+            continue
         seen.add(task.key)
         workspace_id = "t" + hashlib.blake2b(task.key.encode(), digest_size=8).hexdigest()
         sizes = _materialise(task, root, workspace_id)
+        prompt = prompt_text(task.instruction, sizes)
+        if form == "single":
+            rows.append({"messages": [
+                {"role": "user", "content": f"# Instruction\n{task.instruction}\n\n# Data\n{task.tables}"},
+                {"role": "assistant", "content": single_ability_response(task)}]})
+            continue
+        pending.append((task, workspace_id))
+        if form == "trajectory":
+            direct = source == "qa" and direct_rng.random() < float(direct_fraction)
+            rows.append({"messages": [{"role": "user", "content": prompt},
+                                      {"role": "assistant", "content": direct_response(task) if direct else None}]})
+            continue
         rows.append({
-            "prompt": [{"role": "user", "content": prompt_text(task.instruction, sizes)}],
+            "prompt": [{"role": "user", "content": prompt}],
             "data_source": source,
             "input_seq": task.instruction,
             "workspace_id": workspace_id,
             "data": DATA_SUBDIR,
             "reward_spec": {"method": METHOD_OF[source], "ground_truth": task.ground_truth,
-                            "function": [JUDGE_OF[source]], "response": worked_response(task)},
+                            "function": [JUDGE_OF[source]], "response": None},
             "env_class": "deepanalyze",
             "workspace_root": str(root),
+            "answer": task.expected_output if source != "research" else None,  # gold answer, scored by the reward
         })
+    if pending:  # fill in the worked trajectories, with what their code really printed
+        for row, (task, _), output in zip(rows, pending, run_solutions(pending, root)):
+            if form == "trajectory":
+                if row["messages"][1]["content"] is None:
+                    row["messages"][1]["content"] = worked_response(task, output)
+            else:
+                row["reward_spec"]["response"] = worked_response(task, output)
     return rows
 
 
@@ -478,4 +607,5 @@ def solution_code(row: Dict[str, Any]) -> str:
     return textwrap.dedent(response.split("```python\n", 1)[1].split("\n```", 1)[0])
 
 
-__all__ = ["FILE_KINDS", "analysis_tasks", "prompt_text", "solution_code", "worked_response"]
+__all__ = ["FILE_KINDS", "FORMS", "analysis_tasks", "direct_response", "prompt_text", "run_solutions",
+           "single_ability_response", "solution_code", "worked_response"]
