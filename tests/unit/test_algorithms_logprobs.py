@@ -71,6 +71,30 @@ def test_head_module_gives_the_same_values_and_gradients_as_its_weight():
         chunked_token_logprobs(hidden, torch.nn.Linear(8, V, bias=False), targets, 4)
 
 
+@pytest.mark.parametrize("chunk_size", [3, 1000])
+def test_entropy_without_grad_is_a_metric_only(chunk_size):
+    """entropy_grad=False (GRPO at entropy_coef=0): the entropy values are unchanged but carry no graph, so its
+    [N, V] softmax is not kept for backward; the log-prob gradients are those of the path with grad."""
+    hidden, weight, targets = _case(5)
+    ref_lp, ref_ent = _reference(hidden, weight, targets, 0.7)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp1, ent1 = chunked_token_logprobs(h1, w1, targets, chunk_size, temperature=0.7, with_entropy=True)
+    lp1.sum().backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp2, ent2 = chunked_token_logprobs(h2, w2, targets, chunk_size, temperature=0.7, with_entropy=True,
+                                       entropy_grad=False)
+    assert ent1.requires_grad and lp2.requires_grad and not ent2.requires_grad
+    torch.testing.assert_close(ent2, ref_ent, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent2, ent1.detach())
+    lp2.sum().backward()
+    torch.testing.assert_close(h2.grad, h1.grad)
+    torch.testing.assert_close(w2.grad, w1.grad)
+    lp3, ent3 = token_logprobs_from_logits((hidden @ weight.T).requires_grad_(), targets, 0.7, with_entropy=True,
+                                           entropy_grad=False)
+    assert lp3.requires_grad and not ent3.requires_grad
+    torch.testing.assert_close(ent3, ref_ent, atol=1e-5, rtol=1e-5)
+
+
 def test_without_entropy_and_without_grad():
     hidden, weight, targets = _case(3)
     with torch.no_grad():

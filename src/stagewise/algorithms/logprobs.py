@@ -26,10 +26,11 @@ from stagewise.algorithms.masking import as_bool_mask, masked_max, masked_mean, 
 
 
 def _logprobs_from_logits_2d(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool, entropy_grad: bool = True
 ) -> Tuple[torch.Tensor, ...]:
     """``logits [N, V]``, ``targets [N]`` (negative = ignored, log-prob 0) -> ``(logprobs [N],)`` or
-    ``(logprobs [N], entropy [N])`` in fp32."""
+    ``(logprobs [N], entropy [N])`` in fp32. ``entropy_grad=False`` computes the entropy outside autograd, so its
+    ``[N, V]`` softmax is not kept for a backward that would never use it (a metric, not a loss term)."""
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -39,7 +40,8 @@ def _logprobs_from_logits_2d(
     logprobs = torch.where(valid, picked - lse, torch.zeros((), dtype=lse.dtype, device=lse.device))
     if not with_entropy:
         return (logprobs,)
-    entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return logprobs, entropy
 
 
@@ -49,9 +51,10 @@ def lm_head_logits(h: torch.Tensor, head: torch.Tensor | torch.nn.Module) -> tor
     return head(h) if isinstance(head, torch.nn.Module) else F.linear(h, head)
 
 
-def _chunk(h: torch.Tensor, head, targets: torch.Tensor, temperature: float, with_entropy: bool):
+def _chunk(h: torch.Tensor, head, targets: torch.Tensor, temperature: float, with_entropy: bool,
+           entropy_grad: bool = True):
     logits = lm_head_logits(h, head)
-    return _logprobs_from_logits_2d(logits, targets, temperature, with_entropy)
+    return _logprobs_from_logits_2d(logits, targets, temperature, with_entropy, entropy_grad)
 
 
 def chunked_token_logprobs(
@@ -62,12 +65,14 @@ def chunked_token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     mask: Optional[torch.Tensor] = None,
+    entropy_grad: bool = True,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``log softmax(hidden @ W.T / temperature)[targets]`` per token, computed ``chunk_size`` tokens at a time.
 
     Shapes: ``hidden [B, T, H]``, ``lm_head_weight [V, H]``, ``targets [B, T]`` (the *next* token of each position,
     already shifted; negative ids give 0), optional ``mask [B, T]`` (only those tokens are computed; the rest are 0).
-    Returns ``(logprobs [B, T], entropy [B, T] or None)`` in fp32, differentiable w.r.t. ``hidden`` and the weight.
+    Returns ``(logprobs [B, T], entropy [B, T] or None)`` in fp32, differentiable w.r.t. ``hidden`` and the weight
+    (the entropy too unless ``entropy_grad=False``).
 
     ``lm_head_weight`` may also be the head *module* (a bias-free ``nn.Linear``): under DeepSpeed ZeRO-3 the weight is
     a partitioned placeholder outside the module's own call, and calling the module (also when backward recomputes
@@ -99,7 +104,7 @@ def chunked_token_logprobs(
     lp_parts, ent_parts = [], []
     for start in range(0, flat_h.shape[0], chunk_size):
         args = (flat_h[start:start + chunk_size], lm_head_weight, flat_t[start:start + chunk_size], temperature,
-                with_entropy)
+                with_entropy, entropy_grad)
         out = checkpoint(_chunk, *args, use_reentrant=False) if use_ckpt else _chunk(*args)
         lp_parts.append(out[0])
         if with_entropy:
@@ -119,7 +124,8 @@ def chunked_token_logprobs(
 
 
 def token_logprobs_from_logits(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
+    entropy_grad: bool = True,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The same for logits already computed, ``logits [B, T, V]`` -> ``(logprobs [B, T], entropy [B, T] or None)``.
     Rows are upcast to fp32 one sequence at a time, so a bf16 batch never gets a full fp32 copy in forward."""
@@ -128,7 +134,8 @@ def token_logprobs_from_logits(
                          f"{tuple(targets.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature={temperature!r} must be > 0 for log-probs")
-    rows = [_logprobs_from_logits_2d(logits[i], targets[i], temperature, with_entropy) for i in range(logits.shape[0])]
+    rows = [_logprobs_from_logits_2d(logits[i], targets[i], temperature, with_entropy, entropy_grad)
+            for i in range(logits.shape[0])]
     logprobs = torch.stack([r[0] for r in rows])
     entropy = torch.stack([r[1] for r in rows]) if with_entropy else None
     return logprobs, entropy

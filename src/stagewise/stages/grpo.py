@@ -646,13 +646,14 @@ def train_on_batch(ctx: StepContext, minis: List[List[MicroBatch]], optimizer, s
             mini_loss = torch.zeros((), device=acc.device)
             for k, mb in enumerate(mini):
                 lp, ent = completion_logprobs(model, head, mb, ctx.hw.logprob_chunk_size, ctx.temperature,
-                                              with_entropy=True, shared_prefix=ctx.shared_prefix)
+                                              with_entropy=True, shared_prefix=ctx.shared_prefix,
+                                              entropy_grad=bool(kw["entropy_coef"]))
                 old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
                 is_w, tis_metrics = None, {}
                 if ctx.use_tis and mb.rollout_logprobs is not None:
                     is_w, tis_metrics = truncated_is_weights(old, mb.rollout_logprobs, mb.mask, ctx.alg.tis_cap)
                 loss, metrics = policy_loss(lp, old, mb.advantages, mb.mask, **kw, ref_logprobs=mb.ref_logprobs,
-                                            is_weights=is_w, entropy=ent if kw["entropy_coef"] else ent.detach(),
+                                            is_weights=is_w, entropy=ent,
                                             normalizer=norm)
                 backward_micro_batch(acc, model, loss * world, last=k == len(mini) - 1)
                 mini_loss += loss.detach()

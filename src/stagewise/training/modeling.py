@@ -127,7 +127,7 @@ class CompletionRows(Protocol):
 
 
 def completion_logprobs(model, head, mb: CompletionRows, chunk_size: int, temperature: float,
-                        with_entropy: bool = False, shared_prefix: bool = False):
+                        with_entropy: bool = False, shared_prefix: bool = False, entropy_grad: bool = True):
     """Log-probs (and entropies) of the completion tokens, ``[B, T]`` each (0 on padding).
 
     The model's own forward runs (so DDP/DeepSpeed/PEFT hooks do) with one kept logit, and only the completion
@@ -150,11 +150,12 @@ def completion_logprobs(model, head, mb: CompletionRows, chunk_size: int, temper
         hidden = hidden[:, mb.prompt_width - 1:mb.prompt_width - 1 + t]
     projection = lm_head_for_chunks(head)
     tokens = int(mb.tokens.sum())
+    ent_kw = dict(with_entropy=with_entropy, entropy_grad=entropy_grad)
     if tokens * vocab_size(head) * 4 > SMALL_LOGITS_BYTES:
         return chunked_token_logprobs(hidden, projection, mb.targets, chunk_size, temperature=temperature,
-                                      with_entropy=with_entropy, mask=mb.tokens)
+                                      mask=mb.tokens, **ent_kw)
     logits = lm_head_logits(hidden[mb.tokens], projection)
-    lp, ent = token_logprobs_from_logits(logits[None], mb.targets[mb.tokens][None], temperature, with_entropy)
+    lp, ent = token_logprobs_from_logits(logits[None], mb.targets[mb.tokens][None], temperature, **ent_kw)
     zeros = torch.zeros(mb.targets.shape, dtype=lp.dtype, device=lp.device)
     return (zeros.masked_scatter(mb.tokens, lp[0]),
             zeros.masked_scatter(mb.tokens, ent[0]) if with_entropy else None)
