@@ -330,6 +330,9 @@ class HardwareConfig:
     cpu: bool = False  # force CPU even when a GPU is present
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logprob_chunk_size: int = 1024  # tokens per chunk when computing log-probs without full-vocab logits
+    # GRPO: > 0 packs each micro-batch into one unpadded row of at most this many prompt + completion tokens
+    # (restarting position_ids, no pad token through any layer); 0 = per_device_batch_size padded rows
+    max_tokens_per_micro_batch: int = 0
 
 
 # ------------------------------------------------------------------------------------------------- reward

@@ -135,16 +135,30 @@ def test_sigkill_then_resume_gives_the_same_steps(tmp_path):
 
 @pytest.mark.slow
 def test_zero3_two_cpu_processes(tmp_path):
-    """Two ranks under ZeRO-3: prompts split across ranks, rewards gathered, the partitioned LM head handled."""
-    proc = run_train(["stage=grpo", "algorithm=grpo", "data=tiny_grpo", "data.eval_sources=[]", reward_file(tmp_path),
-                      "hardware=cpu_2proc", "rollout.n=4", "rollout.max_new_tokens=8", "stage.prompts_per_step=4",
-                      "stage.learning_rate=1e-3", "stage.max_steps=2", "stage.logging_steps=1",
-                      "hardware.per_device_batch_size=3", "logger.progress_bar=false"], cwd=tmp_path, env=ENV,
-                     timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    run = only_run_dir(tmp_path)
-    rec = [r for r in records(run) if r["step"] == 2 and "loss" in r][0]
+    """Two ranks under ZeRO-3: prompts split across ranks, rewards gathered, the partitioned LM head handled; and
+    the packed, padding-free micro-batches (hardware.max_tokens_per_micro_batch) give the padded run's step."""
+    def run(name, *extra):
+        folder = tmp_path / name
+        folder.mkdir()
+        proc = run_train(["stage=grpo", "algorithm=grpo", "data=tiny_grpo", "data.eval_sources=[]",
+                          reward_file(tmp_path), "hardware=cpu_2proc", "rollout.n=4", "rollout.max_new_tokens=8",
+                          "stage.prompts_per_step=4", "stage.learning_rate=1e-3", "stage.max_steps=2",
+                          "stage.logging_steps=1", "hardware.per_device_batch_size=3", "logger.progress_bar=false",
+                          *extra], cwd=folder, env=ENV, timeout=900)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        return only_run_dir(folder)
+
+    padded = run("padded")
+    rec = [r for r in records(padded) if r["step"] == 2 and "loss" in r][0]
     assert rec["quality/num_completions"] == 16  # both ranks' completions are in the metrics
-    assert (run / "train.rank1.log").exists()
-    model = AutoModelForCausalLM.from_pretrained(run / "final", dtype=torch.float32)
+    assert (padded / "train.rank1.log").exists()
+    model = AutoModelForCausalLM.from_pretrained(padded / "final", dtype=torch.float32)
     assert sum(p.numel() for p in model.parameters()) > 2_000_000
+
+    # 8 rows of ~20-30 tokens per rank: a 40-token budget packs 1-2 sequences per micro-batch, unevenly per rank
+    packed = run("packed", "hardware.max_tokens_per_micro_batch=40")
+    assert "at most 40 tokens packed into one unpadded row" in (packed / "train.log").read_text()
+    first = {key: by_step(padded, key)[1] for key in ("loss", "grad_norm", "entropy", "reward/total/mean")}
+    assert first["grad_norm"] > 0
+    for key, value in first.items():
+        assert by_step(packed, key)[1] == pytest.approx(value, rel=1e-5, abs=1e-7), key

@@ -69,9 +69,9 @@ def hand_samples(tok):
             for i in range(8)]
 
 
-def expected_loss(loss_agg):
+def expected_loss(loss_agg, lengths=LENGTHS):
     """With one update the ratio is 1, so each token's loss is -A and the loss is an aggregate of -A."""
-    trained = [(a, n) for a, n, t in zip(ADV, LENGTHS, TRAINED) if t]
+    trained = [(a, n) for a, n, t in zip(ADV, lengths, TRAINED) if t]
     if loss_agg == "token_mean":
         return -sum(a * n for a, n in trained) / sum(n for _, n in trained)
     if loss_agg == "seq_mean_token_mean":
@@ -104,6 +104,72 @@ def test_micro_batch_split_gives_the_one_batch_update(cfg, acc, loss_agg):
         assert update["loss"] == pytest.approx(ref_update["loss"], abs=1e-6)
         assert update["grad_norm"] == pytest.approx(ref_update["grad_norm"], rel=1e-4)
         assert torch.allclose(weights, ref_weights, atol=1e-6, rtol=1e-5)
+
+
+WIDE_LENGTHS = [1, 40, 3, 25, 2, 60, 5, 12]  # completions 1 to 60 tokens: padding would be most of a padded batch
+
+
+def wide_samples(tok):
+    prompts = [tok("What is 2 + 2?")["input_ids"], tok("Name a prime number bigger than ten, then another one")["input_ids"]]
+    g = torch.Generator().manual_seed(1)
+    return [Sample(prompt_ids=prompts[i // 4], completion_ids=torch.randint(10, 900, (n,), generator=g).tolist(),
+                   advantage=ADV[i], trained=TRAINED[i]) for i, n in enumerate(WIDE_LENGTHS)]
+
+
+def test_pack_rows_lays_sequences_end_to_end():
+    from stagewise.training.modeling import pack_rows
+
+    packed = pack_rows([([5, 6, 7], [11, 12]), ([9], [13, 14, 15])], "cpu")
+    assert packed.input_ids.tolist() == [[5, 6, 7, 11, 12, 9, 13, 14, 15]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
+    # position 2 (the last prompt token) predicts 11, 3 predicts 12; position 5 (prompt 9) predicts 13, ...
+    assert packed.predict_index.tolist() == [2, 3, 5, 6, 7]
+
+
+def test_split_by_tokens_keeps_order_and_budget():
+    from stagewise.stages.grpo import split_by_tokens
+
+    sizes = [5, 3, 8, 2, 2, 15, 9]  # prompt 1 token + completion (size - 1) tokens
+    rows = [Sample([1], [7] * (n - 1), 0.0, True) for n in sizes]
+    parts = split_by_tokens(rows, 10)
+    assert [[len(r.completion_ids) + 1 for r in p] for p in parts] == [[5, 3], [8, 2], [2], [15], [9]]
+    assert [r for p in parts for r in p] == rows  # order kept; the 15-token row goes alone
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_packed_micro_batches_give_the_padded_update(cfg, acc, loss_agg):
+    """hardware.max_tokens_per_micro_batch: one unpadded row per micro-batch with restarting position_ids. On
+    completions of 1 to 60 tokens the log-probs, the loss, the gradient norm and the updated weights equal the
+    padded path's (one micro-batch of 8 rows), with one packed micro-batch and with a budget that splits them."""
+    import stagewise.stages.grpo as grpo
+
+    results = []
+    for budget in (0, 10_000, 70):
+        model, tok = load_model_and_tokenizer(ModelConfig())
+        model.train()
+        ctx = context(cfg, acc, model, tok, loss_agg)
+        ctx.hw = OmegaConf.merge(cfg.hardware, {"max_tokens_per_micro_batch": budget})
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = build_scheduler(optimizer, cfg.stage, 1)
+        minis = make_mini_batches(ctx, wide_samples(tok), plan_for(8), acc)
+        if budget:
+            assert all(mb.packed is not None and mb.packed.input_ids.shape[0] == 1 for mb in minis[0])
+            assert sum(mb.packed.input_ids.shape[1] for mb in minis[0]) == sum(
+                len(s.prompt_ids) + len(s.completion_ids) for s in wide_samples(tok))  # no pad token at all
+        with torch.no_grad():
+            lp = torch.cat([grpo.completion_logprobs(model, model.get_output_embeddings(), mb, 5, 0.8)[0].flatten()
+                            for mb in minis[0]])
+        update = train_on_batch(ctx, minis, optimizer, scheduler, max_grad_norm=0.0, ppo_epochs=1)
+        weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+        results.append((sorted(lp[lp != 0].tolist()), len(minis[0]), update, weights))
+    (ref_lp, _, ref_update, ref_weights), split = results[0], results[2]
+    assert len(ref_lp) == sum(WIDE_LENGTHS) and results[1][1] == 1 and split[1] > 1
+    assert ref_update["loss"] == pytest.approx(expected_loss(loss_agg, WIDE_LENGTHS), abs=1e-6)
+    for lp, _, update, weights in results[1:]:
+        assert np.allclose(lp, ref_lp, atol=1e-5)
+        assert update["loss"] == pytest.approx(ref_update["loss"], abs=1e-6)
+        assert update["grad_norm"] == pytest.approx(ref_update["grad_norm"], rel=1e-5)
+        assert torch.allclose(weights, ref_weights, atol=1e-5, rtol=1e-5)
 
 
 def test_two_mini_batches_take_two_optimizer_steps_with_old_logprobs(cfg, acc):

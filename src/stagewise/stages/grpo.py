@@ -97,7 +97,7 @@ from stagewise.tracking.alerts import STOP, UPDATE, NanGuard
 from stagewise.training.preemption import install_preemption_handler
 from stagewise.evaluation import EvalSpec, evaluate_prompts
 from stagewise.training.early_stopping import EarlyStopping
-from stagewise.training.modeling import completion_logprobs
+from stagewise.training.modeling import PackedRows, completion_logprobs, pack_rows
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +258,7 @@ class StepPlan:
     filter_groups: bool
     max_resample_rounds: int
     seed: int = 0
+    max_tokens_per_micro_batch: int = 0
 
     @property
     def updates_per_step(self) -> int:
@@ -279,7 +280,8 @@ class StepPlan:
                    steps_per_epoch=steps_per_epoch, total_steps=max(1, total), world=world,
                    per_device_batch_size=hw.per_device_batch_size,
                    filter_groups=bool(cfg.algorithm.filter_zero_std_groups),
-                   max_resample_rounds=int(cfg.algorithm.max_resample_rounds), seed=int(cfg.seed))
+                   max_resample_rounds=int(cfg.algorithm.max_resample_rounds), seed=int(cfg.seed),
+                   max_tokens_per_micro_batch=int(hw.max_tokens_per_micro_batch))
         accum = micro_batches_per_update(st, plan.n, world, hw.per_device_batch_size)
         if hw.grad_accum_steps not in (1, accum):
             log.warning("hardware.grad_accum_steps=%d is not used by stage=grpo: an optimizer step is one mini-batch "
@@ -290,10 +292,12 @@ class StepPlan:
     def describe(self) -> str:
         mini = self.prompts_per_step // self.mini_batches
         accum = math.ceil(mini * self.n / self.world / self.per_device_batch_size)
+        micro = (f"micro-batches of at most {self.max_tokens_per_micro_batch} tokens packed into one unpadded row"
+                 if self.max_tokens_per_micro_batch > 0 else
+                 f"{accum} micro-batch(es) of {self.per_device_batch_size}")
         return (f"{self.total_steps} steps of {self.prompts_per_step} prompts x {self.n} samples; "
                 f"{self.ppo_epochs} epoch(s) x {self.mini_batches} mini-batch(es) of {mini} prompts = "
-                f"{self.updates_per_step} optimizer step(s) per step, each {accum} micro-batch(es) of "
-                f"{self.per_device_batch_size} x {self.world} process(es)")
+                f"{self.updates_per_step} optimizer step(s) per step, each {micro} x {self.world} process(es)")
 
 
 # ============================================================================================ prompts
@@ -502,11 +506,15 @@ class MicroBatch:
     rollout_logprobs: Optional[torch.Tensor] = None  # [B, T] engine log-probs (vLLM), for TIS
     old_logprobs: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None
+    packed: Optional[PackedRows] = None  # hardware.max_tokens_per_micro_batch > 0: what the model runs on
 
 
-def collate(samples: Sequence[Sample], pad_id: int, device, dummy: bool = False) -> MicroBatch:
-    """Pad one micro-batch. ``dummy`` keeps the shapes but trains nothing (a rank with fewer micro-batches than
-    the others runs these so every rank calls forward/backward the same number of times)."""
+def collate(samples: Sequence[Sample], pad_id: int, device, dummy: bool = False, packed: bool = False
+            ) -> MicroBatch:
+    """One micro-batch. The per-token tensors the loss reads (targets, masks, log-probs) are always ``[B, T]``;
+    ``packed`` adds the unpadded row the model runs on instead of the padded ``input_ids`` (`pack_rows`).
+    ``dummy`` keeps the shapes but trains nothing (a rank with fewer micro-batches than the others runs these so
+    every rank calls forward/backward the same number of times)."""
     b = len(samples)
     pw = max(len(s.prompt_ids) for s in samples)
     tw = max(1, max(len(s.completion_ids) for s in samples))
@@ -539,12 +547,30 @@ def collate(samples: Sequence[Sample], pad_id: int, device, dummy: bool = False)
         prompt_width=pw, targets=targets.to(device), tokens=tokens.to(device),
         mask=(tokens & trained[:, None] & policy_token).to(device),
         advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device),
-        rollout_logprobs=rollout_lp.to(device) if rollout_lp is not None else None)
+        rollout_logprobs=rollout_lp.to(device) if rollout_lp is not None else None,
+        packed=pack_rows([(s.prompt_ids, s.completion_ids) for s in samples], device) if packed else None)
+
+
+def split_by_tokens(rows: Sequence[Sample], max_tokens: int) -> List[List[Sample]]:
+    """Consecutive runs of ``rows`` with at most ``max_tokens`` prompt + completion tokens each (a longer row goes
+    alone), as verl's dynamic batch size and OpenRLHF's packing budget do. Order is kept, so the optimizer step sees
+    the same samples whatever the budget."""
+    out: List[List[Sample]] = []
+    used = 0
+    for s in rows:
+        n = len(s.prompt_ids) + len(s.completion_ids)
+        if not out or used + n > max_tokens:
+            out.append([])
+            used = 0
+        out[-1].append(s)
+        used += n
+    return out
 
 
 def make_mini_batches(ctx: "StepContext", samples: List[Sample], plan: StepPlan, acc) -> List[List[MicroBatch]]:
     """Split this rank's kept samples (group-major) into ``mini_batches`` optimizer steps of whole groups, each
-    into micro-batches of ``per_device_batch_size``. Every rank gets the same number of micro-batches per
+    into micro-batches of ``per_device_batch_size`` rows, or of at most ``hardware.max_tokens_per_micro_batch``
+    tokens packed into one row when that is set. Every rank gets the same number of micro-batches per
     mini-batch (short ranks are padded with dummy micro-batches that train nothing)."""
     n = plan.n
     groups = [samples[i:i + n] for i in range(0, len(samples), n)]
@@ -558,13 +584,17 @@ def make_mini_batches(ctx: "StepContext", samples: List[Sample], plan: StepPlan,
     minis = []
     for chunk in chunks:
         rows = [s for g in chunk for s in groups[g]]
-        size = plan.per_device_batch_size
-        micro = [collate(rows[i:i + size], pad_id, acc.device) for i in range(0, len(rows), size)]
+        budget = ctx.hw.max_tokens_per_micro_batch
+        if budget > 0:
+            parts = split_by_tokens(rows, budget)
+        else:
+            parts = [rows[i:i + plan.per_device_batch_size] for i in range(0, len(rows), plan.per_device_batch_size)]
+        micro = [collate(part, pad_id, acc.device, packed=budget > 0) for part in parts]
         needed = int(_reduce(acc, len(micro), "max"))
         while len(micro) < needed:
             if not filler:
                 raise RuntimeError("a rank has no sample at all to build a dummy micro-batch from")
-            micro.append(collate(filler, pad_id, acc.device, dummy=True))
+            micro.append(collate(filler, pad_id, acc.device, dummy=True, packed=budget > 0))
         minis.append(micro)
     return minis
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Optional, Protocol
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -113,6 +114,35 @@ def sequence_token_logprobs(model, input_ids: torch.Tensor, *, position_ids: tor
                                   temperature=temperature, with_entropy=with_entropy)
 
 
+@dataclass
+class PackedRows:
+    """A micro-batch of prompt + completion sequences as one unpadded row (verl's ``use_remove_padding``, OpenRLHF's
+    ``packing_samples``): no pad token goes through any layer. ``position_ids`` restart at 0 for each sequence and
+    no attention mask is passed, so transformers builds the block-diagonal causal mask itself (sdpa/eager) or runs
+    varlen flash-attention (one row); see `stagewise.data.packing`."""
+
+    input_ids: torch.Tensor  # [1, nnz]
+    position_ids: torch.Tensor  # [1, nnz]
+    predict_index: torch.Tensor  # [N]: the packed position whose hidden state predicts each completion token,
+    #                              in the row-major order of the padded ``tokens`` mask
+
+
+def pack_rows(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], device) -> PackedRows:
+    """``[(prompt_ids, completion_ids), ...]`` -> `PackedRows` (every prompt non-empty)."""
+    ids: list[int] = []
+    positions: list[int] = []
+    predict: list[int] = []
+    for prompt, completion in sequences:
+        start = len(ids) + len(prompt)  # packed position of the first completion token
+        predict.extend(range(start - 1, start - 1 + len(completion)))
+        ids.extend(prompt)
+        ids.extend(completion)
+        positions.extend(range(len(prompt) + len(completion)))
+    as_row = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
+    return PackedRows(input_ids=as_row(ids), position_ids=as_row(positions),
+                      predict_index=torch.tensor(predict, dtype=torch.long, device=device))
+
+
 class CompletionRows(Protocol):
     """What `completion_logprobs` reads from a batch of prompt + completion rows (GRPO's ``MicroBatch``)."""
 
@@ -124,6 +154,7 @@ class CompletionRows(Protocol):
     tokens: torch.Tensor  # [B, T] bool: real completion tokens
     prompt_index: Optional[torch.Tensor]  # [B]: which distinct prompt (of `unique_rows`) each row has
     unique_rows: Optional[torch.Tensor]  # [U]: the first row of each distinct prompt
+    packed: Optional[PackedRows]  # set: the model runs on this unpadded row instead of ``input_ids``
 
 
 def completion_logprobs(model, head, mb: CompletionRows, chunk_size: int, temperature: float,
@@ -139,23 +170,32 @@ def completion_logprobs(model, head, mb: CompletionRows, chunk_size: int, temper
     and its KV cache is indexed out to its rows before the completions run: exact, and n times less prompt compute
     (a group's 8 samples of an R1-Zero prompt: half the tokens of the step). Not under gradient checkpointing,
     which drops the KV cache.
+
+    ``mb.packed`` (``hardware.max_tokens_per_micro_batch`` > 0): the model runs on one unpadded row instead, and the
+    hidden states that predict completion tokens are picked out of it; values equal the padded path's.
     """
     from stagewise.algorithms import chunked_token_logprobs, lm_head_logits, token_logprobs_from_logits
 
-    t = mb.targets.shape[1]
-    if shared_prefix and mb.unique_rows is not None and len(mb.unique_rows) < len(mb.prompt_index):
-        hidden = shared_prefix_hidden(model, mb)
+    if mb.packed is not None:
+        hidden = final_hidden(model, mb.packed.input_ids, position_ids=mb.packed.position_ids)
+        selected = hidden[0].index_select(0, mb.packed.predict_index)  # [N, H]
     else:
-        hidden = final_hidden(model, mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids)
-        hidden = hidden[:, mb.prompt_width - 1:mb.prompt_width - 1 + t]
+        if shared_prefix and mb.unique_rows is not None and len(mb.unique_rows) < len(mb.prompt_index):
+            hidden = shared_prefix_hidden(model, mb)
+        else:
+            t = mb.targets.shape[1]
+            hidden = final_hidden(model, mb.input_ids, attention_mask=mb.attention_mask,
+                                  position_ids=mb.position_ids)[:, mb.prompt_width - 1:mb.prompt_width - 1 + t]
+        selected = hidden[mb.tokens]  # [N, H], row-major like the packed order
+    targets = mb.targets[mb.tokens][None]  # [1, N]
     projection = lm_head_for_chunks(head)
-    tokens = int(mb.tokens.sum())
     ent_kw = dict(with_entropy=with_entropy, entropy_grad=entropy_grad)
-    if tokens * vocab_size(head) * 4 > SMALL_LOGITS_BYTES:
-        return chunked_token_logprobs(hidden, projection, mb.targets, chunk_size, temperature=temperature,
-                                      mask=mb.tokens, **ent_kw)
-    logits = lm_head_logits(hidden[mb.tokens], projection)
-    lp, ent = token_logprobs_from_logits(logits[None], mb.targets[mb.tokens][None], temperature, **ent_kw)
+    if targets.numel() * vocab_size(head) * 4 > SMALL_LOGITS_BYTES:
+        lp, ent = chunked_token_logprobs(selected[None], projection, targets, chunk_size, temperature=temperature,
+                                         **ent_kw)
+    else:
+        lp, ent = token_logprobs_from_logits(lm_head_logits(selected, projection)[None], targets, temperature,
+                                             **ent_kw)
     zeros = torch.zeros(mb.targets.shape, dtype=lp.dtype, device=lp.device)
     return (zeros.masked_scatter(mb.tokens, lp[0]),
             zeros.masked_scatter(mb.tokens, ent[0]) if with_entropy else None)
