@@ -14,6 +14,7 @@ Stages are end-of-chain code: this file imports them, the library never does.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from stagewise.launch import set_cpu_thread_policy
@@ -24,8 +25,8 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from stagewise.config import UnknownConfigKeyError, config_error_exit, register_configs, validate_config, \
-    validate_printed_config
+from stagewise.config import UnknownConfigKeyError, check_top_level_overrides, config_error_exit, register_configs, \
+    validate_config, validate_printed_config
 from stagewise.run_folder import register_resolvers
 from stagewise.tracking.logs import job
 
@@ -81,5 +82,6 @@ def _main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    check_top_level_overrides(sys.argv[1:], os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"))
     validate_printed_config(sys.argv[1:], __file__)  # `--cfg job` exits inside Hydra before any check runs
     main()

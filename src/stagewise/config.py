@@ -654,6 +654,29 @@ class ValidateConfig(_HydraCallback):  # type: ignore[misc, valid-type]
             raise config_error_exit(e) from None
 
 
+def check_top_level_overrides(argv: List[str], conf_dir: str) -> None:
+    """A plain ``key=value`` whose key is neither a top-level field of `TrainConfig` nor a config group (a folder of
+    ``conf_dir``, or ``hydra``) stops with the project's one-line message. Hydra would reject it while composing,
+    with its own ``Could not override 'foo'. To append to your config use +foo=1``, which suggests the wrong fix and
+    never reaches `validate_config` (the composed root is struct). Dotted keys, ``+``/``~`` overrides and flags are
+    left to composition and `validate_config`; so is everything when another config folder is given (its groups
+    are not known here)."""
+    import dataclasses
+    import os
+
+    if any(a.startswith(("--config-dir", "--config-path", "-cd", "-cp")) for a in argv):
+        return
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    groups = {d for d in os.listdir(conf_dir) if os.path.isdir(os.path.join(conf_dir, d))} | {"hydra"}
+    for arg in argv:
+        if arg.startswith(("-", "+", "~")) or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0]
+        if any(c in key for c in "./@") or key in fields or key in groups:
+            continue
+        raise config_error_exit(UnknownConfigKeyError(_unknown_key_message("", key, TrainConfig, fields, None)))
+
+
 def validate_printed_config(argv: List[str], calling_file: str, config_path: str = "conf",
                             config_name: str = "train") -> None:
     """``python train.py ... --cfg job|hydra|all``: Hydra prints the config and exits before any callback or the

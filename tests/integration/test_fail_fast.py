@@ -81,6 +81,16 @@ def test_unknown_key_of_a_plain_node_is_the_projects_error_too(tmp_path):
                            "mean hardware.num_processes?)\n")
 
 
+def test_unknown_top_level_key_is_the_projects_error_not_hydras(tmp_path):
+    """Hydra would say "Could not override 'sed'. To append to your config use +sed=1" (the wrong fix)."""
+    proc, _ = _timed(["sed=1"], tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr == "Error: unknown config key sed (not a field of TrainConfig; did you mean seed?)\n"
+    _nothing_left(tmp_path, proc)
+    proc, _ = _timed(["seed=3", "task_name=mine", "--cfg", "job"], tmp_path)  # real keys still pass
+    assert proc.returncode == 0 and "seed: 3" in proc.stdout and "task_name: mine" in proc.stdout
+
+
 def test_a_valid_cfg_job_still_prints(tmp_path):
     proc, _ = _timed(["stage=sft", "stage.learning_rate=1e-3", "--cfg", "job"], tmp_path)
     assert proc.returncode == 0, proc.stderr
