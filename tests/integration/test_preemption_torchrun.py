@@ -54,6 +54,7 @@ while step < total:
 save()
 if acc.is_main_process:
     open(os.path.join(run_dir, "DONE"), "w").close()
+acc.end_training()  # as every stage ends: without it a rank can abort in gloo's teardown after its peer exited
 '''
 TOTAL = 30
 

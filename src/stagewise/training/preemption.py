@@ -146,4 +146,7 @@ def checkpoint_and_exit_if_preempted(acc, save: Callable[[], Any]) -> None:
     save()
     if acc is not None:
         acc.wait_for_everyone()
+        # tear the process group down before exiting: a rank still inside gloo's threads when its peer has gone
+        # aborts ("terminate called without an active exception", SIGABRT), which turns the requeue code into a crash
+        acc.state.destroy_process_group()
     exit_for_requeue()
