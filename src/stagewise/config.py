@@ -78,8 +78,9 @@ class ModelConfig:
     name_or_path: str = "stagewise-tiny"
     revision: Optional[str] = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    # auto picks flash_attention_2 when installed on a GPU, else sdpa.
-    attn_implementation: str = "auto"  # auto | eager | sdpa | flash_attention_2
+    # auto picks flash_attention_2 when installed on a GPU, else sdpa_varlen (sdpa that runs a packed row one
+    # document at a time: stagewise.models.attention)
+    attn_implementation: str = "auto"  # auto | eager | sdpa | sdpa_varlen | flash_attention_2
     trust_remote_code: bool = False
     tokenizer: Optional[str] = None  # defaults to name_or_path
     chat_template: Optional[str] = None  # a jinja string or a path to a .jinja file; overrides the tokenizer's

@@ -10,6 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from stagewise.config import ModelConfig
+from stagewise.models.attention import NAME as SDPA_VARLEN
+from stagewise.models.attention import register as register_sdpa_varlen
 from stagewise.models.tiny import TINY_NAME, build_tiny
 
 log = logging.getLogger(__name__)
@@ -32,13 +34,16 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def resolve_attn_implementation(name: str) -> str:
+    """``auto``: flash-attention 2 on a GPU where it is installed, else ``sdpa_varlen`` (transformers' sdpa, which
+    also runs packed rows one document at a time: `stagewise.models.attention`)."""
+    register_sdpa_varlen()
     if name != "auto":
         if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise ImportError("model.attn_implementation=flash_attention_2 needs flash-attn: pip install 'stagewise[gpu]'")
         return name
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return SDPA_VARLEN
 
 
 def _looks_like_path(name: str) -> bool:

@@ -87,12 +87,16 @@ def vocab_size(head) -> int:
 
 
 def final_hidden(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                 position_ids: torch.Tensor | None = None, packed: bool = False) -> torch.Tensor:
     """The final-norm hidden states ``[B, T, H]`` from the wrapped model's own forward (so DDP/DeepSpeed/PEFT hooks
-    run), with ``logits_to_keep`` set to a single position: no full-vocabulary logits are built."""
+    run), with ``logits_to_keep`` set to a single position: no full-vocabulary logits are built. ``packed``: one row
+    of sequences end to end, ``position_ids`` restarting at 0 for each (`stagewise.models.attention`)."""
+    from stagewise.models.attention import packed_forward_kwargs
+
     keep = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
-    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                output_hidden_states=True, logits_to_keep=keep, use_cache=False)
+    extra = packed_forward_kwargs(model, position_ids) if packed else {"attention_mask": attention_mask}
+    out = model(input_ids=input_ids, position_ids=position_ids, output_hidden_states=True, logits_to_keep=keep,
+                use_cache=False, **extra)
     return out.hidden_states[-1]
 
 
@@ -177,7 +181,7 @@ def completion_logprobs(model, head, mb: CompletionRows, chunk_size: int, temper
     from stagewise.algorithms import chunked_token_logprobs, lm_head_logits, token_logprobs_from_logits
 
     if mb.packed is not None:
-        hidden = final_hidden(model, mb.packed.input_ids, position_ids=mb.packed.position_ids)
+        hidden = final_hidden(model, mb.packed.input_ids, position_ids=mb.packed.position_ids, packed=True)
         selected = hidden[0].index_select(0, mb.packed.predict_index)  # [N, H]
     else:
         if shared_prefix and mb.unique_rows is not None and len(mb.unique_rows) < len(mb.prompt_index):

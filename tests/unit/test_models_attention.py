@@ -1,0 +1,98 @@
+"""``sdpa_varlen`` (the CPU / no-flash-attn default): a packed row runs one document at a time and equals each
+sequence run alone; every other forward is transformers' sdpa, bit for bit."""
+
+import pytest
+import torch
+
+from stagewise.config import ModelConfig
+from stagewise.models import load_model_and_tokenizer
+from stagewise.models.attention import NAME, packed_forward_kwargs
+from stagewise.models.loading import resolve_attn_implementation
+
+LENGTHS = [3, 17, 40, 1]  # very different lengths, one single-token sequence
+
+
+@pytest.fixture(scope="module")
+def model():
+    m, _ = load_model_and_tokenizer(ModelConfig())
+    assert m.config._attn_implementation == NAME == resolve_attn_implementation("auto")  # no GPU here
+    assert m.config.num_attention_heads > m.config.num_key_value_heads  # grouped-query attention is exercised
+    return m.eval()
+
+
+def sequences():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(10, 900, (n,), generator=g) for n in LENGTHS]
+
+
+def test_packed_forward_kwargs_give_document_boundaries(model):
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    kw = packed_forward_kwargs(model, pos)
+    assert kw["cu_seq_lens_q"].tolist() == kw["cu_seq_lens_k"].tolist() == [0, 3, 5, 9]
+    assert kw["max_length_q"] == 4 and kw["attention_mask"] == {"full_attention": None, "sliding_attention": None}
+
+    class Plain(torch.nn.Module):  # any other implementation: let transformers detect the packing itself
+        config = type("C", (), {"_attn_implementation": "sdpa"})()
+
+    assert packed_forward_kwargs(Plain(), pos) == {"attention_mask": None}
+
+
+def test_packed_row_equals_each_sequence_alone(model):
+    seqs = sequences()
+    ids = torch.cat(seqs)[None]
+    pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False, output_hidden_states=True,
+                       **packed_forward_kwargs(model, pos)).hidden_states[-1][0]
+        alone = torch.cat([model(input_ids=s[None], use_cache=False, output_hidden_states=True).hidden_states[-1][0]
+                           for s in seqs])
+        # transformers' own route (dense block-diagonal mask from position_ids) agrees too
+        masked = model(input_ids=ids, position_ids=pos, use_cache=False, output_hidden_states=True,
+                       attention_mask=None).hidden_states[-1][0]
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked, alone, atol=1e-5, rtol=1e-5)
+    # and the packed row really is one document at a time: without the boundaries the later documents differ
+    with torch.no_grad():
+        leaked = model(input_ids=ids, position_ids=pos, use_cache=False, output_hidden_states=True,
+                       attention_mask={"full_attention": None, "sliding_attention": None}).hidden_states[-1][0]
+    assert (leaked[LENGTHS[0]:] - alone[LENGTHS[0]:]).abs().max() > 1e-3
+
+
+def test_gradients_equal_the_padded_batch(model):
+    seqs = sequences()
+    width = max(LENGTHS)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    attn = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], attn[i, :len(s)] = s, 1
+    weight = torch.randn(sum(LENGTHS), model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for packed in (False, True):
+        model.zero_grad()
+        if packed:
+            pos = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+            hidden = model(input_ids=torch.cat(seqs)[None], position_ids=pos, use_cache=False,
+                           output_hidden_states=True, **packed_forward_kwargs(model, pos)).hidden_states[-1][0]
+        else:
+            hidden = model(input_ids=ids, attention_mask=attn, use_cache=False,
+                           output_hidden_states=True).hidden_states[-1][attn.bool()]
+        (hidden * weight).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad()
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:  # fp32 sums in another order: tolerance relative to each gradient's scale
+        scale = float(grads[0][name].abs().max())
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5 * max(1.0, scale), rtol=1e-4)
+
+
+def test_ordinary_forward_is_plain_sdpa(model):
+    """No cu_seq_lens (generation, padded batches): the same numbers as a model loaded with attn "sdpa"."""
+    plain, _ = load_model_and_tokenizer(ModelConfig(attn_implementation="sdpa"))
+    plain.load_state_dict(model.state_dict())
+    ids = torch.randint(10, 900, (2, 12), generator=torch.Generator().manual_seed(2))
+    attn = torch.ones_like(ids)
+    attn[1, :5] = 0  # left padding
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        b = plain.eval()(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    assert torch.equal(a, b)
