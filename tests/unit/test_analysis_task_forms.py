@@ -18,8 +18,9 @@ def test_rl_rows_carry_the_gold_answer_and_a_real_trajectory(tmp_path):
 
 
 def test_first_train_task_exact_strings(tmp_path):
-    row = analysis_tasks(1, workspace_root=str(tmp_path), mix={"qa": 1.0})[0]
-    traj = analysis_tasks(1, workspace_root=str(tmp_path), mix={"qa": 1.0}, form="trajectory")[0]
+    kinds = ["csv", "xlsx", "sqlite"]  # the draws these strings were checked on (before trials.csv existed)
+    row = analysis_tasks(1, workspace_root=str(tmp_path), mix={"qa": 1.0}, file_kinds=kinds)[0]
+    traj = analysis_tasks(1, workspace_root=str(tmp_path), mix={"qa": 1.0}, form="trajectory", file_kinds=kinds)[0]
     assert row["answer"] == "55000"
     assert solution_code(row) == ("import pandas as pd\ndf = pd.read_excel('employees.xlsx', sheet_name='staff')\n"
                                   "print(int(df.loc[df['years'] > 25, 'salary'].sum()))")
@@ -47,7 +48,8 @@ def test_trajectories_match_the_env_and_direct_ones_skip_code(tmp_path):
 
 
 def test_single_ability_rows_give_the_table_inline(tmp_path):
-    row = analysis_tasks(1, workspace_root=str(tmp_path), form="single", mix={"qa": 1.0})[0]
+    row = analysis_tasks(1, workspace_root=str(tmp_path), form="single", mix={"qa": 1.0},
+                         file_kinds=["csv", "xlsx", "sqlite"])[0]
     user, assistant = row["messages"]
     assert user["content"].startswith("# Instruction\nWhat is the total salary of the employees in employees.xlsx "
                                       "with more than 25 years of service?")

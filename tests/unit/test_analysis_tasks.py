@@ -27,7 +27,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rows(root):
-    return analysis_tasks(24, split="train", seed=0, workspace_root=str(root))
+    return analysis_tasks(30, split="train", seed=0, workspace_root=str(root))
 
 
 def test_rows_follow_the_rl_schema_and_prompt_layout(rows, root):
@@ -61,6 +61,8 @@ def test_files_are_real_csv_xlsx_and_sqlite(rows):
         seen.add(name)
         if name == "sales.csv":
             assert (ws / name).read_text().splitlines()[0] == "order_id,region,product,units,price"
+        elif name == "trials.csv":
+            assert (ws / name).read_text().splitlines()[0] == "treatment,severity,patients,recovered"
         elif name == "employees.xlsx":
             sheet = load_workbook(ws / name)["staff"]
             assert [c.value for c in sheet[1]] == ["name", "department", "salary", "years"]
@@ -70,7 +72,7 @@ def test_files_are_real_csv_xlsx_and_sqlite(rows):
             tables = {t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             con.close()
             assert tables == {"customers", "orders"}
-    assert seen == {"sales.csv", "employees.xlsx", "shop.db"}
+    assert seen == {"sales.csv", "employees.xlsx", "shop.db", "trials.csv"}
 
 
 def test_worked_solutions_print_the_exact_ground_truth(rows, root):
@@ -105,13 +107,16 @@ def test_worked_response_scores_one_and_is_well_formed(rows):
 
 
 def test_deterministic_and_splits_disjoint(rows, root, tmp_path):
-    again = analysis_tasks(24, split="train", seed=0, workspace_root=str(root))
+    again = analysis_tasks(30, split="train", seed=0, workspace_root=str(root))
     assert again == rows
-    other_root = analysis_tasks(24, split="train", seed=0, workspace_root=str(tmp_path))
+    other_root = analysis_tasks(30, split="train", seed=0, workspace_root=str(tmp_path))
     assert [r["prompt"] for r in other_root] == [r["prompt"] for r in rows]  # same files, same sizes
+    for a, b in zip(rows, other_root):  # byte for byte, xlsx included (openpyxl stamps the save time otherwise)
+        for f in task_workspace(a).iterdir():
+            assert f.read_bytes() == (task_workspace(b) / f.name).read_bytes(), f.name
     test = analysis_tasks(12, split="test", seed=0, workspace_root=str(root))
     assert not {r["workspace_id"] for r in test} & {r["workspace_id"] for r in rows}
-    assert analysis_tasks(24, split="train", seed=1, workspace_root=str(root)) != rows
+    assert analysis_tasks(30, split="train", seed=1, workspace_root=str(root)) != rows
     only_sql = analysis_tasks(5, workspace_root=str(root), mix={"qa": 1}, file_kinds=["sqlite"])
     assert {r["data_source"] for r in only_sql} == {"qa"} and all("shop.db" in r["input_seq"] for r in only_sql)
     with pytest.raises(ValueError, match="mix"):
@@ -151,3 +156,56 @@ def test_analysis_tiny_preset_composes(tmp_path, monkeypatch):
     assert Path(src.generator_kwargs.workspace_root) == tmp_path / "outputs" / ".cache" / "analysis_tasks"
     assert cfg.data.system_prompt == "" and cfg.env.name == "code_sandbox" and cfg.env.max_turns == 30
     assert cfg.reward.functions[0].name == "deepanalyze"
+
+
+def test_trials_show_simpsons_paradox_and_answers_follow_the_file(tmp_path):
+    """Every trials.csv task: read back from the written file (pandas, not the generator's numbers), one treatment
+    has the higher recovery rate in *both* severities and the other the higher overall rate; the gold answer of
+    each question is the one computed from the file, and the direct (shortcut) answer is the other treatment."""
+    import pandas as pd
+
+    from stagewise.data.generators.analysis_tasks import direct_response
+
+    rows = analysis_tasks(30, workspace_root=str(tmp_path), mix={"qa": 0.8, "datatask": 0.2}, file_kinds=["trials"])
+    trajectories = analysis_tasks(30, workspace_root=str(tmp_path), mix={"qa": 0.8, "datatask": 0.2},
+                                  file_kinds=["trials"], form="trajectory", direct_fraction=1.0)
+    kinds = set()
+    for row, traj in zip(rows, trajectories):
+        df = pd.read_csv(task_workspace(row) / "trials.csv")
+        assert list(df.columns) == ["treatment", "severity", "patients", "recovered"] and len(df) == 4
+        rate = df.set_index(["treatment", "severity"]).eval("recovered / patients")
+        within = {sev: rate.xs(sev, level="severity").idxmax() for sev in ("mild", "severe")}
+        totals = df.groupby("treatment")[["recovered", "patients"]].sum()
+        overall = (totals["recovered"] / totals["patients"]).idxmax()
+        assert within["mild"] == within["severe"] != overall  # the paradox
+        question = row["input_seq"]
+        if "overall recovery rate (" in question:
+            expected, kinds = overall, kinds | {"overall"}
+        elif question.startswith("Among the"):
+            expected, kinds = within["mild"], kinds | {"within"}
+        else:
+            expected, kinds = overall, kinds | {"datatask"}
+        assert row["answer"] == expected, question
+        if row["data_source"] == "qa":
+            assert traj["messages"][1]["content"].endswith(f"Answer: {'AB'.replace(expected, '')}</Answer>")
+            assert "<Code>" not in traj["messages"][1]["content"]
+    assert kinds == {"overall", "within", "datatask"}
+
+
+def test_count_across_tables_counts_customers_not_orders(tmp_path):
+    """'How many customers have at least one <status> order' is answered from both tables of shop.db (checked here
+    with our own query), and at least once differs from the number of such orders (the shortcut)."""
+    rows = analysis_tasks(60, workspace_root=str(tmp_path), mix={"qa": 1.0}, file_kinds=["sqlite"])
+    asked = [r for r in rows if r["input_seq"].startswith("How many customers in shop.db")]
+    assert len(asked) >= 5
+    differs = 0
+    for r in asked:
+        status = re.search(r"status '(\w+)'", r["input_seq"])[1]
+        con = sqlite3.connect(task_workspace(r) / "shop.db")
+        customers = con.execute("SELECT COUNT(*) FROM customers WHERE id IN "
+                                "(SELECT customer_id FROM orders WHERE status = ?)", (status,)).fetchone()[0]
+        orders = con.execute("SELECT COUNT(*) FROM orders WHERE status = ?", (status,)).fetchone()[0]
+        con.close()
+        assert r["answer"] == str(customers)
+        differs += customers != orders
+    assert differs >= 1

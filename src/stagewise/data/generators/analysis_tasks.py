@@ -33,7 +33,10 @@ Tasks (``mix`` sets the share of each method; the file kind is drawn uniformly f
   * qa, with an exact answer computed here in integers (money in cents, so no float ties): ``sales.csv``
     (top-revenue region, units of a product, orders above a size, average price of a product to 2 decimals),
     ``employees.xlsx`` (top-paid department on average, headcount, best-paid person, payroll of the seniors),
-    ``shop.db`` (orders with a status, best customer by total, shipped total of a city to 2 decimals). Questions
+    ``shop.db`` (orders with a status, customers with an order of a status (a count across both tables), best
+    customer by total, shipped total of a city to 2 decimals), ``trials.csv`` (recovery counts of two treatments by
+    severity, built so that Simpson's paradox holds: which treatment recovers more patients overall, and within one
+    severity; the answers differ, and each question's shortcut is the other's answer). Questions
     whose answer would be a tie, or whose rounding would sit on a .5 boundary, are never asked.
   * datatask: write a summary table to a named CSV file and report its top row; ground truth = the expected file.
   * research: a short report on the file; ground truth = a data summary (DeepAnalyze's "data thumbnail").
@@ -68,7 +71,8 @@ NAMES = ("Alice", "Bob", "Carla", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "
          "Marco", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wen", "Yusuf")
 CITIES = ("Paris", "Lima", "Oslo", "Cairo", "Tokyo")
 STATUSES = ("shipped", "pending", "cancelled")
-FILE_KINDS = ("csv", "xlsx", "sqlite")
+FILE_KINDS = ("csv", "xlsx", "sqlite", "trials")  # trials: a second CSV, built to show Simpson's paradox
+SEVERITIES = ("mild", "severe")
 METHOD_OF = {"qa": "qa", "datatask": "datatask", "research": "openresearch"}
 JUDGE_OF = {"qa": "llm_as_judgement_analyze", "datatask": "llm_as_judgement_accuracy",
             "research": "llm_as_judgement_opendomain"}
@@ -120,6 +124,27 @@ def _shop(rng: random.Random) -> tuple:
     return customers, orders
 
 
+def _trials(rng: random.Random) -> Optional[List[dict]]:
+    """Recovery counts of two treatments in mild and severe cases, built so that Simpson's paradox holds: the
+    treatment that is better within *each* severity is worse overall, because it was mostly given to severe cases
+    (the kidney-stone pattern). Rows: treatment, severity, patients, recovered. None when the drawn counts miss the
+    paradox by less than a clear margin (the caller draws again)."""
+    better, worse = rng.sample(["A", "B"], 2)
+    mild_rate, severe_rate = rng.uniform(0.75, 0.9), rng.uniform(0.3, 0.55)
+    gap = rng.uniform(0.05, 0.1)  # how much better `better` is within each severity
+    plan = {(better, "mild"): (rng.randint(20, 60), mild_rate + gap),
+            (better, "severe"): (rng.randint(180, 300), severe_rate + gap),
+            (worse, "mild"): (rng.randint(180, 300), mild_rate),
+            (worse, "severe"): (rng.randint(20, 60), severe_rate)}
+    rows = [{"treatment": t, "severity": sev, "patients": n, "recovered": min(n, round(n * rate))}
+            for (t, sev), (n, rate) in sorted(plan.items())]
+    rate = {(r["treatment"], r["severity"]): r["recovered"] / r["patients"] for r in rows}
+    overall = {t: sum(r["recovered"] for r in rows if r["treatment"] == t) /
+               sum(r["patients"] for r in rows if r["treatment"] == t) for t in (better, worse)}
+    within = all(rate[(better, sev)] - rate[(worse, sev)] > 0.02 for sev in SEVERITIES)
+    return rows if within and overall[worse] - overall[better] > 0.02 else None
+
+
 def _table_hash(obj: Any) -> str:
     return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=6).hexdigest()
 
@@ -130,6 +155,17 @@ def _write_sales(rows: List[dict]) -> Callable[[Path], None]:
         lines = ["order_id,region,product,units,price"]
         lines += [f"{r['order_id']},{r['region']},{r['product']},{r['units']},{_money(r['price_cents'])}" for r in rows]
         path.write_text("\n".join(lines) + "\n")
+    return write
+
+
+def _trials_csv(rows: List[dict]) -> str:
+    return "treatment,severity,patients,recovered\n" + "\n".join(
+        f"{r['treatment']},{r['severity']},{r['patients']},{r['recovered']}" for r in rows) + "\n"
+
+
+def _write_trials(rows: List[dict]) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        path.write_text(_trials_csv(rows))
     return write
 
 
@@ -145,7 +181,27 @@ def _write_employees(rows: List[dict]) -> Callable[[Path], None]:
             ws.append([r["name"], r["department"], r["salary"], r["years"]])
         wb.properties.created = wb.properties.modified = _FIXED_TIME
         wb.save(path)
+        _pin_xlsx_times(path)
     return write
+
+
+def _pin_xlsx_times(path: Path) -> None:
+    """openpyxl stamps the save time into ``docProps/core.xml`` and every zip entry, so the same table gave files
+    whose (compressed) size differed by a byte or two from run to run, and a size shown in the prompt could flip
+    between 5.1KB and 5.2KB. Rewrite both with the fixed time: the same table is the same bytes."""
+    import re
+    import zipfile
+
+    fixed = _FIXED_TIME.strftime("%Y-%m-%dT%H:%M:%SZ")
+    with zipfile.ZipFile(path) as src:
+        entries = [(info, src.read(info)) for info in src.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info, data in entries:
+            if info.filename == "docProps/core.xml":
+                data = re.sub(rb"(<dcterms:modified[^>]*>)[^<]*", rb"\g<1>" + fixed.encode(), data)
+            pinned = zipfile.ZipInfo(info.filename, date_time=_FIXED_TIME.timetuple()[:6])
+            pinned.compress_type = zipfile.ZIP_DEFLATED
+            dst.writestr(pinned, data)
 
 
 def _write_shop(customers: List[dict], orders: List[dict]) -> Callable[[Path], None]:
@@ -246,15 +302,47 @@ def _employees_qa(rng: random.Random, rows: List[dict]) -> Optional[tuple]:
             str(sum(r["salary"] for r in rows)))
 
 
+def _trials_qa(rng: random.Random, rows: List[dict]) -> tuple:
+    """Simpson's paradox: the overall winner and the winner within a severity differ, and each question's
+    shortcut is the other one (the aggregate read as if it held within groups, or the reverse)."""
+    def best(selected: List[dict]) -> str:
+        rate = {t: sum(r["recovered"] for r in selected if r["treatment"] == t) /
+                sum(r["patients"] for r in selected if r["treatment"] == t) for t in ("A", "B")}
+        return max(rate, key=rate.get)
+
+    head = "import pandas as pd\ndf = pd.read_csv('trials.csv')\n"
+    overall = best(rows)
+    within = best([r for r in rows if r["severity"] == "mild"])
+    kind = rng.choice(["overall_best", "severity_best"])
+    if kind == "overall_best":
+        return (kind, "Which treatment in trials.csv has the higher overall recovery rate (recovered patients over "
+                "all its patients)?", overall,
+                head + "totals = df.groupby('treatment')[['recovered', 'patients']].sum()\n"
+                       "print((totals['recovered'] / totals['patients']).idxmax())", within)
+    severity = rng.choice(SEVERITIES)
+    return (f"{kind}:{severity}", f"Among the {severity} cases in trials.csv, which treatment has the higher "
+            "recovery rate?", within,
+            head + f"part = df[df['severity'] == '{severity}'].set_index('treatment')\n"
+                   "print((part['recovered'] / part['patients']).idxmax())", overall)
+
+
 def _shop_qa(rng: random.Random, customers: List[dict], orders: List[dict]) -> Optional[tuple]:
     head = "import sqlite3\ncon = sqlite3.connect('shop.db')\n"
-    kind = rng.choice(["status_count", "best_customer", "city_shipped"])
+    kind = rng.choice(["status_count", "best_customer", "city_shipped", "customers_with_status"])
     if kind == "status_count":
         status = rng.choice(STATUSES)
         count = sum(o["status"] == status for o in orders)
         return (f"{kind}:{status}", f"How many orders in shop.db have the status '{status}'?", str(count),
                 head + f"print(con.execute(\"SELECT COUNT(*) FROM orders WHERE status = '{status}'\").fetchone()[0])",
                 str(len(orders)))
+    if kind == "customers_with_status":  # a count across both tables: distinct customers, not orders
+        status = rng.choice(STATUSES)
+        count = len({o["customer_id"] for o in orders if o["status"] == status})
+        return (f"{kind}:{status}", f"How many customers in shop.db have at least one order with the status "
+                f"'{status}'?", str(count),
+                head + "print(con.execute(\"SELECT COUNT(DISTINCT c.id) FROM customers c JOIN orders o ON "
+                       f"o.customer_id = c.id WHERE o.status = '{status}'\").fetchone()[0])",
+                str(sum(o["status"] == status for o in orders)))
     name_of = {c["id"]: c["name"] for c in customers}
     if kind == "best_customer":
         totals: Dict[str, int] = {}
@@ -290,7 +378,7 @@ def _sales_datatask(rows: List[dict]) -> tuple:
     code = ("import pandas as pd\ndf = pd.read_csv('sales.csv')\ndf['revenue'] = df['units'] * df['price']\n"
             "out = df.groupby('region', as_index=False)['revenue'].sum().round(2)\n"
             "out = out.sort_values(['revenue', 'region'], ascending=[False, True])\n"
-            "out.to_csv('revenue_by_region.csv', index=False)\nprint(out.iloc[0]['region'])")
+            "out.to_csv('revenue_by_region.csv', index=False, float_format='%.2f')\nprint(out.iloc[0]['region'])")
     return ("revenue_by_region", "Compute the total revenue (units times price) of each region in sales.csv, save it "
             "to revenue_by_region.csv with the columns region and revenue, sorted from the highest revenue to the "
             "lowest, and report the region with the highest revenue.",
@@ -332,11 +420,30 @@ def _shop_datatask(customers: List[dict], orders: List[dict]) -> tuple:
             "orders_per_customer.csv")
 
 
+def _trials_datatask(rows: List[dict]) -> tuple:
+    totals = {t: (sum(r["recovered"] for r in rows if r["treatment"] == t),
+                  sum(r["patients"] for r in rows if r["treatment"] == t)) for t in ("A", "B")}
+    top = max(totals, key=lambda t: totals[t][0] / totals[t][1])
+    table = "treatment,recovered,patients\n" + "\n".join(f"{t},{rec},{n}" for t, (rec, n) in sorted(totals.items()))
+    code = ("import pandas as pd\ndf = pd.read_csv('trials.csv')\n"
+            "out = df.groupby('treatment', as_index=False)[['recovered', 'patients']].sum().sort_values('treatment')\n"
+            "out.to_csv('recovery_by_treatment.csv', index=False)\n"
+            "print(out.set_index('treatment').eval('recovered / patients').idxmax())")
+    return ("recovery_by_treatment", "Sum the recovered patients and the patients of each treatment in trials.csv "
+            "over both severities, save the totals to recovery_by_treatment.csv with the columns treatment, "
+            "recovered and patients in alphabetical order of treatment, and report the treatment with the higher "
+            "overall recovery rate.",
+            f"recovery_by_treatment.csv:\n{table}\nHigher overall recovery rate: {top}", code, top,
+            "recovery_by_treatment.csv")
+
+
 def _tables_text(file_kind: str, table: Any) -> str:
     """The file's content as CSV text (one block per table of a database), for single-ability rows."""
     if file_kind == "csv":
         return "sales.csv:\norder_id,region,product,units,price\n" + "\n".join(
             f"{r['order_id']},{r['region']},{r['product']},{r['units']},{_money(r['price_cents'])}" for r in table)
+    if file_kind == "trials":
+        return "trials.csv:\n" + _trials_csv(table).rstrip("\n")
     if file_kind == "xlsx":
         return "employees.xlsx (sheet staff):\nname,department,salary,years\n" + "\n".join(
             f"{r['name']},{r['department']},{r['salary']},{r['years']}" for r in table)
@@ -363,6 +470,16 @@ def _make_task(rng: random.Random, source: str, file_kind: str) -> Optional[Task
                             for r in rows])
         qa = lambda: _sales_qa(rng, rows)  # noqa: E731
         datatask = lambda: _sales_datatask(rows)  # noqa: E731
+    elif file_kind == "trials":
+        rows = _trials(rng)
+        if rows is None:
+            return None
+        files = {"trials.csv": _write_trials(rows)}
+        table, fname = rows, "trials.csv"
+        thumb = _thumbnail(fname, ["treatment", "severity", "patients", "recovered"],
+                           [[r["treatment"], r["severity"], r["patients"], r["recovered"]] for r in rows])
+        qa = lambda: _trials_qa(rng, rows)  # noqa: E731
+        datatask = lambda: _trials_datatask(rows)  # noqa: E731
     elif file_kind == "xlsx":
         rows = _employees(rng)
         files = {"employees.xlsx": _write_employees(rows)}
@@ -396,13 +513,15 @@ def _make_task(rng: random.Random, source: str, file_kind: str) -> Optional[Task
         qkey, instruction, truth, code, top, out_file = datatask()
         return Task(key=f"datatask|{tkey}|{qkey}", source="datatask", files=files, instruction=instruction,
                     ground_truth=truth, code=code, expected_output=top,
-                    plan=f"I will load {fname}, build the requested table, save it and read off the top row.",
-                    conclusion=f"{out_file} is written; its first row is {top}.",
+                    plan=f"I will load {fname}, build the requested table, save it and report what is asked.",
+                    conclusion=f"{out_file} is written; the answer printed by the code is {top}.",
                     answer_text=f"I saved {out_file}. Answer: {top}", extra_files=[out_file], tables=tables)
     instruction = (f"Write a short analytical report on {fname}: describe the data, give its key statistics and "
                    "the most notable patterns, and state your conclusions.")
     code = {"csv": "import pandas as pd\ndf = pd.read_csv('sales.csv')\nprint(df.describe())\n"
                    "print(df.groupby('region')['units'].sum())",
+            "trials": "import pandas as pd\ndf = pd.read_csv('trials.csv')\nprint(df)\n"
+                      "print(df.groupby('treatment')[['recovered', 'patients']].sum())",
             "xlsx": "import pandas as pd\ndf = pd.read_excel('employees.xlsx', sheet_name='staff')\n"
                     "print(df.describe())\nprint(df.groupby('department')['salary'].mean())",
             "sqlite": "import sqlite3\nimport pandas as pd\ncon = sqlite3.connect('shop.db')\n"
