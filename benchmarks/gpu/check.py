@@ -224,10 +224,11 @@ def sft_row(spec: dict) -> dict:
         step_tokens = sum(int(trained_targets(b).sum()) for b in batches)
         step_loss = torch.zeros((), device=acc.device)
         for k, batch in enumerate(batches):
+            targets = trained_targets(batch)
             logprobs, _ = sequence_token_logprobs(model, batch["input_ids"], position_ids=batch.get("position_ids"),
                                                   attention_mask=batch.get("attention_mask"),
-                                                  chunk_size=cfg.hardware.logprob_chunk_size)
-            loss, _ = sft_loss(logprobs, trained_targets(batch), normalizer=max(step_tokens, 1))
+                                                  chunk_size=cfg.hardware.logprob_chunk_size, mask=targets)
+            loss, _ = sft_loss(logprobs, targets, normalizer=max(step_tokens, 1))
             backward_micro_batch(acc, model, loss, last=k == len(batches) - 1)
             step_loss += loss.detach()
         optimizer_step(acc, model, optimizer, scheduler, cfg.stage.max_grad_norm)

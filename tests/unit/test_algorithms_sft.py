@@ -111,3 +111,33 @@ def test_grad_accumulation_4x1_equals_1x4(tiny):
     scale = max(g_full[n].abs().max().item() for n in g_full)
     assert diff > 0.05 * scale
     model.zero_grad()
+
+
+def test_lm_head_only_over_trained_tokens(tiny, monkeypatch):
+    """sequence_token_logprobs(mask=trained tokens): the LM head projects exactly those rows, and the loss and every
+    gradient equal the all-positions path."""
+    import stagewise.algorithms.logprobs as logprobs_module
+    from stagewise.training.modeling import sequence_token_logprobs
+
+    model, tok, docs = tiny
+    ids, attn, loss_mask = _micro_batch(docs, tok.pad_token_id)
+    results = []
+    for mask in (None, loss_mask):
+        model.zero_grad()
+        lp, _ = sequence_token_logprobs(model, ids, attention_mask=attn, chunk_size=7, mask=mask)
+        loss = sft_loss(lp, loss_mask, int(loss_mask.sum()))[0]
+        loss.backward()
+        results.append((loss.item(), lp.detach(), _grads(model)))
+    (full_loss, full_lp, g_full), (masked_loss, masked_lp, g_masked) = results
+    assert masked_loss == pytest.approx(full_loss, abs=1e-6)
+    torch.testing.assert_close(masked_lp[loss_mask.bool()], full_lp[loss_mask.bool()], atol=1e-6, rtol=1e-6)
+    assert not masked_lp[~loss_mask.bool()].any()  # untrained positions are 0, never computed
+    for name in g_full:
+        torch.testing.assert_close(g_masked[name], g_full[name], atol=2e-6, rtol=1e-4)
+
+    projected = []
+    real = logprobs_module.lm_head_logits
+    monkeypatch.setattr(logprobs_module, "lm_head_logits", lambda h, head: projected.append(h.shape[0]) or real(h, head))
+    with torch.no_grad():
+        sequence_token_logprobs(model, ids, attention_mask=attn, chunk_size=7, mask=loss_mask)
+    assert projected == [7, 7, 6]  # the 20 trained tokens in chunks of 7, not the 4 x (T-1) positions

@@ -153,10 +153,11 @@ def run(cfg: DictConfig) -> dict:
         step_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum"))
         step_loss = torch.zeros((), device=acc.device)
         for k, batch in enumerate(batches):
+            targets = trained_targets(batch)
             logprobs, _ = sequence_token_logprobs(model, batch["input_ids"], position_ids=batch.get("position_ids"),
                                                   attention_mask=batch.get("attention_mask"),
-                                                  chunk_size=hw.logprob_chunk_size)
-            loss, _ = sft_loss(logprobs, trained_targets(batch), normalizer=max(step_tokens, 1))
+                                                  chunk_size=hw.logprob_chunk_size, mask=targets)
+            loss, _ = sft_loss(logprobs, targets, normalizer=max(step_tokens, 1))
             backward_micro_batch(acc, model, loss * world, last=k == len(batches) - 1)
             step_loss += loss.detach()
         step_loss = float(acc.reduce(step_loss, reduction="sum"))
@@ -227,10 +228,10 @@ def evaluate_loss(acc, model, eval_ds, collate, hw) -> float:
     idx = list(range(acc.process_index, len(eval_ds), acc.num_processes))
     for i in range(0, len(idx), hw.per_device_batch_size):
         batch = acc_to_device(collate([eval_ds[j] for j in idx[i:i + hw.per_device_batch_size]]), acc.device)
-        logprobs, _ = sequence_token_logprobs(model, batch["input_ids"], position_ids=batch.get("position_ids"),
-                                                  attention_mask=batch.get("attention_mask"),
-                                                  chunk_size=hw.logprob_chunk_size)
         mask = trained_targets(batch)
+        logprobs, _ = sequence_token_logprobs(model, batch["input_ids"], position_ids=batch.get("position_ids"),
+                                              attention_mask=batch.get("attention_mask"),
+                                              chunk_size=hw.logprob_chunk_size, mask=mask)
         total += -(logprobs * mask).sum()
         tokens += mask.sum()
     model.train()

@@ -107,15 +107,17 @@ def _output_head(model):
 
 def sequence_token_logprobs(model, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                             attention_mask: torch.Tensor | None = None, chunk_size: int = 1024,
-                            temperature: float = 1.0, with_entropy: bool = False):
+                            temperature: float = 1.0, with_entropy: bool = False,
+                            mask: torch.Tensor | None = None):
     """``log p(x_{t+1} | x_<=t)`` for every position, shape [B, T-1] (and the entropy if asked), without ever
     materialising full-vocabulary logits for the whole batch: `final_hidden`, then the LM head chunk by chunk in
-    ``chunked_token_logprobs``."""
+    ``chunked_token_logprobs``. ``mask [B, T-1]``: only those positions go through the LM head (SFT's trained
+    tokens: prompt, padding and Execute output never pay for a ``[*, V]`` projection); the others are 0."""
     from stagewise.algorithms import chunked_token_logprobs
 
     hidden = final_hidden(model, input_ids, attention_mask=attention_mask, position_ids=position_ids)[:, :-1]
     return chunked_token_logprobs(hidden, lm_head_for_chunks(_output_head(model)), input_ids[:, 1:], chunk_size,
-                                  temperature=temperature, with_entropy=with_entropy)
+                                  temperature=temperature, with_entropy=with_entropy, mask=mask)
 
 
 @dataclass
