@@ -90,7 +90,7 @@ def test_grpo_learns_on_held_out_prompts_and_logs_like_seed_004(tmp_path):
     assert (df["turns"] == 1).all() and (df["step"] == 12).all()
     assert df["reward_total"].tolist() == pytest.approx(
         [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in df["completion"]])
-    for _, g in df.groupby("group"):  # group-std advantages: zero mean within each prompt's group
+    for _, g in df.groupby("prompt_index"):  # group-std advantages: zero mean within each prompt's group
         assert abs(g["advantage"].sum()) < 1e-4
     assert df["prompt"].str.contains("<|im_start|>assistant", regex=False).all()
 

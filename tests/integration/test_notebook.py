@@ -49,7 +49,7 @@ def samples(step: int) -> pd.DataFrame:
     """The columns stages/grpo.py writes."""
     rewards = [0.0, 1.0, 0.5, 1.5, 2.0, 0.25, 1.0, 0.75]
     return pd.DataFrame({
-        "step": step, "round": 0, "group": [i // 4 for i in range(8)],
+        "step": step, "round": 0, "prompt_index": [i // 4 for i in range(8)], "sample": [i % 4 for i in range(8)],
         "prompt": [f"Using 3, 5, 7 make {step + i}" for i in range(8)],
         "completion": [f"<think>try {i}</think><answer>{step}-{i}</answer>" for i in range(8)],
         "reward_accuracy": [min(r, 1.0) for r in rewards],

@@ -49,7 +49,8 @@ def test_samples_parquet_records_the_trajectory_facts_and_each_reward(tmp_path):
     assert list(df["reward_deepanalyze"]) == [1.0, 0.5, -1.0, -1.0]
     assert list(df["reward_format"]) == [0.0, 0.0, 0.0, 0.0]  # R1's <think>/<answer> format: not this layout
     assert list(df["reward_total"]) == [1.0, 0.5, -1.0, -1.0]  # 1.0 * deepanalyze + 0.5 * format
-    assert list(df["step"]) == [3] * 4 and list(df["group"]) == [0, 0, 1, 1]
+    assert list(df["step"]) == [3] * 4
+    assert list(df["prompt_index"]) == [0, 0, 1, 1] and list(df["sample"]) == [0, 1, 0, 1]  # eval's names too
     assert list(df["kept"]) == [True, True, False, False]
     assert df["advantage"].tolist()[:2] == [np.float32(0.7).item(), np.float32(-0.7).item()]
     assert df["advantage"].isna().tolist()[2:] == [True, True]

@@ -445,6 +445,11 @@ def gather_rows(acc, arrays: Dict[str, torch.Tensor]) -> Dict[str, np.ndarray]:
 
 def sample_records(rounds: List[Dict[str, Any]], rank: int, n: int, adv_of: Dict[tuple, torch.Tensor]
                    ) -> List[Dict[str, Any]]:
+    """Rows of ``samples/step_<N>.parquet``. The columns an eval's samples also have keep its names
+    (`stagewise.evaluation.results_table`): ``prompt_index``, ``sample``, ``prompt``, ``completion``,
+    ``reward_<fn>``, ``reward_total``, ``completion_tokens``, ``truncated``, ``turns`` and the gold columns; GRPO adds
+    ``round``, ``advantage``, ``kept``, ``prompt_tokens``, ``completion_chars``, ``finish_reason`` and the
+    multi-turn counts."""
     records = []
     for ri, rd in enumerate(rounds):
         batch, columns = rd["batch"], rd["columns"]
@@ -452,7 +457,8 @@ def sample_records(rounds: List[Dict[str, Any]], rank: int, n: int, adv_of: Dict
             g = j // n
             adv = adv_of.get((ri, rank, g))
             rec = {
-                "round": ri, "group": g, "prompt": columns["prompt"][g] if "prompt" in columns else "",
+                "round": ri, "prompt_index": g, "sample": j % n,
+                "prompt": columns["prompt"][g] if "prompt" in columns else "",
                 "completion": batch.texts[j],
                 **{f"reward_{name}": (None if math.isnan(float(v[j])) else float(v[j]))
                    for name, v in rd["per_fn"].items()},
