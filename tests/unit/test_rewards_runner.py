@@ -67,8 +67,21 @@ def test_missing_gold_column_is_an_error_per_sample_naming_the_columns(caplog):
 
 def test_display_names():
     functions = [fn("accuracy"), fn("accuracy"), fn("pkg.mod:judge_me"), fn("accuracy"),
-                 {"name": "reward_model", "alias": "utility"}, {"name": "reward_model", "alias": "safety"}]
+                 RewardFnConfig(name="reward_model", alias="utility"),
+                 RewardFnConfig(name="reward_model", alias="safety")]
     assert display_names(functions) == ["accuracy", "accuracy_2", "judge_me", "accuracy_3", "utility", "safety"]
+
+
+def test_runner_config_is_checked_against_the_schema():
+    """A plain dict is merged into RewardConfig: a misspelt key or a wrong type fails at construction, naming it."""
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    with pytest.raises(ConfigKeyError, match="timeout"):
+        RewardRunner({"functions": [{"name": "accuracy"}], "timeout": 3})
+    with pytest.raises(ValidationError, match="weight"):
+        RewardRunner({"functions": [{"name": "accuracy", "weight": "heavy"}]})
+    with RewardRunner({"functions": [{"name": "accuracy", "weight": 2}], "timeout_s": 3}) as runner:
+        assert runner.timeout_s == 3.0 and runner.entries[0].weight == 2.0 and runner.names == ["accuracy"]
 
 
 def test_duplicate_functions_get_distinct_columns():

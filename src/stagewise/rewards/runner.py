@@ -37,12 +37,15 @@ import math
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence
 
 from stagewise.rewards.base import (CAUGHT, GOLD_COLUMNS, ErrorLog, Outcome, Reward, SampleReward, is_timeout, rows_of,
                                     run_bounded, run_threaded)
 from stagewise.rewards.custom import FunctionReward
 from stagewise.rewards.pool import WorkerPool
+
+if TYPE_CHECKING:
+    from stagewise.config import RewardConfig, RewardFnConfig
 
 logger = logging.getLogger("stagewise.rewards")
 
@@ -72,28 +75,23 @@ class _Entry:
     reward: Reward
 
 
-def _field(cfg: Any, key: str, default: Any = None) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
+def reward_config(cfg: Any) -> "RewardConfig":
+    """A `RewardConfig` from itself, the composed ``reward`` node or a plain dict, checked against the schema (an
+    unknown key or a wrong type fails here, naming it), so the runner reads typed fields only."""
+    from omegaconf import OmegaConf
+
+    from stagewise.config import RewardConfig
+
+    if isinstance(cfg, RewardConfig):
+        return cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RewardConfig), cfg))  # type: ignore[return-value]
 
 
-def _plain(params: Any) -> Dict[str, Any]:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(params, DictConfig):
-            return OmegaConf.to_container(params, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return dict(params or {})
-
-
-def display_names(functions: Sequence[Any]) -> List[str]:
+def display_names(functions: Sequence["RewardFnConfig"]) -> List[str]:
     """Unique metric names: alias, else the registry name, else ``fn`` of ``module:fn``; repeats get ``_2``, ``_3``."""
     names: List[str] = []
     for f in functions:
-        base = _field(f, "alias") or str(_field(f, "name")).rpartition(":")[2]
+        base = f.alias or f.name.rpartition(":")[2]
         name, k = base, 1
         while name in names:
             k += 1
@@ -115,14 +113,13 @@ class RewardRunner:
     def __init__(self, cfg: Any):
         from stagewise.rewards import build
 
-        functions = list(_field(cfg, "functions", []) or [])
-        self.timeout_s = float(_field(cfg, "timeout_s", 10.0))
-        self.num_workers = max(1, int(_field(cfg, "num_workers", 4)))
-        self.allow_missing_columns = bool(_field(cfg, "allow_missing_columns", False))
+        cfg = reward_config(cfg)
+        self.timeout_s = float(cfg.timeout_s)
+        self.num_workers = max(1, cfg.num_workers)
+        self.allow_missing_columns = cfg.allow_missing_columns
         self.entries: List[_Entry] = []
-        for f, name in zip(functions, display_names(functions)):
-            reward = build(str(_field(f, "name")), **_plain(_field(f, "params", {})))
-            self.entries.append(_Entry(name, float(_field(f, "weight", 1.0)), reward))
+        for f, name in zip(cfg.functions, display_names(cfg.functions)):
+            self.entries.append(_Entry(name, float(f.weight), build(f.name, **f.params)))
         self._pool: Optional[WorkerPool] = None
         self._errors = ErrorLog()
 
@@ -308,7 +305,7 @@ BUILTIN_NEEDS: Dict[str, tuple] = {
 
 def data_files(data_cfg: Any) -> str:
     """``data.sources`` as the error names them: "the data file(s) a.jsonl, b.parquet"."""
-    paths = [str(_field(s, "path")) for s in (_field(data_cfg, "sources", None) or [])]
+    paths = [str(s.path) for s in data_cfg.sources]
     return f"the data file{'s' if len(paths) > 1 else ''} {', '.join(paths)}" if paths else "the data"
 
 
