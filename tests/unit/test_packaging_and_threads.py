@@ -45,6 +45,11 @@ def test_train_py_sets_the_policy_before_torch_and_quiets_datasets_bars():
     try:
         quiet_library_progress_bars()
         assert os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
+        from huggingface_hub.utils import are_progress_bars_disabled
+        from transformers.utils import logging as transformers_logging
+
+        assert not transformers_logging.is_progress_bar_enabled()  # "Writing model shards"
+        assert not are_progress_bars_disabled() or "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ  # downloads keep theirs
     finally:
         os.environ.pop("HF_DATASETS_DISABLE_PROGRESS_BARS", None)
         if env_before is not None:

@@ -174,7 +174,16 @@ def log_to_files(level: int, message: str, exc_info: Any = None) -> None:
 
 
 def quiet_library_progress_bars() -> None:
-    """``datasets`` progress bars off unless the user set ``$HF_DATASETS_DISABLE_PROGRESS_BARS``."""
+    """``datasets`` progress bars off unless the user set ``$HF_DATASETS_DISABLE_PROGRESS_BARS``; transformers' own
+    bars off (a "Writing model shards" bar for every checkpoint, glued to the next log line), while downloads from
+    the hub keep theirs (unless ``$HF_HUB_DISABLE_PROGRESS_BARS`` says otherwise): a long download is where a bar
+    helps."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # also switches the hub's bars off ...
+    if "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ:
+        enable_progress_bars()  # ... so switch those back on
     if "HF_DATASETS_DISABLE_PROGRESS_BARS" in os.environ:
         return
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # read when datasets is imported (children too)
