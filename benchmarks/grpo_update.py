@@ -66,8 +66,7 @@ def one_update(layout: str, samples, a) -> float:
     from grpo_step import compose
 
     cfg = compose(["stage=grpo", "algorithm=grpo", f"rollout.max_new_tokens={a.max_length}",
-                   f"hardware.per_device_batch_size={a.per_device}",
-                   f"hardware.max_tokens_per_micro_batch={a.budget if layout == 'packed' else 0}"])
+                   f"hardware.per_device_batch_size={a.per_device}"])
     acc = build_accelerator(cfg.hardware)
     model, tok = load_model_and_tokenizer(ModelConfig(tiny=TinyModelConfig(hidden_size=a.hidden,
                                                                            num_hidden_layers=a.layers)))
@@ -77,7 +76,7 @@ def one_update(layout: str, samples, a) -> float:
                       hw=cfg.hardware, temperature=1.0, use_tis=False, shared_prefix=layout == "shared")
     plan = StepPlan(prompts_per_step=a.prompts, n=a.group, mini_batches=1, ppo_epochs=1, steps_per_epoch=1,
                     total_steps=1, world=1, per_device_batch_size=a.per_device, filter_groups=False,
-                    max_resample_rounds=0)
+                    max_resample_rounds=0, max_tokens_per_micro_batch=a.budget if layout == "packed" else 0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     scheduler = build_scheduler(optimizer, cfg.stage, 1)
     start = time.perf_counter()

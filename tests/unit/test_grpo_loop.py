@@ -42,10 +42,10 @@ def acc(cfg):
     return build_accelerator(cfg.hardware)
 
 
-def plan_for(per_device, n=4, prompts=2, minis=1, epochs=1, filter_groups=False, rounds=0):
+def plan_for(per_device, n=4, prompts=2, minis=1, epochs=1, filter_groups=False, rounds=0, max_tokens=0):
     return StepPlan(prompts_per_step=prompts, n=n, mini_batches=minis, ppo_epochs=epochs, steps_per_epoch=10,
                     total_steps=1, world=1, per_device_batch_size=per_device, filter_groups=filter_groups,
-                    max_resample_rounds=rounds)
+                    max_resample_rounds=rounds, max_tokens_per_micro_batch=max_tokens)
 
 
 def context(cfg, acc, model, tok, loss_agg):
@@ -124,6 +124,7 @@ def test_pack_rows_lays_sequences_end_to_end():
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
     # position 2 (the last prompt token) predicts 11, 3 predicts 12; position 5 (prompt 9) predicts 13, ...
     assert packed.predict_index.tolist() == [2, 3, 5, 6, 7]
+    assert packed.cu_seq_lens.tolist() == [0, 5, 9]  # sequence starts, then the row length
 
 
 def test_split_by_tokens_keeps_order_and_budget():
@@ -148,10 +149,9 @@ def test_packed_micro_batches_give_the_padded_update(cfg, acc, loss_agg):
         model, tok = load_model_and_tokenizer(ModelConfig())
         model.train()
         ctx = context(cfg, acc, model, tok, loss_agg)
-        ctx.hw = OmegaConf.merge(cfg.hardware, {"max_tokens_per_micro_batch": budget})
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = build_scheduler(optimizer, cfg.stage, 1)
-        minis = make_mini_batches(ctx, wide_samples(tok), plan_for(8), acc)
+        minis = make_mini_batches(ctx, wide_samples(tok), plan_for(8, max_tokens=budget), acc)
         if budget:
             assert all(mb.packed is not None and mb.packed.input_ids.shape[0] == 1 for mb in minis[0])
             assert sum(mb.packed.input_ids.shape[1] for mb in minis[0]) == sum(

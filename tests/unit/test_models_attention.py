@@ -8,8 +8,10 @@ from stagewise.config import ModelConfig
 from stagewise.models import load_model_and_tokenizer
 from stagewise.models.attention import NAME, packed_forward_kwargs
 from stagewise.models.loading import resolve_attn_implementation
+from stagewise.training.modeling import pack_rows
 
 LENGTHS = [3, 17, 40, 1]  # very different lengths, one single-token sequence
+CU = torch.tensor([0, 3, 20, 60, 61], dtype=torch.int32)  # where each starts in the packed row
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +28,17 @@ def sequences():
 
 
 def test_packed_forward_kwargs_give_document_boundaries(model):
-    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
-    kw = packed_forward_kwargs(model, pos)
+    packed = pack_rows([([5, 6], [7]), ([8], [9]), ([1, 2], [3, 4])], "cpu")
+    assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    kw = packed_forward_kwargs(model, packed.cu_seq_lens)
     assert kw["cu_seq_lens_q"].tolist() == kw["cu_seq_lens_k"].tolist() == [0, 3, 5, 9]
+    assert kw["cu_seq_lens_q"].device.type == "cpu"  # read per layer: no device sync
     assert kw["max_length_q"] == 4 and kw["attention_mask"] == {"full_attention": None, "sliding_attention": None}
 
     class Plain(torch.nn.Module):  # any other implementation: let transformers detect the packing itself
         config = type("C", (), {"_attn_implementation": "sdpa"})()
 
-    assert packed_forward_kwargs(Plain(), pos) == {"attention_mask": None}
+    assert packed_forward_kwargs(Plain(), packed.cu_seq_lens) == {"attention_mask": None}
 
 
 def test_packed_row_equals_each_sequence_alone(model):
@@ -43,7 +47,7 @@ def test_packed_row_equals_each_sequence_alone(model):
     pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
     with torch.no_grad():
         packed = model(input_ids=ids, position_ids=pos, use_cache=False, output_hidden_states=True,
-                       **packed_forward_kwargs(model, pos)).hidden_states[-1][0]
+                       **packed_forward_kwargs(model, CU)).hidden_states[-1][0]
         alone = torch.cat([model(input_ids=s[None], use_cache=False, output_hidden_states=True).hidden_states[-1][0]
                            for s in seqs])
         # transformers' own route (dense block-diagonal mask from position_ids) agrees too
@@ -72,7 +76,7 @@ def test_gradients_equal_the_padded_batch(model):
         if packed:
             pos = torch.cat([torch.arange(n) for n in LENGTHS])[None]
             hidden = model(input_ids=torch.cat(seqs)[None], position_ids=pos, use_cache=False,
-                           output_hidden_states=True, **packed_forward_kwargs(model, pos)).hidden_states[-1][0]
+                           output_hidden_states=True, **packed_forward_kwargs(model, CU)).hidden_states[-1][0]
         else:
             hidden = model(input_ids=ids, attention_mask=attn, use_cache=False,
                            output_hidden_states=True).hidden_states[-1][attn.bool()]

@@ -54,17 +54,17 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def packed_forward_kwargs(model, position_ids: torch.Tensor) -> Dict[str, Any]:
-    """Keyword arguments for a forward over one packed row (``position_ids [1, nnz]`` restarting at 0 per
-    sequence). With ``sdpa_varlen``: the document boundaries and a "no mask" mapping (the model then builds no
+def packed_forward_kwargs(model, cu_seq_lens: torch.Tensor) -> Dict[str, Any]:
+    """Keyword arguments for a forward over one packed row whose sequences start at ``cu_seq_lens[:-1]`` (int32,
+    on the CPU: read once per layer without a device sync; `stagewise.training.modeling.pack_rows` builds it from
+    the lengths). With ``sdpa_varlen``: the boundaries and a "no mask" mapping (the model then builds no
     ``[nnz, nnz]`` mask). With any other implementation: ``attention_mask=None``, so transformers detects the
-    packing from ``position_ids`` itself (block-diagonal mask for sdpa/eager, varlen for flash-attention)."""
+    packing from the restarting ``position_ids`` itself (block-diagonal mask for sdpa/eager, varlen for
+    flash-attention)."""
     inner = getattr(model, "module", model)
     config = getattr(inner, "config", None)
     if getattr(config, "_attn_implementation", None) != NAME:
         return {"attention_mask": None}
-    starts = (position_ids[0] == 0).nonzero().flatten()
-    cu = torch.cat([starts, starts.new_tensor([position_ids.shape[1]])]).to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
-    return {"attention_mask": {"full_attention": None, "sliding_attention": None}, "cu_seq_lens_q": cu,
-            "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+    return {"attention_mask": {"full_attention": None, "sliding_attention": None}, "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}

@@ -590,7 +590,7 @@ def make_mini_batches(ctx: "StepContext", samples: List[Sample], plan: StepPlan,
     minis = []
     for chunk in chunks:
         rows = [s for g in chunk for s in groups[g]]
-        budget = ctx.hw.max_tokens_per_micro_batch
+        budget = plan.max_tokens_per_micro_batch
         if budget > 0:
             parts = split_by_tokens(rows, budget)
         else:

@@ -87,14 +87,16 @@ def vocab_size(head) -> int:
 
 
 def final_hidden(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                 position_ids: torch.Tensor | None = None, packed: bool = False) -> torch.Tensor:
+                 position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None) -> torch.Tensor:
     """The final-norm hidden states ``[B, T, H]`` from the wrapped model's own forward (so DDP/DeepSpeed/PEFT hooks
-    run), with ``logits_to_keep`` set to a single position: no full-vocabulary logits are built. ``packed``: one row
-    of sequences end to end, ``position_ids`` restarting at 0 for each (`stagewise.models.attention`)."""
+    run), with ``logits_to_keep`` set to a single position: no full-vocabulary logits are built. ``cu_seq_lens``:
+    ``input_ids`` is one packed row of sequences starting at those offsets, ``position_ids`` restarting at 0 for
+    each (`PackedRows`, `stagewise.models.attention`)."""
     from stagewise.models.attention import packed_forward_kwargs
 
     keep = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
-    extra = packed_forward_kwargs(model, position_ids) if packed else {"attention_mask": attention_mask}
+    extra = (packed_forward_kwargs(model, cu_seq_lens) if cu_seq_lens is not None
+             else {"attention_mask": attention_mask})
     out = model(input_ids=input_ids, position_ids=position_ids, output_hidden_states=True, logits_to_keep=keep,
                 use_cache=False, **extra)
     return out.hidden_states[-1]
@@ -124,11 +126,13 @@ def sequence_token_logprobs(model, input_ids: torch.Tensor, *, position_ids: tor
 class PackedRows:
     """A micro-batch of prompt + completion sequences as one unpadded row (verl's ``use_remove_padding``, OpenRLHF's
     ``packing_samples``): no pad token goes through any layer. ``position_ids`` restart at 0 for each sequence and
-    no attention mask is passed, so transformers builds the block-diagonal causal mask itself (sdpa/eager) or runs
-    varlen flash-attention (one row); see `stagewise.data.packing`."""
+    no attention mask is passed: ``sdpa_varlen`` (the CPU default) attends within each sequence from
+    ``cu_seq_lens``, flash-attention runs varlen from the positions, plain sdpa/eager get transformers'
+    block-diagonal mask (`stagewise.models.attention`)."""
 
     input_ids: torch.Tensor  # [1, nnz]
     position_ids: torch.Tensor  # [1, nnz]
+    cu_seq_lens: torch.Tensor  # [S + 1] int32 on the CPU: where each sequence starts, then nnz
     predict_index: torch.Tensor  # [N]: the packed position whose hidden state predicts each completion token,
     #                              in the row-major order of the padded ``tokens`` mask
 
@@ -145,7 +149,11 @@ def pack_rows(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], device) 
         ids.extend(completion)
         positions.extend(range(len(prompt) + len(completion)))
     as_row = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
+    starts = [0]
+    for prompt, completion in sequences:
+        starts.append(starts[-1] + len(prompt) + len(completion))
     return PackedRows(input_ids=as_row(ids), position_ids=as_row(positions),
+                      cu_seq_lens=torch.tensor(starts, dtype=torch.int32),
                       predict_index=torch.tensor(predict, dtype=torch.long, device=device))
 
 
@@ -183,7 +191,8 @@ def completion_logprobs(model, head, mb: CompletionRows, chunk_size: int, temper
     from stagewise.algorithms import chunked_token_logprobs, lm_head_logits, token_logprobs_from_logits
 
     if mb.packed is not None:
-        hidden = final_hidden(model, mb.packed.input_ids, position_ids=mb.packed.position_ids, packed=True)
+        hidden = final_hidden(model, mb.packed.input_ids, position_ids=mb.packed.position_ids,
+                              cu_seq_lens=mb.packed.cu_seq_lens)
         selected = hidden[0].index_select(0, mb.packed.predict_index)  # [N, H]
     else:
         if shared_prefix and mb.unique_rows is not None and len(mb.unique_rows) < len(mb.prompt_index):
