@@ -22,6 +22,8 @@ from stagewise.envs.sandbox import (
     code_env,
     extract_code,
     guarantees,
+    prewarm,
+    recyclable,
     resolve_isolation,
 )
 
@@ -306,7 +308,33 @@ def test_trajectories_get_private_copies(task):
         assert outs == {tag: [f"{tag} {i} {tag}\n" for i in range(5)] for tag in "ab"}
         sbx_dirs = [a.workdir.parent, b.workdir.parent]
     assert {p.name: p.read_bytes() for p in task.iterdir()} == before  # the task's workspace is never written
-    assert not any(d.exists() for d in sbx_dirs)  # copies removed on exit
+    # On exit a copy is removed, or wiped when its zygote is kept for the next trajectory (`_Pool.release`).
+    assert not any(d.exists() and any((d / "workspace").iterdir()) for d in sbx_dirs)
+
+
+@pytest.mark.skipif(not recyclable(resolve_isolation()), reason="zygotes are reused only with fs_confined + "
+                    "separate_uid (root with bwrap or namespaces)")
+def test_a_reused_zygote_keeps_nothing_of_the_last_trajectory(task):
+    """A stateless trajectory's zygote serves the next one (no second interpreter start), and that one finds
+    only its own workspace: no files the first wrote anywhere, no process it left running, the modes reset."""
+    prewarm(1, wait=True)
+    leave_traces = ("import os, subprocess\n"
+                    "for path in ('left.txt', '/tmp/left.txt', '/dev/shm/left.txt'):\n"
+                    "    open(path, 'w').write('x')\n"
+                    "os.makedirs('sub/dir')\nos.chmod('sub', 0o500)\nos.chmod('.', 0o700)\n"
+                    "subprocess.Popen(['sleep', '60'], start_new_session=True)\nprint('left')")
+    look = ("import os, stat\nprint(sorted(os.listdir('.')), os.listdir('/tmp'), os.listdir('/dev/shm'), "
+            "oct(stat.S_IMODE(os.stat('.').st_mode)), oct(stat.S_IMODE(os.stat('/tmp').st_mode)))")
+    with Sandbox(task) as first:
+        assert first.run(leave_traces).output == "left\n"
+        uid, sbx = first.uid, first.workdir.parent
+    with Sandbox(task) as second:
+        assert (second.uid, second.workdir.parent) == (uid, sbx)  # the same zygote and directories
+        assert _live_processes_of(uid) == 1  # its pre-forked kernel only: the `sleep` is gone
+        assert second.run(look).output == "['data.csv', 'notes.txt'] [] [] 0o755 0o1777\n"
+    with Sandbox(task, stateful=True) as stateful:  # a stateful zygote runs code in itself: never reused
+        stateful_sbx = stateful.workdir.parent
+    assert not stateful_sbx.exists()
 
 
 def test_no_workspace_gives_an_empty_directory():

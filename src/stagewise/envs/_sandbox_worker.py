@@ -478,6 +478,9 @@ class Zygote:
             elif req["op"] == "run":
                 self.conn.send_bytes(json.dumps(self.run(req)).encode())
                 self.finish_block()
+            elif req["op"] == "ping":  # answered after the last block's cleanup: its processes are killed
+                self.reap()
+                self.conn.send_bytes(json.dumps({"pong": True}).encode())
 
 
 def _pids() -> list[int]:

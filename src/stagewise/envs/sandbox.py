@@ -251,6 +251,17 @@ def guarantees(mode: str) -> frozenset[str]:
 
 
 # ------------------------------------------------------------------------------------------ worker processes
+_WRITABLE = (("workspace", 0o755), ("tmp", 0o1777), ("shm", 0o1777))  # a zygote's writable dirs and their modes
+
+
+def recyclable(mode: str) -> bool:
+    """Can a zygote that ran stateless blocks serve another trajectory? Only where the code could write nothing
+    but the zygote's own directories (fs_confined) and could not touch the zygote itself (separate_uid: the
+    blocks ran under another uid, so they could neither signal nor ptrace it). Every block then ran in a process
+    forked from the zygote and killed afterwards, so the zygote's own state is as it was at start."""
+    return {"fs_confined", "separate_uid"} <= guarantees(mode)
+
+
 def _chown_tree(path: str, uid: int) -> None:
     os.lchown(path, uid, uid)
     for root, dirs, files in os.walk(path):
@@ -300,10 +311,29 @@ class _Worker:
     def fresh(cls, mode: str) -> _Worker:
         sbx = tempfile.mkdtemp(prefix="stagewise-sandbox-")
         os.chmod(sbx, 0o711)
-        for d, perms in (("workspace", 0o755), ("tmp", 0o1777), ("shm", 0o1777)):
+        for d, perms in _WRITABLE:
             os.mkdir(f"{sbx}/{d}")
             os.chmod(f"{sbx}/{d}", perms)
         return cls(mode, sbx)
+
+    def recycle(self) -> bool:
+        """Make this zygote as good as new for the next trajectory: wait until it has killed the last block's
+        processes (its answer to a ping comes after that cleanup), then empty the workspace, /tmp and /dev/shm
+        (the only places the code could write) and reset their modes. False when the zygote is gone."""
+        if not self.alive() or self.request({"op": "ping"}, timeout=REPLY_GRACE_S) != {"pong": True}:
+            return False
+        for d, perms in _WRITABLE:
+            path = f"{self.sbx}/{d}"
+            for entry in os.listdir(path):
+                full = os.path.join(path, entry)
+                if os.path.isdir(full) and not os.path.islink(full):
+                    _remove_tree(full)
+                else:
+                    os.unlink(full)
+            os.chmod(path, perms)
+            if self.uid is not None:
+                os.lchown(path, self.uid, self.uid)
+        return True
 
     def wait_ready(self) -> None:
         with self.ready_lock:  # prewarm(wait=True) and a Sandbox may wait on the same spare
@@ -359,7 +389,9 @@ class _Pool:
         self.target = 1
         self.owner = os.getpid()
 
-    def acquire(self, mode: str) -> _Worker:
+    def acquire(self, mode: str, recycle: bool = False) -> _Worker:
+        """A spare zygote, or a new one. Without `recycle` a replacement spare starts at once; with it, the
+        zygote comes back through `release` when its trajectory ends, and `prewarm` tops the spares up."""
         with self.lock:
             spares = self.spares.setdefault(mode, [])
             worker = spares.pop(0) if spares else None
@@ -368,8 +400,28 @@ class _Pool:
             _remove_tree(worker.sbx)
             worker = None
         worker = worker or _Worker.fresh(mode)
-        self.refill(mode)
+        if not recycle:
+            self.refill(mode)
         return worker
+
+    def release(self, worker: _Worker, recycle: bool) -> None:
+        """A trajectory is done with `worker`: keep it as a spare (wiped, `_Worker.recycle`) while the pool has
+        fewer than `target`, else stop it. A zygote that starts its imports costs about a second of CPU, so a
+        GRPO step of many trajectories would otherwise start one per trajectory, every step."""
+        if recycle:
+            with self.lock:
+                room = len(self.spares.setdefault(worker.mode, [])) < self.target
+            try:
+                recycled = room and worker.recycle()
+            except OSError as exc:
+                log.warning("Sandbox: could not wipe %s for reuse (%s); starting a new one", worker.sbx, exc)
+                recycled = False
+            if recycled:
+                with self.lock:
+                    self.spares[worker.mode].append(worker)
+                return
+        worker.kill()
+        _remove_tree(worker.sbx)
 
     def refill(self, mode: str) -> None:
         while True:
@@ -440,6 +492,7 @@ class Sandbox:
         self.limits = {"memory_mb": memory_mb, "max_processes": max_processes, "max_file_mb": max_file_mb}
         self.isolation = resolve_isolation(isolation)
         self.guarantees = guarantees(self.isolation)
+        self.recycle = not self.stateful and recyclable(self.isolation)  # see `_Pool.release`
         self.workdir: Path | None = None  # host path of this trajectory's workspace copy, while entered
         self._worker: _Worker | None = None
         self._lock = threading.Lock()
@@ -452,7 +505,7 @@ class Sandbox:
     def __enter__(self) -> Sandbox:
         if self._worker is not None:
             raise RuntimeError("Sandbox is already entered")
-        worker = _POOL.acquire(self.isolation)
+        worker = _POOL.acquire(self.isolation, self.recycle)
         try:
             if self.source is not None:
                 shutil.copytree(self.source, worker.workspace, symlinks=True, dirs_exist_ok=True)
@@ -474,8 +527,7 @@ class Sandbox:
         with self._lock:
             worker, self._worker, self.workdir = self._worker, None, None
         if worker is not None:
-            worker.kill()
-            _remove_tree(worker.sbx)
+            _POOL.release(worker, self.recycle)
 
     def run(self, code: str) -> ExecResult:
         if not isinstance(code, str):
