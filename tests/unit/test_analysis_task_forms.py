@@ -13,7 +13,7 @@ def test_rl_rows_carry_the_gold_answer_and_a_real_trajectory(tmp_path):
         assert row["answer"] == row["reward_spec"]["ground_truth"]
         response = row["reward_spec"]["response"]
         assert f"</Code>\n<Execute>\n{row['answer']}\n\n</Execute>\n<Understand>" in response
-        assert response.endswith(f"<Answer>Answer: {row['answer']}</Answer>")
+        assert response.endswith(f"<Answer>Answer:\n{row['answer']}</Answer>")
         deepanalyze_rl_adapter(row)
 
 
@@ -28,7 +28,7 @@ def test_first_train_task_exact_strings(tmp_path):
         "<Analyze>I will load employees.xlsx and compute the answer directly from the data.</Analyze>\n<Code>\n"
         "```python\nimport pandas as pd\ndf = pd.read_excel('employees.xlsx', sheet_name='staff')\n"
         "print(int(df.loc[df['years'] > 25, 'salary'].sum()))\n```\n</Code>\n<Execute>\n55000\n\n</Execute>\n"
-        "<Understand>The result printed by the code is 55000.</Understand>\n<Answer>Answer: 55000</Answer>")
+        "<Understand>The code printed\n55000\n</Understand>\n<Answer>Answer:\n55000</Answer>")
     assert format_observation("55000\n") == "\n<Execute>\n55000\n\n</Execute>\n"
 
 
@@ -41,7 +41,7 @@ def test_trajectories_match_the_env_and_direct_ones_skip_code(tmp_path):
         text = r["messages"][1]["content"]
         assert check_execute_spans(text, "messages") == (0 if r in direct else 1)
     assert direct[0]["messages"][1]["content"].startswith(
-        "<Analyze>I will answer straight away, without running code.</Analyze>\n<Answer>Answer: ")
+        "<Analyze>I will answer straight away, without running code.</Analyze>\n<Answer>Answer:\n")
     # the tasks themselves do not depend on direct_fraction
     plain = analysis_tasks(40, workspace_root=str(tmp_path), form="trajectory", mix={"qa": 1.0})
     assert [r["messages"][0] for r in plain] == [r["messages"][0] for r in rows]
@@ -54,6 +54,6 @@ def test_single_ability_rows_give_the_table_inline(tmp_path):
     assert user["content"].startswith("# Instruction\nWhat is the total salary of the employees in employees.xlsx "
                                       "with more than 25 years of service?")
     assert "# Data\nemployees.xlsx (sheet staff):\nname,department,salary,years\n" in user["content"]
-    assert assistant["content"].endswith("<Answer>Answer: 55000</Answer>")
+    assert assistant["content"].endswith("<Answer>Answer:\n55000</Answer>")
     assert "<Code>" not in assistant["content"]
     deepanalyze_adapter(row)

@@ -187,7 +187,7 @@ def test_trials_show_simpsons_paradox_and_answers_follow_the_file(tmp_path):
             expected, kinds = overall, kinds | {"datatask"}
         assert row["answer"] == expected, question
         if row["data_source"] == "qa":
-            assert traj["messages"][1]["content"].endswith(f"Answer: {'AB'.replace(expected, '')}</Answer>")
+            assert traj["messages"][1]["content"].endswith(f"Answer:\n{'AB'.replace(expected, '')}</Answer>")
             assert "<Code>" not in traj["messages"][1]["content"]
     assert kinds == {"overall", "within", "datatask"}
 
@@ -209,3 +209,27 @@ def test_count_across_tables_counts_customers_not_orders(tmp_path):
         assert r["answer"] == str(customers)
         differs += customers != orders
     assert differs >= 1
+
+
+def test_questions_keeps_only_those_kinds_and_names_bad_ones(root):
+    """``questions`` (the tiny curriculum's four counting kinds) keeps only qa tasks of those kinds, with the
+    question each kind asks and an integer gold answer; an unknown kind, or one no allowed file kind asks, is named."""
+    from stagewise.data.generators.analysis_tasks import QA_KINDS, question_kind
+
+    counting = ["orders_over", "units_of", "headcount", "status_count"]
+    asks = {"orders_over": r"How many orders in sales\.csv have more than \d+ units\?",
+            "units_of": r"How many units of \w+ were sold in total in sales\.csv\?",
+            "headcount": r"How many employees in employees\.xlsx work in the \w+ department\?",
+            "status_count": r"How many orders in shop\.db have the status '\w+'\?"}
+    picked = analysis_tasks(40, split="train", seed=3, workspace_root=str(root), questions=counting)
+    kinds = set()
+    for r in picked:
+        matched = [k for k, pattern in asks.items() if re.match(pattern, r["input_seq"])]
+        assert len(matched) == 1 and r["data_source"] == "qa" and r["answer"].isdigit(), r["input_seq"]
+        kinds.add(matched[0])
+    assert kinds == set(counting)  # 40 rows draw every kind
+    assert question_kind("qa|csv|abc|orders_over:12") == "orders_over" and "orders_over" in QA_KINDS["csv"]
+    with pytest.raises(ValueError, match=r"questions must be a non-empty subset of .*'avg_price'.* got \['row_sum'\]"):
+        analysis_tasks(2, workspace_root=str(root), questions=["row_sum"])
+    with pytest.raises(ValueError, match=r"none of questions \['headcount'\] is asked about file_kinds \['csv'\]"):
+        analysis_tasks(2, workspace_root=str(root), questions=["headcount"], file_kinds=["csv"])

@@ -355,6 +355,8 @@ def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainSt
         columns = train_ds[mine]
         with timer("generate"):
             batch = generate(rollout, columns)
+        if "timing" in batch.extra:  # multi-turn: of time/generate, the seconds spent in the env (code runs)
+            timer.add("env", batch.extra["timing"]["env_s"])
         with timer("score"):
             result = rewards(batch.texts, **reward_columns(columns, batch))
         total = torch.tensor(result.total, dtype=torch.float32)
@@ -756,7 +758,8 @@ def evaluate(acc, rollout, eval_ds, rewards: RewardRunner, cfg: DictConfig) -> D
 
 # ============================================================================================ metrics
 class PhaseTimer:
-    """Wall-clock seconds per phase of one step (generate, score, logprobs, update, sync, step)."""
+    """Wall-clock seconds per phase of one step (generate, score, logprobs, update, sync, step; multi-turn: env,
+    the part of generate spent in env steps)."""
 
     def __init__(self) -> None:
         self.seconds: Dict[str, float] = {}

@@ -41,7 +41,10 @@ Tasks (``mix`` sets the share of each method; the file kind is drawn uniformly f
   * datatask: write a summary table to a named CSV file and report its top row; ground truth = the expected file.
   * research: a short report on the file; ground truth = a data summary (DeepAnalyze's "data thumbnail").
 The ``response`` of a task is a full correct trajectory (Analyze, fenced Code, the Execute span of its real
-sandbox output, Understand, ``Answer: <value>``); outputs are cached next to the workspaces (`run_solutions`).
+sandbox output, Understand, ``Answer:\n<value>``); outputs are cached next to the workspaces (`run_solutions`).
+The value follows a newline wherever it is repeated, as it does in the Execute span: a byte-level BPE gives
+``17`` after a newline and ``Ġ17`` after a space, two different tokens, so ``is 17`` would ask a small model to
+learn a token-to-token mapping for every number instead of copying the printed one.
 
 Split: a task's key (method, file kind, question, table) is hashed to train or test (`task_split`), so the splits
 never overlap. Deterministic in (n, split, seed, kwargs).
@@ -508,14 +511,14 @@ def _make_task(rng: random.Random, source: str, file_kind: str) -> Optional[Task
         return Task(key=f"qa|{tkey}|{qkey}", source="qa", files=files, instruction=f"{question} {ANSWER_HINT}",
                     ground_truth=answer, code=code, expected_output=answer, shortcut=shortcut, tables=tables,
                     plan=f"I will load {fname} and compute the answer directly from the data.",
-                    conclusion=f"The result printed by the code is {answer}.", answer_text=f"Answer: {answer}")
+                    conclusion=f"The code printed\n{answer}\n", answer_text=f"Answer:\n{answer}")
     if source == "datatask":
         qkey, instruction, truth, code, top, out_file = datatask()
         return Task(key=f"datatask|{tkey}|{qkey}", source="datatask", files=files, instruction=instruction,
                     ground_truth=truth, code=code, expected_output=top,
                     plan=f"I will load {fname}, build the requested table, save it and report what is asked.",
-                    conclusion=f"{out_file} is written; the answer printed by the code is {top}.",
-                    answer_text=f"I saved {out_file}. Answer: {top}", extra_files=[out_file], tables=tables)
+                    conclusion=f"{out_file} is written; the code printed\n{top}\n",
+                    answer_text=f"I saved {out_file}. Answer:\n{top}", extra_files=[out_file], tables=tables)
     instruction = (f"Write a short analytical report on {fname}: describe the data, give its key statistics and "
                    "the most notable patterns, and state your conclusions.")
     code = {"csv": "import pandas as pd\ndf = pd.read_csv('sales.csv')\nprint(df.describe())\n"
@@ -586,14 +589,13 @@ def direct_response(task: Task) -> str:
     """A trajectory that answers at once, without code, with the task's shortcut (often wrong): warm-up noise that
     only a reward for the right answer can remove."""
     return ("<Analyze>I will answer straight away, without running code.</Analyze>\n"
-            f"<Answer>Answer: {task.shortcut}</Answer>")
+            f"<Answer>Answer:\n{task.shortcut}</Answer>")
 
 
 def single_ability_response(task: Task) -> str:
-    """A single-ability answer over the table given inline: reasoning, then ``Answer: <value>`` (no code)."""
-    return (f"<Analyze>The table is given above, so I read it directly and compute the answer from its rows. "
-            f"{task.conclusion.replace('printed by the code', 'computed from the table')}</Analyze>\n"
-            f"<Answer>{task.answer_text}</Answer>")
+    """A single-ability answer over the table given inline: reasoning, then ``Answer:\n<value>`` (no code)."""
+    return ("<Analyze>The table is given above, so I read it directly and compute the answer from its rows."
+            f"</Analyze>\n<Answer>{task.answer_text}</Answer>")
 
 
 def _output_cache(root: Path, workspace_id: str, code: str) -> Path:
@@ -637,16 +639,27 @@ def run_solutions(jobs: Sequence[tuple], root: Path, timeout_s: float = 30.0) ->
 
 
 FORMS = ("rl", "trajectory", "single")
+QA_KINDS = {"csv": ("top_region", "units_of", "orders_over", "avg_price"),  # the qa question kinds per file kind
+            "xlsx": ("top_department", "headcount", "top_earner", "senior_payroll"),
+            "trials": ("overall_best", "severity_best"),
+            "sqlite": ("status_count", "customers_with_status", "best_customer", "city_shipped")}
+
+
+def question_kind(task_key: str) -> str:
+    """A qa task's question kind (``orders_over`` for ``qa|csv|<hash>|orders_over:12``)."""
+    return task_key.split("|")[-1].split(":")[0]
 
 
 def analysis_tasks(n: int, split: str = "train", seed: int = 0, workspace_root: Optional[str] = None,
                    mix: Optional[Dict[str, float]] = None, file_kinds: Sequence[str] = FILE_KINDS,
-                   form: str = "rl", direct_fraction: float = 0.0) -> List[Dict[str, Any]]:
+                   form: str = "rl", direct_fraction: float = 0.0, questions: Optional[Sequence[str]] = None
+                   ) -> List[Dict[str, Any]]:
     """``n`` tasks of ``split``; see the module docstring. ``workspace_root`` defaults to
     ``<tmp>/stagewise-analysis-tasks``; ``mix`` to ``{"qa": 0.6, "datatask": 0.3, "research": 0.1}``.
     ``form``: ``rl`` (RL parquet rows), ``trajectory`` (cold-start ``messages`` rows) or ``single`` (single-ability
     ``messages`` rows, qa tasks only); ``direct_fraction``: the share of qa trajectories that answer at once with
-    the task's shortcut instead of running code (``trajectory`` only)."""
+    the task's shortcut instead of running code (``trajectory`` only); ``questions``: keep only qa tasks of these
+    kinds (`QA_KINDS`; None = all), e.g. the counting questions a tiny model can learn to answer with code."""
     check_split(split, "analysis_tasks")
     if form not in FORMS:
         raise ValueError(f"generator:analysis_tasks: form must be one of {FORMS}, got {form!r}")
@@ -663,6 +676,14 @@ def analysis_tasks(n: int, split: str = "train", seed: int = 0, workspace_root: 
     if not kinds or set(kinds) - set(FILE_KINDS):
         raise ValueError(f"generator:analysis_tasks: file_kinds must be a non-empty subset of {FILE_KINDS}, "
                          f"got {kinds}")
+    known = {k for ks in QA_KINDS.values() for k in ks}
+    wanted = None if questions is None else set(questions)
+    if wanted is not None and (not wanted or wanted - known):
+        raise ValueError(f"generator:analysis_tasks: questions must be a non-empty subset of {sorted(known)}, "
+                         f"got {sorted(wanted)}")
+    if wanted is not None and not any(set(QA_KINDS[k]) & wanted for k in kinds):
+        raise ValueError(f"generator:analysis_tasks: none of questions {sorted(wanted)} is asked about "
+                         f"file_kinds {kinds}")
     root = Path(workspace_root if workspace_root else Path(tempfile.gettempdir()) / "stagewise-analysis-tasks")
     root = root.expanduser().resolve()
     rng = rng_for("analysis_tasks", split, seed)
@@ -681,7 +702,9 @@ def analysis_tasks(n: int, split: str = "train", seed: int = 0, workspace_root: 
         task = _make_task(rng, source, rng.choice(kinds))
         if task is None or task.key in seen or task_split(task.key) != split:
             continue
-        if form == "single" and source != "qa":
+        if (form == "single" or wanted is not None) and source != "qa":
+            continue
+        if wanted is not None and question_kind(task.key) not in wanted:
             continue
         seen.add(task.key)
         workspace_id = "t" + hashlib.blake2b(task.key.encode(), digest_size=8).hexdigest()
@@ -726,5 +749,5 @@ def solution_code(row: Dict[str, Any]) -> str:
     return textwrap.dedent(response.split("```python\n", 1)[1].split("\n```", 1)[0])
 
 
-__all__ = ["FILE_KINDS", "FORMS", "analysis_tasks", "direct_response", "prompt_text", "run_solutions",
-           "single_ability_response", "solution_code", "worked_response"]
+__all__ = ["FILE_KINDS", "FORMS", "QA_KINDS", "analysis_tasks", "direct_response", "prompt_text", "run_solutions",
+           "question_kind", "single_ability_response", "solution_code", "worked_response"]
