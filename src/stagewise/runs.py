@@ -471,3 +471,71 @@ def best_and_worst(samples: pd.DataFrame, k: int = 1, by: Optional[str] = None) 
             rank=[f"worst {i + 1}" for i in range(min(k, len(group)))])
         parts += [best, worst]
     return pd.concat(parts, ignore_index=True) if parts else samples.assign(rank=[])
+
+
+# ------------------------------------------------------------------------------------ agentic trajectories
+EXECUTE_SPAN_RE = re.compile(r"<Execute>(?:(?!<Execute>).)*?</Execute>", re.DOTALL)  # innermost: no <Execute> inside
+ENV_START, ENV_END = "▶ env ▶ ", " ◀ env ◀"
+GOLD_COLUMNS = ("answer", "solution", "target")
+
+
+def mark_execute_spans(text: str, start: str = ENV_START, end: str = ENV_END) -> str:
+    """``text`` with each ``<Execute>…</Execute>`` span (both tags) wrapped in ``start``/``end``: the environment
+    inserted it and it carries no loss. Everything else is left as is, so removing the markers gives ``text`` back.
+    An ``<Execute>`` with no ``</Execute>`` after it is left unmarked: the env always writes both tags and never
+    appends a partial observation, so an unclosed one is policy text (e.g. cut by the length limit)."""
+    return EXECUTE_SPAN_RE.sub(lambda m: f"{start}{m[0]}{end}", text)
+
+
+def shorten(text: str, n: int = 600) -> str:
+    """``text`` if at most ``n`` chars, else its first and last ``n // 2`` chars around a ``[… k chars …]`` note."""
+    text = str(text)
+    if len(text) <= n:
+        return text
+    half = n // 2
+    return f"{text[:half]} [… {len(text) - 2 * half} chars …] {text[len(text) - half:]}"
+
+
+def _present(row, key: str) -> bool:
+    value = row.get(key) if hasattr(row, "get") else None
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def trajectory_view(row, prompt_chars: int = 600) -> str:
+    """One sample as text: a header line (step, prompt_index, sample, finish_reason, turns, code_calls, code_errors,
+    each ``reward_*``, advantage, gold answer; absent or missing values left out), the prompt shortened to
+    ``prompt_chars``, then the completion with its Execute spans marked (`mark_execute_spans`)."""
+    def fmt(v):  # counts read back as floats (a column with gaps) print as ints
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
+    parts = [f"{k}={fmt(row[k])}" for k in ("step", "prompt_index", "sample", "finish_reason", "turns", "code_calls",
+                                            "code_errors") if _present(row, k)]
+    rewards = [k for k in row.keys() if str(k).startswith("reward_") and k != "reward_total"] + ["reward_total"]
+    parts += [f"{k}={float(row[k]):.3f}" for k in (*rewards, "advantage") if _present(row, k)]
+    gold = next((k for k in GOLD_COLUMNS if _present(row, k)), None)
+    if gold:
+        parts.append(f"{gold}={shorten(row[gold], 80)!r}")
+    lines = ["  ".join(parts)]
+    if _present(row, "prompt"):
+        lines += ["--- prompt", shorten(row["prompt"], prompt_chars)]
+    lines += ["--- completion", mark_execute_spans(str(row.get("completion", "")))]
+    return "\n".join(lines)
+
+
+def pick_trajectory(samples: pd.DataFrame) -> Optional[pd.Series]:
+    """A multi-turn sample to read: of the rows with ``code_calls`` > 0, those of the last step (the last pipeline
+    stage's, in a pipeline), then the highest-scoring (`score_column`), then the one with most code calls; ties
+    keep file order. None when no row ran code (a single-turn run)."""
+    if "code_calls" not in samples.columns:
+        return None
+    rows = samples[(pd.to_numeric(samples["code_calls"], errors="coerce").fillna(0) > 0).to_numpy()]
+    if rows.empty:
+        return None
+    if "pipeline_stage" in rows.columns:
+        rows = rows[rows["pipeline_stage"] == rows["pipeline_stage"].max()]
+    if "step" in rows.columns:
+        rows = rows[rows["step"] == rows["step"].max()]
+    score = score_column(rows)
+    if score is not None and rows[score].notna().any():
+        rows = rows[rows[score] == rows[score].max()]
+    return rows.iloc[int(pd.to_numeric(rows["code_calls"]).to_numpy().argmax())]

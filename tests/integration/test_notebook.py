@@ -61,8 +61,25 @@ def samples(step: int) -> pd.DataFrame:
     })
 
 
+def agentic_samples(step: int) -> pd.DataFrame:
+    """A multi-turn (env=code_sandbox) step: odd samples answer at once, even ones run code; sample 4 (the best,
+    prompt 1 sample 0) runs it twice, the first time with an error."""
+    df = samples(step).drop(columns=["reward_accuracy", "reward_format"])
+    ok = "<Code>\nprint({v})\n</Code>\n<Execute>\n{v}\n\n</Execute>\n"
+    err = "<Code>\nprint(x)\n</Code>\n<Execute>\n[Error]:\nNameError: name 'x' is not defined\n</Execute>\n"
+    completions, calls = [], []
+    for i in range(8):
+        code = (err if i == 4 else "") + (ok.format(v=step * i) if i % 2 == 0 else "")
+        completions.append(f"<Analyze>plan {i}</Analyze>\n{code}<Answer>Answer: {step * i}</Answer>")
+        calls.append(code.count("<Code>"))
+    return df.assign(completion=completions, reward_deepanalyze=df["reward_total"] / 2, turns=[c + 1 for c in calls],
+                     code_calls=calls, code_errors=[int(i == 4) for i in range(8)], code_timeouts=0, answered=1,
+                     finish_reason="answer", answer=[str(step * i) for i in range(8)],
+                     completion_chars=[len(c) for c in completions])
+
+
 def write_run(run_dir: Path, overrides: list[str], records: list[dict], stage: str,
-              sample_steps: tuple[int, ...] = ()) -> None:
+              sample_steps: tuple[int, ...] = (), make_samples=samples) -> None:
     run_dir.mkdir(parents=True)
     (run_dir / ".hydra").mkdir()
     OmegaConf.save(compose(overrides), run_dir / ".hydra" / "config.yaml")
@@ -76,7 +93,7 @@ def write_run(run_dir: Path, overrides: list[str], records: list[dict], stage: s
             tracker.log({**rec, **alerts.check(rec, step)}, step=step)
     for step in sample_steps:
         (run_dir / "samples").mkdir(exist_ok=True)
-        samples(step).to_parquet(run_dir / "samples" / f"step_{step}.parquet")
+        make_samples(step).to_parquet(run_dir / "samples" / f"step_{step}.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +149,8 @@ def test_committed_notebook_has_no_outputs():
 def test_notebook_on_a_grpo_sweep_run(run_folders, monkeypatch):
     sweep, _ = run_folders
     nb = execute(sweep / "1", monkeypatch)
-    # cells: params, load, curves (loss, reward, length, kl, entropy), report, rollouts, sweep (1 comparison)
-    assert figures(nb) == [0, 0, 5, 0, 0, 1]
+    # cells: params, load, curves (loss, reward, length, kl, entropy), report, rollouts, trajectory, sweep (1 plot)
+    assert figures(nb) == [0, 0, 5, 0, 0, 0, 1]
     out = text(nb)
     assert "absent curves" not in out
     assert "stage      grpo   algorithm grpo" in out and "overrides  algorithm=grpo stage.name=grpo seed=1" in out
@@ -148,18 +165,20 @@ def test_notebook_on_a_grpo_sweep_run(run_folders, monkeypatch):
     assert "<answer>8-0</answer>" in out
     # sweep comparison: both runs with their final total reward (seed 0: 0.8 + 0.9; seed 1: 0.85 + 0.9)
     assert "final reward/total/mean: 0=1.7, 1=1.75" in out
+    assert "no multi-turn trajectory in this run (single-turn samples)" in out
 
 
 @pytest.mark.slow
 def test_notebook_on_an_sft_only_run(run_folders, monkeypatch):
     _, sft = run_folders
     nb = execute(sft, monkeypatch)
-    assert figures(nb) == [0, 0, 1, 0, 0, 0]  # only the loss curve
+    assert figures(nb) == [0, 0, 1, 0, 0, 0, 0]  # only the loss curve
     out = text(nb)
     assert "absent curves: reward, length, kl, entropy (no rewards: an SFT-only or vocab run)" in out
     assert "no reward metrics in this run" in out
     assert f"no samples/step_<N>.parquet in {sft}" in out
     assert "not part of a sweep" in out
+    assert "no samples: no trajectory to show" in out
     assert "no alerts fired" in out
     metrics = [json.loads(line) for line in (sft / "metrics.jsonl").read_text().splitlines()]
     assert [m["loss"] for m in metrics] == pytest.approx([1.9, 1.8, 1.7, 1.6, 1.5])
@@ -168,17 +187,25 @@ def test_notebook_on_an_sft_only_run(run_folders, monkeypatch):
 
 @pytest.mark.slow
 def test_notebook_on_a_pipeline_run(run_folders, monkeypatch):
-    """A curriculum folder: its NN_<stage> runs are drawn one after the other on a global step axis."""
+    """A curriculum folder: its NN_<stage> runs are drawn one after the other on a global step axis. Its GRPO stage
+    is multi-turn: the notebook shows one trajectory with its Execute spans marked."""
     sweep, _ = run_folders
     root = sweep.parent / "pipeline_run"
     root.mkdir()
     (root / "pipeline_state.json").write_text(json.dumps({"finished": []}))
     write_run(root / "01_sft", ["seed=0"], [{"loss": 2.0 - 0.1 * s, "lr": 1e-4} for s in range(1, 4)], "sft")
     write_run(root / "02_grpo", ["algorithm=grpo", "stage.name=grpo", "seed=0"], grpo_metrics(0)[:4], "grpo",
-              sample_steps=(4,))
+              sample_steps=(4,), make_samples=agentic_samples)
     nb = execute(root, monkeypatch)
-    assert figures(nb) == [0, 0, 5, 0, 0, 0]
+    assert figures(nb) == [0, 0, 5, 0, 0, 0, 0]
     out = text(nb)
     assert "pipeline ['01_sft', '02_grpo']" in out and "7 metric records" in out
     assert "=================== step 4: 8 samples" in out
     assert "not part of a sweep" in out
+    # the trajectory: the best sample (reward 2.0) ran code twice; advantage 2.0 - 7/8
+    assert ("step=4  prompt_index=1  sample=0  finish_reason=answer  turns=3  code_calls=2  code_errors=1  "
+            "reward_deepanalyze=1.000  reward_total=2.000  advantage=1.125  answer='16'\n--- prompt\n"
+            "Using 3, 5, 7 make 8\n--- completion\n<Analyze>plan 4</Analyze>\n") in out
+    assert ("<Code>\nprint(x)\n</Code>\n▶ env ▶ <Execute>\n[Error]:\nNameError: name 'x' is not defined\n"
+            "</Execute> ◀ env ◀\n<Code>\nprint(16)\n</Code>\n▶ env ▶ <Execute>\n16\n\n</Execute> ◀ env ◀\n"
+            "<Answer>Answer: 16</Answer>") in out

@@ -218,3 +218,67 @@ def test_load_samples_step_from_file_name(tmp_path):
     (tmp_path / "r" / "samples" / "step_13.parquet").write_text("not parquet")
     with pytest.raises(ValueError, match="step_13.parquet"):
         runs.load_samples(tmp_path / "r")
+
+
+# ------------------------------------------------------------------------------------ agentic trajectories
+TRAJECTORY = ("<Analyze>load it</Analyze>\n<Code>\nprint(x)\n</Code>\n"
+              "<Execute>\n[Error]:\nNameError: name 'x' is not defined\n</Execute>\n"
+              "<Code>\nprint(18)\n</Code>\n<Execute>\n18\n\n</Execute>\n<Answer>Answer: 18</Answer>")
+
+
+def test_mark_execute_spans():
+    assert runs.mark_execute_spans(TRAJECTORY) == (
+        "<Analyze>load it</Analyze>\n<Code>\nprint(x)\n</Code>\n"
+        "▶ env ▶ <Execute>\n[Error]:\nNameError: name 'x' is not defined\n</Execute> ◀ env ◀\n"
+        "<Code>\nprint(18)\n</Code>\n▶ env ▶ <Execute>\n18\n\n</Execute> ◀ env ◀\n<Answer>Answer: 18</Answer>")
+    assert runs.mark_execute_spans(TRAJECTORY, start="[", end="]") == TRAJECTORY.replace(
+        "<Execute>", "[<Execute>").replace("</Execute>", "</Execute>]")
+    plain = "<think>3 + 5 = 8</think><answer>8</answer>"  # a single-turn completion: unchanged
+    assert runs.mark_execute_spans(plain) == plain
+    # an <Execute> never closed is policy text (the env writes both tags, never a partial observation): unmarked
+    cut = "<Code>\nprint(1)\n</Code>\n<Execute>\n1\n\n</Execute>\n<Understand>ok</Understand>\n<Execute>\n1"
+    assert runs.mark_execute_spans(cut) == (
+        "<Code>\nprint(1)\n</Code>\n▶ env ▶ <Execute>\n1\n\n</Execute> ◀ env ◀\n<Understand>ok</Understand>\n"
+        "<Execute>\n1")
+    # ... and so is one written before a real span: only the innermost <Execute>..</Execute> is marked
+    assert runs.mark_execute_spans("<Execute> a <Execute>\n2\n</Execute>") == (
+        "<Execute> a ▶ env ▶ <Execute>\n2\n</Execute> ◀ env ◀")
+
+
+def test_trajectory_view():
+    row = pd.Series({"step": 20, "round": 0, "prompt_index": 3, "sample": 1, "prompt": "Q" * 50 + "?",
+                     "completion": TRAJECTORY, "reward_deepanalyze": 0.9, "reward_total": 0.9, "advantage": -0.25,
+                     "kept": True, "turns": 3, "finish_reason": "answer", "code_calls": 2, "code_errors": 1,
+                     "code_timeouts": 0, "answered": 1, "answer": "18"})
+    view = runs.trajectory_view(row, prompt_chars=20)
+    assert view.split("\n")[:4] == [
+        "step=20  prompt_index=3  sample=1  finish_reason=answer  turns=3  code_calls=2  code_errors=1  "
+        "reward_deepanalyze=0.900  reward_total=0.900  advantage=-0.250  answer='18'",
+        "--- prompt",
+        "QQQQQQQQQQ [… 31 chars …] QQQQQQQQQ?",
+        "--- completion"]
+    assert view.endswith("\n--- completion\n" + runs.mark_execute_spans(TRAJECTORY))
+    # a single-turn row (no env columns, a missing reward, no gold): only what is there
+    single = {"step": 1, "prompt_index": 0, "sample": 0, "completion": "<answer>8</answer>", "reward_accuracy": None,
+              "reward_format": 1.0, "reward_total": 1.0, "turns": 1.0, "finish_reason": "stop"}
+    assert runs.trajectory_view(single) == ("step=1  prompt_index=0  sample=0  finish_reason=stop  turns=1  "
+                                            "reward_format=1.000  reward_total=1.000\n--- completion\n"
+                                            "<answer>8</answer>")
+
+
+def test_pick_trajectory():
+    samples = pd.DataFrame({
+        "step": [1, 1, 2, 2, 2, 2, 2],
+        "sample": [0, 1, 0, 1, 2, 3, 4],
+        "reward_total": [5.0, 0.0, 1.0, 1.0, 1.0, 0.5, 2.0],
+        "code_calls": [9, 1, 1, 3, 3, 4, 0],
+    })
+    # step 2; sample 4 scores best but ran no code; of the best that did (1.0), most calls, first in file order
+    picked = runs.pick_trajectory(samples)
+    assert (picked["step"], picked["sample"]) == (2, 1)
+    assert runs.pick_trajectory(samples.assign(code_calls=0)) is None
+    assert runs.pick_trajectory(samples.drop(columns=["code_calls"])) is None  # a single-turn run
+    assert runs.pick_trajectory(samples.iloc[:0]) is None
+    # a pipeline: the last stage's samples first, even at a lower step
+    staged = samples.assign(pipeline_stage=["02_grpo", "02_grpo"] + ["01_grpo"] * 5)
+    assert runs.pick_trajectory(staged)["sample"] == 0 and runs.pick_trajectory(staged)["step"] == 1
