@@ -1,4 +1,4 @@
-"""CPU SFT step time with and without one competing busy process (issue 16 point 9).
+"""CPU SFT step time with and without one competing busy process (one busy core must not slow training 2.5x).
 
     python benchmarks/cpu_contention.py                      # OMP_WAIT_POLICY as train.py sets it (PASSIVE on CPU)
     python benchmarks/cpu_contention.py --policy ACTIVE      # the spinning policy, for comparison

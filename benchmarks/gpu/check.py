@@ -1,4 +1,4 @@
-"""One-shot GPU check (issue 17, item 6): SFT throughput/MFU and a GRPO step against TRL, one table, no network.
+"""One-shot GPU check: SFT throughput/MFU and a GRPO step against TRL, one table, no network.
 
     bash benchmarks/gpu/check.sh                 # one GPU, <= 8 minutes on an H100 (not yet run on a GPU)
     bash benchmarks/gpu/check.sh --dry-run       # CPU, tiny shape, < 1 minute: every path that needs no CUDA
@@ -21,7 +21,7 @@ Rows (each runs in its own Python process, so Liger's class patches, the CUDA al
     document untrained (a "prompt"), best-fit-decreasing packed. One micro-batch = one bin (``--seq`` tokens),
     ``--accum`` micro-batches per optimizer step. The Liger row says "not installed" when ``liger_kernel`` does not
     import (and is skipped on CPU): note that our ``apply_liger`` patches RMSNorm/SwiGLU/RoPE only, its fused linear
-    cross-entropy is off (issue 17 item 2).
+    cross-entropy is off (not built yet).
   * ``grpo ours (hf|vllm)`` vs ``grpo trl (hf|vllm)``: ``stage=grpo`` (``stagewise.stages.grpo.run``) against TRL's
     ``GRPOTrainer`` with the same saved model (loaded by path on both sides), the same rendered prompts, group size,
     completion length, sampling (temperature 1, top-p 1, top-k 0), reward (``benchmarks/grpo_step.py``'s
@@ -46,7 +46,7 @@ Numbers:
     includes weights, optimizer states and activations). For vLLM rows it is this process's PyTorch allocations
     only (vLLM's KV cache pool is allocated through PyTorch too when the engine runs in-process, not otherwise).
     "n/a" on CPU.
-Targets (issue 17): SFT MFU >= 35% (goal 45%); GRPO step >= 1.3x TRL.
+Targets (this project's goals): SFT MFU >= 35% (goal 45%); GRPO step >= 1.3x TRL.
 
 Wheels a bare CUDA + PyTorch image (e.g. ``pytorch/pytorch:2.x-cuda12.x-runtime``, which has torch, numpy, triton)
 lacks and this check needs, with the versions this checkout is tested with:
@@ -535,8 +535,8 @@ def print_table(rows: list[dict], a, shape: dict, device: str, peak, attn: str, 
             continue
         print("| " + " | ".join(str(c).ljust(w) if j in (0, len(cols) - 1) or i == 0 else str(c).rjust(w)
                                 for j, (c, w) in enumerate(zip(row, widths))) + " |")
-    print("\nTargets (issue 17): SFT MFU >= 35% (goal 45%); GRPO step: ours >= 1.3x TRL (the 'vs TRL' column = "
-          "TRL s/step / ours s/step).")
+    print("\nTargets (this project's goals): SFT MFU >= 35% (goal 45%); GRPO step: ours >= 1.3x TRL (the 'vs TRL' "
+          "column = TRL s/step / ours s/step).")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check (issue 17 item 6); see benchmarks/gpu/check.py for what it measures and the wheels it needs.
+# One-shot GPU check; see benchmarks/gpu/check.py for what it measures and the wheels it needs.
 #   bash benchmarks/gpu/check.sh            # one GPU, <= 8 minutes on an H100
 #   bash benchmarks/gpu/check.sh --dry-run  # CPU, tiny shape, < 1 minute
 # Offline installs: a wheels/ folder at the repository root (or STAGEWISE_WHEELS=<dir>) is installed first with

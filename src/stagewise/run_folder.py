@@ -1,6 +1,6 @@
 """The run folder: one per run, the same for every rank of a distributed run.
 
-Layout (the contract in DESIGN.md)::
+Layout::
 
     outputs/<task>/<run-id>/
       .hydra/config.yaml        resolved config (written by Hydra; secrets are never config values)

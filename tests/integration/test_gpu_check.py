@@ -1,4 +1,4 @@
-"""benchmarks/gpu/check.sh --dry-run (issue 17 item 6): the one-shot GPU check's CPU-runnable paths (our SFT step on
+"""benchmarks/gpu/check.sh --dry-run: the one-shot GPU check's CPU-runnable paths (our SFT step on
 packed bins, our GRPO stage and TRL's GRPOTrainer on the same saved Qwen2-shaped model) run in a tiny shape and
 print the table, with every measured number positive and finite; plus the MFU helpers."""
 
@@ -53,7 +53,7 @@ def test_dry_run_prints_every_row_with_positive_finite_numbers(tmp_path):
         assert rows[name]["note"] == "", rows[name]
         positive(rows[name]["s/step"])
     positive(rows["grpo ours (hf)"]["vs TRL"])
-    assert "Targets (issue 17)" in out.stdout
+    assert "Targets (this project's goals)" in out.stdout
 
     result = json.loads((tmp_path / "r.json").read_text())
     by_row = {r["row"]: r for r in result["rows"]}

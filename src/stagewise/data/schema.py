@@ -80,8 +80,9 @@ def merge_execute_messages(messages: Iterable[Message]) -> list[Message]:
 
     A run of consecutive assistant/execute messages that contains an execute message becomes one assistant
     message; each execute content is rendered ``<Execute>\\n{content}\\n</Execute>\\n``, exactly as DeepAnalyze's
-    released chat template renders the execute role (their issue #26: both forms are equivalent). Doing this before
-    templating lets templates that know nothing of the execute role (Qwen, DeepSeek) train on such data.
+    released chat template renders the execute role (both forms are equivalent:
+    https://github.com/ruc-datalab/DeepAnalyze/issues/26). Doing this before templating lets templates that know
+    nothing of the execute role (Qwen, DeepSeek) train on such data.
     """
     out: list[Message] = []
     run: list[Message] = []

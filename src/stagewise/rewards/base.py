@@ -1,6 +1,6 @@
 """What every reward shares: the two shapes a reward can take, column handling, gold answers, error isolation.
 
-A reward is called as ``fn(completions: list[str], **columns) -> list[float | None]`` (the contract in DESIGN.md):
+A reward is called as ``fn(completions: list[str], **columns) -> list[float | None]``:
 columns are dataset columns passed as keyword lists, one value per completion, and a function ignores the ones it
 does not read. ``None`` means "cannot be scored" and is left out of the weighted sum.
 

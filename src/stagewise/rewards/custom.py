@@ -8,7 +8,7 @@ The target may be:
   to run in the worker pool with a timeout (it is rebuilt there from the same spec).
 
 Relative file paths are resolved against the current directory (the launch directory: this project's Hydra config
-does not change directories). Seed 003 asks users to edit its reward file; here they point at their own.
+does not change directories). verl's DeepScaleR recipe asks users to edit its reward file; here they point at their own.
 """
 
 from __future__ import annotations

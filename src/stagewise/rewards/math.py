@@ -413,7 +413,7 @@ def _answers_match(answer: str, gold: str) -> bool:
 
 
 class AnswerTag(SampleReward):
-    r"""Seed 003's DeepScaleR answer-tag reward: exact numeric match of the last ``<answer>...</answer>``.
+    r"""The DeepScaleR GRPO recipe's answer-tag reward (verl): exact numeric match of the last ``<answer>...</answer>``.
 
     * Answer: the last complete ``<answer>...</answer>`` (an unclosed tag does not count); numbers may carry a
       sign, thousands separators, decimals, or be fractions (``-2/3``, ``\frac{2}{3}``); see ``parse_number``.
@@ -421,7 +421,7 @@ class AnswerTag(SampleReward):
     * Gold: ``answer`` (or ``solution``; a ``\boxed{}`` in it is unwrapped). A non-numeric gold (``2\sqrt{3}``)
       is compared as a string with whitespace and ``$`` removed; use ``boxed_math`` for symbolic answers.
       Missing gold -> None.
-    * No tag (the seed's "fall back to default scoring"): the answer is read instead from the last ``\boxed{}``,
+    * No tag (the recipe's "fall back to default scoring"): the answer is read instead from the last ``\boxed{}``,
       else the last number in the text; a match scores ``fallback_score`` (0.5: a right answer still beats a
       wrong one, but the tag is worth learning), a miss ``wrong_score``.
     """

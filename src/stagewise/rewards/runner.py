@@ -237,7 +237,7 @@ class RewardRunner:
         return {e.name: results[k * n:(k + 1) * n] for k, e in enumerate(entries)}
 
     def _batch_deadline(self, e: _Entry, n: int) -> float:
-        """A user's plain function gets ``timeout_s`` per call (the issue's sleeping function stops the step for
+        """A user's plain function gets ``timeout_s`` per call (a function that sleeps stops the step for
         ``timeout_s``, not 30 s); a built-in batch reward (the reward model scores in batches) ``timeout_s`` per
         sample."""
         return self.timeout_s if isinstance(e.reward, FunctionReward) else self.timeout_s * max(1, n)

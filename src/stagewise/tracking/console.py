@@ -1,5 +1,5 @@
-"""Seed 004's console block for RL stages, built from one flat metrics dict (the record that goes to
-metrics.jsonl), so the console never shows a number the logs do not have::
+"""The R1-Zero reproduction's console block (FareedKhan-dev/train-deepseek-r1) for RL stages, built from one
+flat metrics dict (the record that goes to metrics.jsonl), so the console never shows a number the logs do not have::
 
     Step   10 | Loss: 0.0123 | LR: 5.00e-05 | Epoch: 0.50
              GRPO | Policy: 0.0118 | KL: 0.0004 | Entropy: 2.3121
@@ -16,7 +16,7 @@ metrics.jsonl), so the console never shows a number the logs do not have::
       Samples/sec:    2.5
       RAM (RSS):      1.21GB
 
-Departure from the seed: its second line shows a "Value" loss, which GRPO does not have (no critic); we show the
+Departure from that recipe: its second line shows a "Value" loss, which GRPO does not have (no critic); we show the
 KL to the reference there (``-`` when ``algorithm.beta`` is 0 and no reference is computed). Format compliance and
 reasoning indicators use the same rules as the ``format`` and ``reasoning_steps`` rewards
 (`stagewise.rewards.format`), whether or not those rewards are configured.

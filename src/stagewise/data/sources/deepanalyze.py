@@ -3,8 +3,9 @@
 ``deepanalyze``: the SFT files (``reasoning/*`` single-ability and ``interation/*`` interaction files) are ms-swift
 ``messages`` jsonl. In an interaction row one assistant message holds the whole trajectory,
 ``<Analyze>..</Analyze><Code>..</Code><Execute>..</Execute><Understand>..`` ... ``<Answer>..</Answer>``; execution
-results may also come as separate ``role: execute`` messages (their issue #26), which tokenise identically. Rows
-whose ``<Execute>`` tags are unbalanced or nested are bad rows: the loss mask could not be placed.
+results may also come as separate ``role: execute`` messages (https://github.com/ruc-datalab/DeepAnalyze/issues/26),
+which tokenise identically. Rows whose ``<Execute>`` tags are unbalanced or nested are bad rows: the loss mask
+could not be placed.
 
 ``deepanalyze_rl``: ``RL/{qa,datatask,reseach}.parquet``; ``prompt`` is a list of messages (or a string), and
 ``data_source``, ``input_seq``, ``workspace_id``, ``data``, ``reward_spec``, ``env_class`` pass through for the
