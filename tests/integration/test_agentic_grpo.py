@@ -129,7 +129,7 @@ def test_trajectory_masks_layout_and_stop_ids(tok, tasks):
     outputs = [f"{gold}\n", "[Error]:\nTraceback (most recent call last):\n  File \"<string>\", line 1, in <module>\n"
                "    print(1 / 0)\nZeroDivisionError: division by zero"]
     for i in range(2):
-        ids, mask = batch.completion_ids[i], batch.extra["loss_mask"][i]
+        ids, mask = batch.completion_ids[i], batch.loss_mask[i]
         first_turn = policy.scripts[(p, i)][0]
         first_turn = first_turn[:first_turn.index(code_close) + 1]  # generation stopped at the </Code> id
         obs = encode_observations(tok, [format_observation(outputs[i])])[0]
@@ -145,7 +145,7 @@ def test_trajectory_masks_layout_and_stop_ids(tok, tasks):
         assert "</Code>\n<Execute>\n" in text and "\n</Execute>\n\n<" in text
     assert "never generated" not in batch.texts[1]
     assert batch.texts[0].split("<Execute>\n")[1].startswith(f"{gold}\n\n</Execute>")  # print's newline kept
-    assert batch.extra["columns"] == {"turns": [2, 2], "code_calls": [1, 1], "code_errors": [0, 1],
+    assert batch.env_columns == {"turns": [2, 2], "code_calls": [1, 1], "code_errors": [0, 1],
                                       "code_timeouts": [0, 0], "answered": [1, 1],
                                       "finish_reason": ["answer", "answer"]}
     assert batch.truncated == [False, False] and batch.n == 2 and batch.logprobs is None
@@ -153,7 +153,7 @@ def test_trajectory_masks_layout_and_stop_ids(tok, tasks):
     # reward=deepanalyze on what the loop produced: exact match for the right answer, 0 for the wrong one
     with RewardRunner({"functions": [{"name": "deepanalyze"}]}) as runner:
         cols = {k: [row[k]] * 2 for k in ("reward_spec", "data_source", "input_seq")}
-        result = runner(batch.texts, **cols, **batch.extra["columns"])
+        result = runner(batch.texts, **cols, **batch.env_columns)
     assert result.total == [1.0, 0.0]
 
 
@@ -178,29 +178,29 @@ def test_turn_and_context_limits(tok, tasks):
     # max_turns: the env ends the episode after its 2nd step; the last observation is still appended
     env_cfg = EnvConfig(name="code_sandbox", max_turns=2)
     batch = loop(ScriptedPolicy(tok, {(p, 0): [code_turn] * 3}), tok, env_cfg, n=1).generate([list(p)], tasks=[row])
-    assert batch.extra["columns"]["finish_reason"] == ["max_turns"] and batch.truncated == [True]
-    assert batch.texts[0].count("</Execute>") == 2 and batch.extra["columns"]["turns"] == [2]
+    assert batch.env_columns["finish_reason"] == ["max_turns"] and batch.truncated == [True]
+    assert batch.texts[0].count("</Execute>") == 2 and batch.env_columns["turns"] == [2]
 
     turn_ids = ScriptedPolicy(tok, {(p, 0): [code_turn]}).scripts[(p, 0)][0]
     # the observation would not fit: not appended, the trajectory ends at the limit
     limit = len(p) + len(turn_ids) + 3
     policy = ScriptedPolicy(tok, {(p, 0): [code_turn] * 3})
     batch = loop(policy, tok, n=1, max_context=limit).generate([list(p)], tasks=[row])
-    assert batch.completion_ids[0] == turn_ids and batch.extra["loss_mask"][0] == [1] * len(turn_ids)
-    assert batch.extra["columns"]["finish_reason"] == ["context"] and batch.extra["columns"]["code_calls"] == [1]
+    assert batch.completion_ids[0] == turn_ids and batch.loss_mask[0] == [1] * len(turn_ids)
+    assert batch.env_columns["finish_reason"] == ["context"] and batch.env_columns["code_calls"] == [1]
     # a turn longer than the room left is cut at the limit, and the backend was asked for no more than that
     policy = ScriptedPolicy(tok, {(p, 0): [code_turn]})
     batch = loop(policy, tok, n=1, max_context=len(p) + 5).generate([list(p)], tasks=[row])
     assert batch.completion_ids[0] == turn_ids[:5] and batch.truncated == [True]
-    assert policy.calls[0]["max_new_tokens"] == 5 and batch.extra["columns"]["finish_reason"] == ["context"]
+    assert policy.calls[0]["max_new_tokens"] == 5 and batch.env_columns["finish_reason"] == ["context"]
     # EOS ends the trajectory (not truncated); a turn that hits rollout.max_new_tokens is truncated
     eos = loop(ScriptedPolicy(tok, {(p, 0): ["<Analyze>done</Analyze><|im_end|>"]}), tok, n=1)
     batch = eos.generate([list(p)], tasks=[row])
-    assert batch.extra["columns"]["finish_reason"] == ["eos"] and batch.truncated == [False]
+    assert batch.env_columns["finish_reason"] == ["eos"] and batch.truncated == [False]
     assert batch.completion_ids[0][-1] == tok.eos_token_id and "<|im_end|>" not in batch.texts[0]
     long = loop(ScriptedPolicy(tok, {(p, 0): [code_turn]}), tok, n=1, max_new_tokens=4)
     batch = long.generate([list(p)], tasks=[row])
-    assert batch.extra["columns"]["finish_reason"] == ["turn_length"] and len(batch.completion_ids[0]) == 4
+    assert batch.env_columns["finish_reason"] == ["turn_length"] and len(batch.completion_ids[0]) == 4
 
 
 def test_a_failing_env_ends_only_its_own_trajectory(tok, tasks):
@@ -225,7 +225,7 @@ def test_a_failing_env_ends_only_its_own_trajectory(tok, tasks):
     agent = MultiTurnRollout(policy, tok, Flaky, max_context_tokens=1024, stop_tags=STOP_TAGS["code_sandbox"],
                              sampling=SamplingParams(n=1, max_new_tokens=128))
     batch = agent.generate(prompts, tasks=rows)
-    cols = batch.extra["columns"]
+    cols = batch.env_columns
     assert cols["finish_reason"] == ["env_error", "answer"] and batch.truncated == [True, False]
     assert cols["code_calls"] == [1, 1] and cols["code_errors"] == [1, 0]
     assert "<Execute>" not in batch.texts[0] and batch.texts[1].count("<Execute>\nok\n</Execute>") == 1
@@ -233,7 +233,7 @@ def test_a_failing_env_ends_only_its_own_trajectory(tok, tasks):
     short = MultiTurnRollout(ScriptedPolicy(tok, {(tuple(prompts[0]), 0): turns}), tok, Flaky,
                              max_context_tokens=2, stop_tags=STOP_TAGS["code_sandbox"])
     batch = short.generate(prompts[:1], SamplingParams(n=1, max_new_tokens=8), tasks=rows[:1])
-    assert batch.completion_ids == [[]] and batch.extra["columns"]["finish_reason"] == ["context"]
+    assert batch.completion_ids == [[]] and batch.env_columns["finish_reason"] == ["context"]
     assert short.backend.calls == []
 
 
@@ -257,14 +257,14 @@ def test_hf_backend_stops_on_the_tag_ids(tok):
     prompts = [tok("Which region sells most?")["input_ids"], tok("hello")["input_ids"]]
     batch = agent.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=8), tasks=[{}, {}])
     # (with this seed) one trajectory answers at once, the other says </Code> until env.max_turns=4
-    assert batch.extra["columns"]["finish_reason"] == ["answer", "max_turns"]
-    assert batch.extra["columns"]["turns"] == [1, 4]
+    assert batch.env_columns["finish_reason"] == ["answer", "max_turns"]
+    assert batch.env_columns["turns"] == [1, 4]
     assert backend.stop_ids == [tok.eos_token_id]
     no_code = encode_observations(tok, [format_observation(
         "[Error]:\nNo code is provided. To run code, write a Code action: the Code tag, a ```python fenced block, "
         "then the closing Code tag. To finish, write the final answer in an Answer action.")])[0]
-    for ids, mask, cols in zip(batch.completion_ids, batch.extra["loss_mask"],
-                               [dict(zip(batch.extra["columns"], v)) for v in zip(*batch.extra["columns"].values())]):
+    for ids, mask, cols in zip(batch.completion_ids, batch.loss_mask,
+                               [dict(zip(batch.env_columns, v)) for v in zip(*batch.env_columns.values())]):
         policy_ids = [t for t, m in zip(ids, mask) if m]
         assert set(policy_ids) <= {code_close, answer_close} and len(policy_ids) == cols["turns"]
         # each </Code> (a turn without a code block) got the "no code" error observation, an error step
@@ -322,8 +322,8 @@ def test_one_grpo_step_trains_only_policy_tokens(tok, tmp_path):
     policy_tokens = [sum(s.loss_mask) for s in samples]
     expected = -sum(s.advantage * n for s, n in zip(samples, policy_tokens)) / sum(policy_tokens)
     with_env = -sum(s.advantage * len(s.completion_ids) for s in samples) / sum(len(s.completion_ids) for s in samples)
-    assert update["loss"] == pytest.approx(expected, abs=1e-5)
-    assert abs(expected - with_env) > 1e-3 and update["optimizer_steps"] == 1.0 and update["grad_norm"] > 0
+    assert update.metrics["loss"] == pytest.approx(expected, abs=1e-5)
+    assert abs(expected - with_env) > 1e-3 and update.optimizer_steps == 1 and update.metrics["grad_norm"] > 0
 
 
 def test_train_py_grpo_with_the_code_env(tmp_path):

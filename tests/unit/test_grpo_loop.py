@@ -97,12 +97,12 @@ def test_micro_batch_split_gives_the_one_batch_update(cfg, acc, loss_agg):
         weights = torch.cat([p.detach().flatten() for p in model.parameters()])
         results.append((update, weights))
     ref_update, ref_weights = results[0]
-    assert ref_update["loss"] == pytest.approx(expected_loss(loss_agg), abs=1e-6)
-    assert ref_update["optimizer_steps"] == 1.0
-    assert ref_update["grad_norm"] > 0
+    assert ref_update.metrics["loss"] == pytest.approx(expected_loss(loss_agg), abs=1e-6)
+    assert ref_update.optimizer_steps == 1
+    assert ref_update.metrics["grad_norm"] > 0
     for update, weights in results[1:]:
-        assert update["loss"] == pytest.approx(ref_update["loss"], abs=1e-6)
-        assert update["grad_norm"] == pytest.approx(ref_update["grad_norm"], rel=1e-4)
+        assert update.metrics["loss"] == pytest.approx(ref_update.metrics["loss"], abs=1e-6)
+        assert update.metrics["grad_norm"] == pytest.approx(ref_update.metrics["grad_norm"], rel=1e-4)
         assert torch.allclose(weights, ref_weights, atol=1e-6, rtol=1e-5)
 
 
@@ -164,11 +164,11 @@ def test_packed_micro_batches_give_the_padded_update(cfg, acc, loss_agg):
         results.append((sorted(lp[lp != 0].tolist()), len(minis[0]), update, weights))
     (ref_lp, _, ref_update, ref_weights), split = results[0], results[2]
     assert len(ref_lp) == sum(WIDE_LENGTHS) and results[1][1] == 1 and split[1] > 1
-    assert ref_update["loss"] == pytest.approx(expected_loss(loss_agg, WIDE_LENGTHS), abs=1e-6)
+    assert ref_update.metrics["loss"] == pytest.approx(expected_loss(loss_agg, WIDE_LENGTHS), abs=1e-6)
     for lp, _, update, weights in results[1:]:
         assert np.allclose(lp, ref_lp, atol=1e-5)
-        assert update["loss"] == pytest.approx(ref_update["loss"], abs=1e-6)
-        assert update["grad_norm"] == pytest.approx(ref_update["grad_norm"], rel=1e-5)
+        assert update.metrics["loss"] == pytest.approx(ref_update.metrics["loss"], abs=1e-6)
+        assert update.metrics["grad_norm"] == pytest.approx(ref_update.metrics["grad_norm"], rel=1e-5)
         assert torch.allclose(weights, ref_weights, atol=1e-5, rtol=1e-5)
 
 
@@ -184,9 +184,9 @@ def test_two_mini_batches_take_two_optimizer_steps_with_old_logprobs(cfg, acc):
     fill_old_and_ref_logprobs(ctx, minis, need_old=True)
     assert all(mb.old_logprobs is not None and mb.ref_logprobs is None for m in minis for mb in m)
     update = train_on_batch(ctx, minis, optimizer, scheduler, max_grad_norm=1.0, ppo_epochs=1)
-    assert update["optimizer_steps"] == 2.0
+    assert update.optimizer_steps == 2
     # The first mini-batch is on-policy (ratio 1); the second is seen after one update, so its ratio moved.
-    assert update["ratio/max"] > 1.0 or update["ratio/min"] < 1.0
+    assert update.metrics["ratio/max"] > 1.0 or update.metrics["ratio/min"] < 1.0
 
 
 def test_collate_pads_left_then_right_and_masks(tiny):

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from stagewise.rollout import RolloutBatch, SamplingParams, check_sampling, decode_completions, left_pad
+from stagewise.rollout import (Generator, RolloutBatch, RolloutTiming, SamplingParams, build_generator,
+                               check_sampling, decode_completions, left_pad)
 from stagewise.rollout.hf import HFRollout
 
 from conftest import compose
@@ -65,6 +66,51 @@ def test_rollout_batch_checks_row_counts():
         RolloutBatch(prompt_ids=[[1], [1]], completion_ids=[[2], [3]], texts=["a"], truncated=[True, True])
     with pytest.raises(ValueError, match="row 0: 2 completion tokens but 1 engine log-probs"):
         RolloutBatch(prompt_ids=[[1]], completion_ids=[[2, 3]], texts=["a"], truncated=[True], logprobs=[[0.0]])
+
+
+def test_rollout_batch_checks_the_multi_turn_fields():
+    with pytest.raises(ValueError, match="2 completion tokens but 1 loss-mask entries"):
+        RolloutBatch(prompt_ids=[[1]], completion_ids=[[2, 3]], texts=["a"], truncated=[True], loss_mask=[[1]])
+    with pytest.raises(ValueError, match=r"env_columns\['turns'\] has 2 rows"):
+        RolloutBatch(prompt_ids=[[1]], completion_ids=[[2]], texts=["a"], truncated=[True],
+                     env_columns={"turns": [1, 2]})
+
+
+def test_select_and_concat_keep_the_per_row_multi_turn_fields():
+    batch = RolloutBatch(prompt_ids=[[1], [1]], completion_ids=[[2, 3], [4]], texts=["a", "b"],
+                         truncated=[False, True], n=2, loss_mask=[[1, 0], [1]],
+                         env_columns={"turns": [2, 1], "finish_reason": ["answer", "turn_length"]},
+                         timing=RolloutTiming(generate_s=1.0, env_s=0.5, turns=2))
+    picked = batch.select([1])
+    assert picked.loss_mask == [[1]] and picked.env_columns == {"turns": [1], "finish_reason": ["turn_length"]}
+    both = RolloutBatch.concat([batch, picked])
+    assert both.loss_mask == [[1, 0], [1], [1]] and both.env_columns["turns"] == [2, 1, 1]
+    single = RolloutBatch(prompt_ids=[[1]], completion_ids=[[2]], texts=["a"], truncated=[False])
+    assert single.loss_mask is None and single.env_columns == {} and single.timing is None
+
+
+# ------------------------------------------------------------------------------------------------ generators
+def test_the_hf_backend_and_the_multi_turn_loop_are_generators(tiny):
+    from stagewise.envs import build_env
+    from stagewise.rollout.multiturn import MultiTurnRollout
+
+    model, tok = tiny
+    cfg = compose()
+    backend = build_generator(cfg, model, tok)
+    assert isinstance(backend, HFRollout) and isinstance(backend, Generator)
+    agent = MultiTurnRollout(backend, tok, lambda: build_env(cfg.env), max_context_tokens=64)
+    assert isinstance(agent, Generator) and agent.sampling == backend.sampling
+
+    class NoGenerate:
+        sampling = SamplingParams()
+
+        def sync_weights(self, policy=None):
+            pass
+
+        def close(self):
+            pass
+
+    assert not isinstance(NoGenerate(), Generator)
 
 
 # ------------------------------------------------------------------------------------------------ HF backend

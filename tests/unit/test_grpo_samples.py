@@ -9,7 +9,7 @@ import torch
 
 from stagewise.rewards import RewardRunner
 from stagewise.rollout.base import RolloutBatch
-from stagewise.stages.grpo import Groups, write_samples
+from stagewise.stages.grpo import GenerationRound, Groups, write_samples
 
 CODE = "<Analyze>count</Analyze>\n<Code>\n```python\nprint(18)\n```\n</Code>\n<Execute>\n18\n\n</Execute>\n"
 RIGHT = CODE + "<Understand>18 rows</Understand>\n<Answer>Answer: 18</Answer>"
@@ -24,7 +24,7 @@ def test_samples_parquet_records_the_trajectory_facts_and_each_reward(tmp_path):
                "code_timeouts": [0, 0, 0, 0], "answered": [1, 1, 1, 0],
                "finish_reason": ["answer", "answer", "answer", "context"]}
     batch = RolloutBatch(prompt_ids=[[1, 2]] * 2 + [[3]] * 2, completion_ids=[[5] * 4, [6] * 3, [7] * 2, [8]],
-                         texts=texts, truncated=[False, False, False, True], n=2, extra={"columns": columns})
+                         texts=texts, truncated=[False, False, False, True], n=2, env_columns=columns)
     rows = {"prompt": ["How many rows?", "How many rows?"],
             "reward_spec": [{"method": "datatask", "ground_truth": "t"}] * 2, "answer": ["18", "18"]}
     reward_cols = {"reward_spec": [r for r in rows["reward_spec"] for _ in range(2)],
@@ -34,7 +34,8 @@ def test_samples_parquet_records_the_trajectory_facts_and_each_reward(tmp_path):
     per_fn = {name: torch.tensor([np.nan if v is None else v for v in values], dtype=torch.float32)
               for name, values in result.per_fn.items()}  # as the GRPO step builds them
     groups = Groups(samples=[], log_arrays={}, reward_names=list(per_fn), sampling={}, num_tokens=0,
-                    rounds=[{"batch": batch, "columns": rows, "total": torch.tensor(result.total), "per_fn": per_fn}],
+                    rounds=[GenerationRound(batch=batch, columns=rows, total=torch.tensor(result.total), per_fn=per_fn,
+                                            arrays={}, zero_std=np.zeros((1, 2), dtype=bool))],
                     advantages={(0, 0, 0): torch.tensor([0.7, -0.7])}, rank=0, n=2)
     acc = SimpleNamespace(num_processes=1, is_main_process=True)
     path = tmp_path / "samples" / "step_3.parquet"
@@ -62,8 +63,9 @@ def test_single_turn_rows_get_a_finish_reason_too(tmp_path):
     batch = RolloutBatch(prompt_ids=[[1], [1]], completion_ids=[[5], [6, 7]], texts=["a", "b"],
                          truncated=[False, True], n=2)
     groups = Groups(samples=[], log_arrays={}, reward_names=["r"], sampling={}, num_tokens=0,
-                    rounds=[{"batch": batch, "columns": {"prompt": ["p"]}, "total": np.asarray([1.0, 0.0]),
-                             "per_fn": {"r": np.asarray([1.0, float("nan")])}}], rank=0, n=2)
+                    rounds=[GenerationRound(batch=batch, columns={"prompt": ["p"]}, total=np.asarray([1.0, 0.0]),
+                                            per_fn={"r": np.asarray([1.0, float("nan")])}, arrays={},
+                                            zero_std=np.zeros((1, 1), dtype=bool))], rank=0, n=2)
     path = tmp_path / "step_1.parquet"
     write_samples(SimpleNamespace(num_processes=1, is_main_process=True), path, groups, step=1)
     df = pd.read_parquet(path)

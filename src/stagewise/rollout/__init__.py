@@ -1,11 +1,14 @@
 """Generation backends. ``rollout.backend``: ``hf`` (transformers generate), ``vllm`` (colocated engine with
 sleep mode and weight push), ``vllm_server`` (a separate ``vllm serve`` process over HTTP).
 
-vLLM is imported only when a vLLM backend is built, so CPU installs never need it.
+Each backend, and the multi-turn loop around one, is a `Generator`. vLLM is imported only when a vLLM backend is
+built, so CPU installs never need it.
 """
 
 from stagewise.rollout.base import (
+    Generator,
     RolloutBatch,
+    RolloutTiming,
     SamplingParams,
     check_sampling,
     decode_completions,
@@ -17,7 +20,8 @@ from stagewise.rollout.base import (
 BACKENDS = ("hf", "vllm", "vllm_server")
 
 
-def build_rollout(cfg, model, tokenizer, *, accelerator=None, run_dir=None, return_logprobs: bool = False):
+def build_rollout(cfg, model, tokenizer, *, accelerator=None, run_dir=None, return_logprobs: bool = False
+                  ) -> Generator:
     """The backend named by ``cfg.rollout.backend``. ``model`` is the unwrapped policy (PEFT or plain)."""
     rollout = cfg.rollout
     sampling = sampling_from_config(rollout)
@@ -44,7 +48,8 @@ def build_rollout(cfg, model, tokenizer, *, accelerator=None, run_dir=None, retu
 # ============================================================================================ the generator
 # What GRPO, evaluation (in-loop and ``stage=eval``) and rejection sampling generate with: the backend, wrapped in
 # the multi-turn agent loop when ``env.name`` is not ``single_turn`` (`stagewise.rollout.multiturn`).
-def build_generator(cfg, policy, tokenizer, *, accelerator=None, run_dir=None, return_logprobs: bool = False):
+def build_generator(cfg, policy, tokenizer, *, accelerator=None, run_dir=None, return_logprobs: bool = False
+                    ) -> Generator:
     """The ``rollout.backend`` for ``policy``; wrapped in the multi-turn agent loop when ``env.name`` is not
     ``single_turn``. ``return_logprobs``: the engine's log-probs of the sampled tokens (GRPO's TIS)."""
     backend = build_rollout(cfg, policy, tokenizer, accelerator=accelerator, run_dir=run_dir,
@@ -56,13 +61,13 @@ def build_generator(cfg, policy, tokenizer, *, accelerator=None, run_dir=None, r
     return MultiTurnRollout.from_config(cfg, backend, tokenizer)
 
 
-def is_multi_turn(generator) -> bool:
+def is_multi_turn(generator: Generator) -> bool:
     from stagewise.rollout.multiturn import MultiTurnRollout
 
     return isinstance(generator, MultiTurnRollout)
 
 
-def generate(generator, columns, sampling: SamplingParams | None = None) -> RolloutBatch:
+def generate(generator: Generator, columns, sampling: SamplingParams | None = None) -> RolloutBatch:
     """One ``generate`` call for a batch of dataset rows (``columns``: column -> values, with ``prompt_ids``); the
     agent loop also gets the rows as its tasks (workspaces, reward specs). ``sampling`` None: the generator's own
     (``rollout.*``)."""
@@ -81,10 +86,10 @@ def reward_columns(columns, batch: RolloutBatch) -> dict:
     cols["completion_ids"] = batch.completion_ids
     cols["completion_lengths"] = [len(c) for c in batch.completion_ids]
     cols["truncated"] = batch.truncated
-    cols.update((batch.extra or {}).get("columns", {}))
+    cols.update(batch.env_columns)
     return cols
 
 
-__all__ = ["BACKENDS", "RolloutBatch", "SamplingParams", "build_generator", "build_rollout", "check_sampling",
-           "decode_completions", "generate", "is_multi_turn", "left_pad", "reward_columns", "sampling_from_config",
-           "stop_token_ids"]
+__all__ = ["BACKENDS", "Generator", "RolloutBatch", "RolloutTiming", "SamplingParams", "build_generator",
+           "build_rollout", "check_sampling", "decode_completions", "generate", "is_multi_turn", "left_pad",
+           "reward_columns", "sampling_from_config", "stop_token_ids"]

@@ -15,12 +15,14 @@ is trained or scored):
 * ``logprobs`` (optional) are the engine's own log-probs of the sampled tokens, from ``softmax(logits /
   temperature)`` with no top-p/top-k renormalisation, as the trainer computes them (TRL does the same); they feed
   the truncated-importance-sampling correction when the engine is not the trainer (vLLM).
+
+Every backend, and the multi-turn agent loop that wraps one, is a `Generator`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -75,9 +77,21 @@ def sampling_from_config(rollout_cfg, n: Optional[int] = None) -> SamplingParams
     )
 
 
+@dataclass(frozen=True)
+class RolloutTiming:
+    """Where the multi-turn loop's time went in one ``generate`` call."""
+
+    generate_s: float  # seconds in the backend's generate calls
+    env_s: float  # seconds in the environments' steps (code runs)
+    turns: int  # backend generate calls (one per turn)
+
+
 @dataclass
 class RolloutBatch:
-    """``N = len(prompts) * n`` completions, prompt-major. ``prompt_ids[i]`` is the prompt of row ``i``."""
+    """``N = len(prompts) * n`` completions, prompt-major. ``prompt_ids[i]`` is the prompt of row ``i``.
+
+    The multi-turn loop (`stagewise.rollout.multiturn`) also fills ``loss_mask``, ``env_columns`` and ``timing``;
+    a single-turn backend leaves them empty."""
 
     prompt_ids: List[List[int]]
     completion_ids: List[List[int]]
@@ -85,7 +99,11 @@ class RolloutBatch:
     truncated: List[bool]
     logprobs: Optional[List[List[float]]] = None  # engine log-probs per completion token, or None
     n: int = 1
-    extra: dict = field(default_factory=dict)
+    loss_mask: Optional[List[List[int]]] = None  # per completion token: 1 = policy token, 0 = env token; None = all 1
+    # per-trajectory env facts, one value per row: turns, code_calls, code_errors, code_timeouts, answered,
+    # finish_reason (the rewards get them as columns)
+    env_columns: Dict[str, list] = field(default_factory=dict)
+    timing: Optional[RolloutTiming] = None
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -95,6 +113,13 @@ class RolloutBatch:
         for name in ("prompt_ids", "texts", "truncated"):
             if len(getattr(self, name)) != rows:
                 raise ValueError(f"RolloutBatch.{name} has {len(getattr(self, name))} rows, completion_ids {rows}")
+        if self.loss_mask is not None:
+            for i, (ids, mask) in enumerate(zip(self.completion_ids, self.loss_mask)):
+                if len(ids) != len(mask):
+                    raise ValueError(f"row {i}: {len(ids)} completion tokens but {len(mask)} loss-mask entries")
+        for name, values in self.env_columns.items():
+            if len(values) != rows:
+                raise ValueError(f"RolloutBatch.env_columns[{name!r}] has {len(values)} rows, completion_ids {rows}")
         if self.logprobs is not None:
             for i, (ids, lp) in enumerate(zip(self.completion_ids, self.logprobs)):
                 if len(ids) != len(lp):
@@ -105,6 +130,8 @@ class RolloutBatch:
         if not batches:
             raise ValueError("nothing to concatenate")
         with_lp = all(b.logprobs is not None for b in batches)
+        with_mask = all(b.loss_mask is not None for b in batches)
+        env_names = [k for k in batches[0].env_columns if all(k in b.env_columns for b in batches)]
         return RolloutBatch(
             prompt_ids=[p for b in batches for p in b.prompt_ids],
             completion_ids=[c for b in batches for c in b.completion_ids],
@@ -112,6 +139,8 @@ class RolloutBatch:
             truncated=[t for b in batches for t in b.truncated],
             logprobs=[lp for b in batches for lp in b.logprobs] if with_lp else None,
             n=batches[0].n,
+            loss_mask=[m for b in batches for m in b.loss_mask] if with_mask else None,
+            env_columns={k: [v for b in batches for v in b.env_columns[k]] for k in env_names},
         )
 
     def select(self, rows: Sequence[int]) -> "RolloutBatch":
@@ -123,7 +152,31 @@ class RolloutBatch:
             truncated=[self.truncated[i] for i in rows],
             logprobs=[self.logprobs[i] for i in rows] if self.logprobs is not None else None,
             n=self.n,
+            loss_mask=[self.loss_mask[i] for i in rows] if self.loss_mask is not None else None,
+            env_columns={k: [v[i] for i in rows] for k, v in self.env_columns.items()},
         )
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """What GRPO, evaluation and rejection sampling generate with: a backend (`stagewise.rollout.hf.HFRollout`,
+    `stagewise.rollout.vllm.VLLMColocated`, `stagewise.rollout.vllm.VLLMServerClient`) or the multi-turn loop
+    over one (`stagewise.rollout.multiturn.MultiTurnRollout`, whose ``generate`` also takes ``tasks=``)."""
+
+    sampling: SamplingParams  # used when ``generate`` gets no ``sampling``
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Optional[SamplingParams] = None
+                 ) -> RolloutBatch:
+        """``sampling.n`` completions per prompt (token ids), prompt-major."""
+        ...
+
+    def sync_weights(self, policy=None) -> None:
+        """Make generation use the policy's current weights (a no-op where the policy generates itself)."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine (processes, GPU memory, sandboxes)."""
+        ...
 
 
 def stop_token_ids(tokenizer, model=None) -> List[int]:

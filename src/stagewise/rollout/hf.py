@@ -89,7 +89,7 @@ class HFRollout:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
 
     # The colocated vLLM engine needs these; for HF the policy *is* the generator.
-    def sync_weights(self, model=None) -> None:
+    def sync_weights(self, policy=None) -> None:
         """Nothing to push: HF generation runs on the training weights."""
 
     def close(self) -> None:

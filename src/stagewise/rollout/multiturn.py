@@ -2,7 +2,7 @@
 
     agent = MultiTurnRollout.from_config(cfg, backend, tokenizer)       # backend: rollout.hf / vllm / vllm_server
     batch = agent.generate(prompt_ids, tasks=rows)                      # rows: the dataset rows (workspaces...)
-    batch.completion_ids, batch.extra["loss_mask"], batch.texts, batch.truncated, batch.extra["columns"]
+    batch.completion_ids, batch.loss_mask, batch.texts, batch.truncated, batch.env_columns, batch.timing
 
 One trajectory is ONE assistant message: the policy's turns and the environment's observations are concatenated
 token by token after the prompt, and ``loss_mask`` says which tokens the policy wrote (1) and which the environment
@@ -28,10 +28,10 @@ ratio and masks out of the loss under ``algorithm.mask_truncated``. An env whose
 trajectory (``env_error``, counted as a failed code call, logged once per error type); the batch goes on. An observation that would not fit in the context is not
 appended (the trajectory ends with ``context``); a generated turn that would not fit is cut at the limit.
 
-Per-trajectory facts go to ``batch.extra["columns"]`` (``turns``, ``code_calls``, ``code_errors``,
+Per-trajectory facts go to ``batch.env_columns`` (``turns``, ``code_calls``, ``code_errors``,
 ``code_timeouts``, ``answered``, ``finish_reason``), which GRPO passes to the rewards as columns
 (``reward=deepanalyze`` reads the code-success rate from them) and logs as ``env/<name>/mean``;
-``batch.extra["timing"]`` has the seconds spent generating and in the env.
+``batch.timing`` (a `RolloutTiming`) has the seconds spent generating and in the env.
 
 Where we depart from DeepAnalyze's SkyRL generator (skyrl_train/generators/skyrl_gym_generator.py in their copy,
 https://github.com/ruc-datalab/DeepAnalyze):
@@ -58,7 +58,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from stagewise.config import DEEPANALYZE_TAGS
 from stagewise.envs import Env, Step, build_env
-from stagewise.rollout.base import RolloutBatch, SamplingParams, decode_completions, sampling_from_config
+from stagewise.rollout.base import (RolloutBatch, RolloutTiming, SamplingParams, decode_completions,
+                                     sampling_from_config)
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def task_rows(tasks: Any, num_prompts: int) -> List[Mapping[str, Any]]:
 
 # ------------------------------------------------------------------------------------------ the loop
 class MultiTurnRollout:
-    """Drives a generation backend through an environment; see the module docstring.
+    """Drives a generation backend through an environment; see the module docstring. A `Generator` itself.
 
     ``backend`` needs ``generate(prompt_ids, SamplingParams) -> RolloutBatch`` and a ``stop_ids`` list (the token
     ids that end generation; all of stagewise's backends have one), which is extended for the duration of a call.
@@ -181,7 +182,7 @@ class MultiTurnRollout:
         self.drop_ids = self.eos_ids + ([int(pad)] if pad is not None else [])
         self._pool: Optional[ThreadPoolExecutor] = None
         self._warned_no_tasks = False
-        self.last_timing: Dict[str, float] = {}
+        self.last_timing: Optional[RolloutTiming] = None
 
     @classmethod
     def from_config(cls, cfg, backend, tokenizer) -> "MultiTurnRollout":
@@ -199,8 +200,8 @@ class MultiTurnRollout:
                    sampling=sampling_from_config(cfg.rollout), prewarm=prewarm)
 
     # the backend's lifecycle, so that a stage can use this object in its place
-    def sync_weights(self, *args, **kwargs) -> None:
-        self.backend.sync_weights(*args, **kwargs)
+    def sync_weights(self, policy=None) -> None:
+        self.backend.sync_weights(policy)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -241,7 +242,7 @@ class MultiTurnRollout:
         envs = [self.env_factory() for _ in trajs]
         if self.prewarm is not None:  # sandbox processes start importing while the first turn is generated
             self.prewarm(self._prewarm_count(len(trajs)))
-        timing = {"generate_s": 0.0, "env_s": 0.0, "turns": 0.0}
+        generate_s, env_s, turns = 0.0, 0.0, 0
         with_logprobs = True  # engine log-probs on every turn (vLLM with TIS), else none at all
         try:
             first = [env.reset(t.task) for env, t in zip(envs, trajs)]
@@ -260,13 +261,13 @@ class MultiTurnRollout:
                     turn_sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens,
                                                                          max(budgets.values())))
                     start = time.perf_counter()
-                    if shared_first_turn and timing["turns"] == 0 and len(live) == len(trajs):
+                    if shared_first_turn and turns == 0 and len(live) == len(trajs):
                         out = self.backend.generate([list(p) for p in prompts], turn_sampling)
                     else:
                         out = self.backend.generate([trajs[i].prompt_ids + trajs[i].completion_ids for i in live],
                                                     replace(turn_sampling, n=1))
-                    timing["generate_s"] += time.perf_counter() - start
-                    timing["turns"] += 1
+                    generate_s += time.perf_counter() - start
+                    turns += 1
                     with_logprobs = with_logprobs and out.logprobs is not None
                     pending = []
                     for j, i in enumerate(live):
@@ -275,10 +276,10 @@ class MultiTurnRollout:
                             pending.append((i, len(out.completion_ids[j])))
                     start = time.perf_counter()
                     self._step_envs(envs, trajs, pending)
-                    timing["env_s"] += time.perf_counter() - start
+                    env_s += time.perf_counter() - start
         finally:
             list(self.pool.map(lambda env: env.close(), envs))
-        self.last_timing = timing
+        timing = self.last_timing = RolloutTiming(generate_s=generate_s, env_s=env_s, turns=turns)
         self._code_trajectories = sum(t.code_calls > 0 for t in trajs)
         return self._batch(trajs, n, timing, with_logprobs)
 
@@ -351,7 +352,7 @@ class MultiTurnRollout:
                 log.warning("env.step failed; the trajectory ends with finish_reason=env_error", exc_info=True)
             return None
 
-    def _batch(self, trajs: List[Trajectory], n: int, timing: Dict[str, float], with_logprobs: bool) -> RolloutBatch:
+    def _batch(self, trajs: List[Trajectory], n: int, timing: RolloutTiming, with_logprobs: bool) -> RolloutBatch:
         completion_ids = [t.completion_ids for t in trajs]
         columns = {
             "turns": [t.turns for t in trajs],
@@ -368,7 +369,9 @@ class MultiTurnRollout:
             truncated=[t.truncated for t in trajs],
             logprobs=[t.logprobs for t in trajs] if with_logprobs else None,
             n=n,
-            extra={"loss_mask": [t.loss_mask for t in trajs], "columns": columns, "timing": dict(timing)},
+            loss_mask=[t.loss_mask for t in trajs],
+            env_columns=columns,
+            timing=timing,
         )
 
 

@@ -173,7 +173,7 @@ def run(cfg: DictConfig) -> dict:
             # 5. PPO epochs x mini-batches, one optimizer step each
             with timer("update"):
                 update = train_on_batch(ctx, minis, optimizer, scheduler, st.max_grad_norm, st.ppo_epochs)
-            if update["skipped_updates"] or not minis:
+            if update.skipped_updates or not minis:
                 warn_nothing_trained(alg, ro, groups)
             with timer("sync"):
                 rollout.sync_weights(policy)
@@ -183,7 +183,7 @@ def run(cfg: DictConfig) -> dict:
             state.extra["num_tokens"] = state.extra.get("num_tokens", 0) + groups.num_tokens
             bar.update(1)
             timer.add("step", time.perf_counter() - step_start)
-            window.add(groups.log_arrays, update, timer.seconds, groups.sampling)
+            window.add(groups.log_arrays, update.logged(), timer.seconds, groups.sampling)
             if state.step % st.logging_steps == 0 or state.step == plan.total_steps:
                 metrics = window.summary(groups.reward_names)
                 metrics.update({"lr": scheduler.get_last_lr()[0], "num_tokens": state.extra["num_tokens"],
@@ -193,7 +193,7 @@ def run(cfg: DictConfig) -> dict:
                 window = Window()
             if st.samples_steps and state.step % st.samples_steps == 0:
                 write_samples(acc, run_folder.sample_file(state.step), groups, state.step)
-            if end.after_step(state, held_out, nan_stop=bool(update["nan_stop"])):
+            if end.after_step(state, held_out, nan_stop=update.nan_stop):
                 break
     bar.close()
 
@@ -324,13 +324,25 @@ class Sample:
 
 
 @dataclass
+class GenerationRound:
+    """One prompt batch generated and scored on this rank (``L`` prompts x ``n`` samples = ``N`` rows)."""
+
+    batch: RolloutBatch  # N completions, prompt-major
+    columns: Dict[str, list]  # the L dataset rows, column -> values
+    total: torch.Tensor  # [N] total reward
+    per_fn: Dict[str, torch.Tensor]  # reward name -> [N], NaN where the reward returned None
+    arrays: Dict[str, np.ndarray]  # per-sample metric arrays of every rank, [world * N] each, rank-major
+    zero_std: np.ndarray  # [world, L] bool: the group's rewards are all equal
+
+
+@dataclass
 class Groups:
     samples: List[Sample]  # this rank's kept samples, group-major
     log_arrays: Dict[str, np.ndarray]  # every generated sample of the step, all ranks (for metrics)
     reward_names: List[str]
     sampling: Dict[str, float]
     num_tokens: int  # prompt + completion tokens generated in the step, all ranks
-    rounds: List[Dict[str, Any]] = field(default_factory=list)  # raw generation rounds (for the samples parquet)
+    rounds: List[GenerationRound] = field(default_factory=list)  # raw generation rounds (for the samples parquet)
     advantages: Dict[tuple, torch.Tensor] = field(default_factory=dict)  # (round, rank, group) -> [n]
     rank: int = 0
     n: int = 1
@@ -347,7 +359,7 @@ def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainSt
     ``prompts_per_step`` groups are kept; the first ``prompts_per_step`` kept groups (in generation order) are
     trained. Advantages are computed over the kept groups of all ranks."""
     world, rank, n = acc.num_processes, acc.process_index, plan.n
-    rounds: List[Dict[str, Any]] = []
+    rounds: List[GenerationRound] = []
     kept_global: List[tuple] = []  # (round, rank, local group), in generation order
     for round_idx in range(plan.max_resample_rounds + 1 if plan.filter_groups else 1):
         rows = next_prompt_rows(state, plan, len(train_ds))
@@ -355,8 +367,8 @@ def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainSt
         columns = train_ds[mine]
         with timer("generate"):
             batch = generate(rollout, columns)
-        if "timing" in batch.extra:  # multi-turn: of time/generate, the seconds spent in the env (code runs)
-            timer.add("env", batch.extra["timing"]["env_s"])
+        if batch.timing is not None:  # multi-turn: of time/generate, the seconds spent in the env (code runs)
+            timer.add("env", batch.timing.env_s)
         with timer("score"):
             result = rewards(batch.texts, **reward_columns(columns, batch))
         total = torch.tensor(result.total, dtype=torch.float32)
@@ -367,8 +379,8 @@ def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainSt
         everything = gather_rows(acc, local)  # [world * L * n, K], rank-major
         global_total = everything["reward/total"].reshape(world, -1, n)  # [rank, group, sample]
         zero_std = global_total.max(-1) == global_total.min(-1)  # [rank, group]
-        rounds.append({"batch": batch, "columns": columns, "total": total, "per_fn": per_fn,
-                       "arrays": everything, "zero_std": zero_std})
+        rounds.append(GenerationRound(batch=batch, columns=columns, total=total, per_fn=per_fn, arrays=everything,
+                                      zero_std=zero_std))
         for r in range(world):
             for g in range(zero_std.shape[1]):
                 if not (plan.filter_groups and zero_std[r, g]):
@@ -378,7 +390,7 @@ def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainSt
     kept_global = kept_global[:plan.prompts_per_step]
 
     # advantages over every kept group of every rank, identical on all ranks
-    kept_rewards = torch.stack([torch.from_numpy(rounds[ri]["arrays"]["reward/total"].reshape(world, -1, n)[r, g])
+    kept_rewards = torch.stack([torch.from_numpy(rounds[ri].arrays["reward/total"].reshape(world, -1, n)[r, g])
                                 for ri, r, g in kept_global]) if kept_global else torch.zeros(0, n)
     if kept_global:
         adv, adv_metrics = group_advantages(kept_rewards.reshape(-1), n, alg.adv_scale)
@@ -391,17 +403,17 @@ def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainSt
         adv_of[(ri, r, g)] = adv[k]
         if r != rank:
             continue
-        batch = rounds[ri]["batch"]
+        batch = rounds[ri].batch
         for j in range(g * n, (g + 1) * n):
             samples.append(Sample(
                 prompt_ids=batch.prompt_ids[j], completion_ids=batch.completion_ids[j],
                 advantage=float(adv[k][j - g * n]),
                 trained=not (alg.mask_truncated and batch.truncated[j]),
                 rollout_logprobs=batch.logprobs[j] if batch.logprobs is not None else None,
-                loss_mask=batch.extra["loss_mask"][j] if "loss_mask" in batch.extra else None))
+                loss_mask=batch.loss_mask[j] if batch.loss_mask is not None else None))
 
-    arrays = {k: np.concatenate([rd["arrays"][k] for rd in rounds]) for k in rounds[0]["arrays"]}
-    zero_std_all = np.concatenate([rd["zero_std"].reshape(-1) for rd in rounds])
+    arrays = {k: np.concatenate([rd.arrays[k] for rd in rounds]) for k in rounds[0].arrays}
+    zero_std_all = np.concatenate([rd.zero_std.reshape(-1) for rd in rounds])
     sampling = {
         "frac_reward_zero_std": float(zero_std_all.mean()),
         "reward_std": float(adv_metrics.get("reward_std", torch.tensor(float("nan")))),
@@ -429,7 +441,7 @@ def per_sample_arrays(batch: RolloutBatch, total: torch.Tensor, per_fn: Dict[str
         "format_ok": torch.tensor([f[0] for f in fmt], dtype=torch.float32),
         "indicators": torch.tensor([f[1] for f in fmt], dtype=torch.float32),
     })
-    for name, values in batch.extra.get("columns", {}).items():  # multi-turn facts (turns, code_errors ...)
+    for name, values in batch.env_columns.items():  # multi-turn facts (turns, code_errors ...)
         if values and isinstance(values[0], (bool, int, float)):
             arrays[f"env/{name}"] = torch.tensor(values, dtype=torch.float32)
     return arrays
@@ -445,7 +457,7 @@ def gather_rows(acc, arrays: Dict[str, torch.Tensor]) -> Dict[str, np.ndarray]:
     return {k: stacked[:, i] for i, k in enumerate(keys)}
 
 
-def sample_records(rounds: List[Dict[str, Any]], rank: int, n: int, adv_of: Dict[tuple, torch.Tensor]
+def sample_records(rounds: List[GenerationRound], rank: int, n: int, adv_of: Dict[tuple, torch.Tensor]
                    ) -> List[Dict[str, Any]]:
     """Rows of ``samples/step_<N>.parquet``. The columns an eval's samples also have keep its names
     (`stagewise.evaluation.results_table`): ``prompt_index``, ``sample``, ``prompt``, ``completion``,
@@ -454,7 +466,7 @@ def sample_records(rounds: List[Dict[str, Any]], rank: int, n: int, adv_of: Dict
     multi-turn counts."""
     records = []
     for ri, rd in enumerate(rounds):
-        batch, columns = rd["batch"], rd["columns"]
+        batch, columns = rd.batch, rd.columns
         for j in range(len(batch)):
             g = j // n
             adv = adv_of.get((ri, rank, g))
@@ -463,8 +475,8 @@ def sample_records(rounds: List[Dict[str, Any]], rank: int, n: int, adv_of: Dict
                 "prompt": columns["prompt"][g] if "prompt" in columns else "",
                 "completion": batch.texts[j],
                 **{f"reward_{name}": (None if math.isnan(float(v[j])) else float(v[j]))
-                   for name, v in rd["per_fn"].items()},
-                "reward_total": float(rd["total"][j]),
+                   for name, v in rd.per_fn.items()},
+                "reward_total": float(rd.total[j]),
                 "advantage": float(adv[j % n]) if adv is not None else None,
                 "kept": adv is not None,
                 "prompt_tokens": len(batch.prompt_ids[j]), "completion_tokens": len(batch.completion_ids[j]),
@@ -473,7 +485,7 @@ def sample_records(rounds: List[Dict[str, Any]], rank: int, n: int, adv_of: Dict
             }
             # multi-turn facts (turns, code_calls, code_errors, code_timeouts, answered, finish_reason)
             rec.update({k: (v[j].item() if hasattr(v[j], "item") else v[j])
-                        for k, v in batch.extra.get("columns", {}).items()})
+                        for k, v in batch.env_columns.items()})
             for gold in ("answer", "solution", "target"):
                 if gold in columns:
                     rec[gold] = str(columns[gold][g])
@@ -657,12 +669,27 @@ def fill_old_and_ref_logprobs(ctx: StepContext, minis: List[List[MicroBatch]], n
                                                                  shared_prefix=ctx.shared_prefix)
 
 
+@dataclass(frozen=True)
+class UpdateResult:
+    """What one step's optimizer updates did."""
+
+    metrics: Dict[str, float]  # token-weighted loss metrics, loss, grad_norm (logged under these names)
+    optimizer_steps: int
+    skipped_updates: int  # mini-batches without an optimizer step (nothing trained, or a non-finite loss)
+    nan_stop: bool  # the NaN guard ran out of patience: checkpoint and stop
+
+    def logged(self) -> Dict[str, float]:
+        """The step's update metrics as logged, the counts and flags included."""
+        return {**self.metrics, "optimizer_steps": float(self.optimizer_steps),
+                "skipped_updates": float(self.skipped_updates), "nan_stop": float(self.nan_stop)}
+
+
 def train_on_batch(ctx: StepContext, minis: List[List[MicroBatch]], optimizer, scheduler, max_grad_norm: float,
-                   ppo_epochs: int) -> Dict[str, float]:
+                   ppo_epochs: int) -> UpdateResult:
     """``ppo_epochs`` passes over the mini-batches, one optimizer step per mini-batch. Each micro-batch loss is
     normalised by the whole mini-batch's normaliser summed over micro-batches and ranks, and multiplied by the world
     size (DDP averages gradients), so the update equals the one-big-batch update for any micro-batch split.
-    Returns token-weighted means of the loss metrics over every update of the step."""
+    The metrics are token-weighted means over every update of the step."""
     acc, model = ctx.acc, ctx.model
     world = acc.num_processes
     head = ctx.policy.get_output_embeddings()
@@ -723,10 +750,7 @@ def train_on_batch(ctx: StepContext, minis: List[List[MicroBatch]], optimizer, s
     out["loss"] = float(np.mean(losses)) if losses else 0.0
     if grad_norms:
         out["grad_norm"] = float(np.mean(grad_norms))
-    out["optimizer_steps"] = float(updates)
-    out["skipped_updates"] = float(skipped)
-    out["nan_stop"] = float(out_of_guard)
-    return out
+    return UpdateResult(metrics=out, optimizer_steps=updates, skipped_updates=skipped, nan_stop=out_of_guard)
 
 
 _warned: set = set()
