@@ -73,6 +73,11 @@ def test_reward_names_keep_logging_order_and_skip_total():
     ("First, a\n- b\n2. c", False, 3),
     ("<answer>1</answer><think>x</think>", False, 0),
     ("<think>x</think><answer>1</answer> trailing", False, 0),
+    # DeepAnalyze's layout: an Analyze pair and an Answer pair in the policy's text
+    ("<Analyze>a</Analyze>\n<Code>\nprint(7)\n</Code>\n<Execute>\n7\n\n</Execute>\n<Answer>Answer:\n7</Answer>", True, 0),
+    ("<Analyze>a</Analyze>\n<Code>\nprint(7)\n</Code>", False, 0),
+    # an Answer pair that only the program printed (inside Execute) is not the policy's
+    ("<Analyze>a</Analyze><Code>x</Code>\n<Execute>\n<Answer>7</Answer>\n</Execute>\n", False, 0),
 ])
 def test_format_and_reasoning_indicators(text, ok, indicators):
     assert format_indicators(text) == (ok, indicators)

@@ -19,7 +19,8 @@ flat metrics dict (the record that goes to metrics.jsonl), so the console never 
 Departure from that recipe: its second line shows a "Value" loss, which GRPO does not have (no critic); we show the
 KL to the reference there (``-`` when ``algorithm.beta`` is 0 and no reference is computed). Format compliance and
 reasoning indicators use the same rules as the ``format`` and ``reasoning_steps`` rewards
-(`stagewise.rewards.format`), whether or not those rewards are configured.
+(`stagewise.rewards.format`), whether or not those rewards are configured; compliance also counts DeepAnalyze's
+layout (`format_indicators`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ from stagewise.tracking.tracker import format_metrics_line
 
 
 def format_indicators(text: str) -> tuple[bool, int]:
-    """``(in R1 format, number of reasoning indicators)`` of one completion."""
-    return bool(FORMAT_RE.match(text)), len(STEP_RE.findall(text))
+    """``(well-formed, number of reasoning indicators)`` of one completion. Well-formed: the R1 layout
+    (``<think>…</think><answer>…</answer>``), or DeepAnalyze's (an Analyze pair and an Answer pair in the policy's
+    own text, `stagewise.rewards.deepanalyze.format_ok`): a completion cannot be in both, so an agentic run's
+    compliance is not 0% for want of ``<think>`` tags."""
+    from stagewise.rewards.deepanalyze import format_ok, strip_execute
+
+    well_formed = bool(FORMAT_RE.match(text)) or format_ok(strip_execute(text))
+    return well_formed, len(STEP_RE.findall(text))
 
 
 def _num(metrics: Mapping[str, Any], key: str) -> float | None:
