@@ -60,3 +60,27 @@ def tiny():
     from stagewise.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer(ModelConfig())
+
+
+# The learning runs of the suite (each a whole pipeline in its own process), started together the first time any
+# of them is asked for: they are mostly single-threaded work on the tiny model, so side by side they take ~4
+# minutes of the suite instead of ~10. Name -> (train.py arguments, extra environment).
+LEARNING_RUNS = {
+    "default": ([], {}),  # the README's `python train.py`
+    "seed1_one_thread": (["seed=1"], {"OMP_NUM_THREADS": "1"}),  # another seed and reduction order
+    # pipeline=deepanalyze_tiny with RL cut from 20 steps to 10
+    "deepanalyze_tiny": (["pipeline=deepanalyze_tiny", 'pipeline.stages.3.overrides=["experiment=deepanalyze_tiny/rl",'
+                          '"stage.max_steps=10","stage.samples_steps=5"]'], {}),
+}
+
+
+@pytest.fixture(scope="session")
+def learning_runs(tmp_path_factory):
+    """Every `LEARNING_RUNS` entry, run side by side: name -> (completed process, its PROJECT_ROOT)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    roots = {name: tmp_path_factory.mktemp(name) for name in LEARNING_RUNS}
+    with ThreadPoolExecutor(len(LEARNING_RUNS)) as pool:
+        futures = {name: pool.submit(run_train, args, cwd=roots[name], timeout=1800, env=env)
+                   for name, (args, env) in LEARNING_RUNS.items()}
+        return {name: (f.result(), roots[name]) for name, f in futures.items()}

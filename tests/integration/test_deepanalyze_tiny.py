@@ -17,22 +17,14 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import only_run_dir, run_train
+from conftest import only_run_dir
 
-RL_STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deepanalyze_tiny")
-    shortened = f'pipeline.stages.3.overrides=["experiment=deepanalyze_tiny/rl","stage.max_steps={RL_STEPS}",' \
-                '"stage.samples_steps=5"]'
-    return run_train(["pipeline=deepanalyze_tiny", shortened], cwd=root, timeout=1500), root
+RL_STEPS = 10  # as `LEARNING_RUNS["deepanalyze_tiny"]` in tests/conftest.py runs it
 
 
 @pytest.mark.slow
-def test_the_curriculum_runs_offline_and_rl_moves_task_success(finished):
-    proc, root = finished
+def test_the_curriculum_runs_offline_and_rl_moves_task_success(learning_runs):
+    proc, root = learning_runs["deepanalyze_tiny"]
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = only_run_dir(root)
     summary = json.loads((run / "pipeline_summary.json").read_text())

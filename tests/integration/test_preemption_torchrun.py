@@ -54,7 +54,8 @@ while step < total:
 save()
 if acc.is_main_process:
     open(os.path.join(run_dir, "DONE"), "w").close()
-acc.end_training()  # as every stage ends: without it a rank can abort in gloo's teardown after its peer exited
+acc.wait_for_everyone()  # as every stage ends: a barrier, then the process group torn down on every rank;
+acc.end_training()  # without them a rank can abort (SIGABRT) in gloo's teardown while its peer is still in it
 '''
 TOTAL = 30
 

@@ -207,6 +207,7 @@ def run(cfg: DictConfig) -> dict:
     rollout.close()
     if acc.is_main_process:
         log.info("saved %s", run_folder.final)
+    acc.wait_for_everyone()  # no rank tears gloo down while its peer is still in it (SIGABRT at exit otherwise)
     acc.end_training()
     return final_metrics
 
