@@ -182,7 +182,6 @@ class MultiTurnRollout:
         self.drop_ids = self.eos_ids + ([int(pad)] if pad is not None else [])
         self._pool: Optional[ThreadPoolExecutor] = None
         self._warned_no_tasks = False
-        self.last_timing: Optional[RolloutTiming] = None
 
     @classmethod
     def from_config(cls, cfg, backend, tokenizer) -> "MultiTurnRollout":
@@ -279,7 +278,7 @@ class MultiTurnRollout:
                     env_s += time.perf_counter() - start
         finally:
             list(self.pool.map(lambda env: env.close(), envs))
-        timing = self.last_timing = RolloutTiming(generate_s=generate_s, env_s=env_s, turns=turns)
+        timing = RolloutTiming(generate_s=generate_s, env_s=env_s, turns=turns)
         self._code_trajectories = sum(t.code_calls > 0 for t in trajs)
         return self._batch(trajs, n, timing, with_logprobs)
 

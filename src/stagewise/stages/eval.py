@@ -39,7 +39,7 @@ from stagewise.rewards import RewardRunner
 from stagewise.rollout import build_generator
 from stagewise.run_folder import RunFolder
 from stagewise.tracking import Tracker
-from stagewise.training import build_accelerator, set_seed
+from stagewise.training import build_accelerator, end_run, set_seed
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,5 @@ def run(cfg: DictConfig) -> dict:
     # ------------------------------------------------------------------ cleanup
     rewards.close()
     rollout.close()
-    acc.wait_for_everyone()
-    acc.end_training()
+    end_run(acc)
     return metrics

@@ -88,6 +88,7 @@ from stagewise.training import (
     build_accelerator,
     build_optimizer,
     build_scheduler,
+    end_run,
     optimizer_step,
     prepare_model,
     set_seed,
@@ -207,8 +208,7 @@ def run(cfg: DictConfig) -> dict:
     rollout.close()
     if acc.is_main_process:
         log.info("saved %s", run_folder.final)
-    acc.wait_for_everyone()  # no rank tears gloo down while its peer is still in it (SIGABRT at exit otherwise)
-    acc.end_training()
+    end_run(acc)
     return final_metrics
 
 

@@ -61,7 +61,7 @@ from stagewise.rewards import RewardRunner
 from stagewise.rollout import build_generator, check_sampling
 from stagewise.run_folder import RunFolder
 from stagewise.tracking import Tracker
-from stagewise.training import build_accelerator, set_seed
+from stagewise.training import build_accelerator, end_run, set_seed
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,9 @@ def run(cfg: DictConfig) -> dict:
         metrics = select_mix_and_write(cfg, results, prompts, general_ds, run_folder, seconds=time.time() - t0)
         with Tracker(cfg, run_folder.root, stage="rejection_sampling") as tracker:
             tracker.log(metrics, step=0)
-    acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ cleanup
-    acc.end_training()
+    end_run(acc)
     if acc.is_main_process and metrics["rs/kept"] == 0:
         raise RuntimeError(f"rejection sampling kept no completion of {metrics['rs/samples']} (none scored >= "
                            f"stage.acceptance_threshold={cfg.stage.acceptance_threshold}); see "

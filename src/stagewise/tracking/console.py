@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from stagewise.rewards.deepanalyze import format_ok, strip_execute
 from stagewise.rewards.format import FORMAT_RE, STEP_RE
 from stagewise.tracking.tracker import format_metrics_line
 
@@ -37,8 +38,6 @@ def format_indicators(text: str) -> tuple[bool, int]:
     (``<think>…</think><answer>…</answer>``), or DeepAnalyze's (an Analyze pair and an Answer pair in the policy's
     own text, `stagewise.rewards.deepanalyze.format_ok`): a completion cannot be in both, so an agentic run's
     compliance is not 0% for want of ``<think>`` tags."""
-    from stagewise.rewards.deepanalyze import format_ok, strip_execute
-
     well_formed = bool(FORMAT_RE.match(text)) or format_ok(strip_execute(text))
     return well_formed, len(STEP_RE.findall(text))
 

@@ -94,6 +94,14 @@ def build_accelerator(hw: HardwareConfig, max_grad_norm: float = 0.0, accum_step
     return acc
 
 
+def end_run(acc: Accelerator) -> None:
+    """The last call of every stage: a barrier, then Accelerate's end (trackers finished, process group torn
+    down). Without the barrier a rank can tear gloo down while its peer is still inside it, and abort at exit
+    ("terminate called without an active exception", SIGABRT)."""
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
 def uses_deepspeed(acc: Accelerator) -> bool:
     return acc.state.deepspeed_plugin is not None
 
