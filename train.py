@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from stagewise.config import UnknownConfigKeyError, check_top_level_overrides, config_error_exit, register_configs, \
-    validate_config, validate_printed_config
+    typed_config, validate_config, validate_printed_config
 from stagewise.run_folder import register_resolvers
 from stagewise.tracking.logs import job
 
@@ -43,10 +43,12 @@ register_configs()
 
 
 def run_stage(cfg: DictConfig):
+    """The stage file's ``run`` with the config as objects (`typed_config`: a `TrainConfig` whose ``stage`` is the
+    chosen stage's schema), not the DictConfig: stage code reads typed fields only."""
     if cfg.stage.name not in STAGES:
         raise ValueError(f"stage.name={cfg.stage.name!r} is not one of {sorted(STAGES)}")
     module = importlib.import_module(STAGES[cfg.stage.name])
-    return module.run(cfg)
+    return module.run(typed_config(cfg))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -624,6 +624,31 @@ def validate_config(cfg) -> None:
     walk(cfg, TrainConfig, "")
 
 
+def typed_config(cfg) -> TrainConfig:
+    """The composed config as objects: a `TrainConfig` whose ``stage`` and ``algorithm`` are the schemas their
+    ``name`` selects (`SFTStage`, `PolicyGradientAlgorithm`, ...), every interpolation resolved. train.py hands this
+    to the stage's ``run``, so stage code reads typed fields and a typo in a field name is an AttributeError at the
+    first read, not a silent ``None``. Accepts a composed DictConfig or a config printed by ``--cfg job`` and fed back
+    (no types: they come from the schemas); checks it with `validate_config` first. A `TrainConfig` is returned as is.
+    """
+    from omegaconf import OmegaConf
+
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    validate_config(cfg)
+    chosen = {group: OmegaConf.structured(_named_schema(group, cfg[group])) for group in _NAMED_SCHEMAS}
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), chosen, cfg))  # type: ignore
+
+
+def config_dict(cfg) -> Dict[str, Any]:
+    """A plain, resolved dict of a config given as objects (`typed_config`) or as a DictConfig: what a logger
+    (W&B's run config, TensorBoard's hparams) stores."""
+    from omegaconf import OmegaConf
+
+    node = cfg if OmegaConf.is_config(cfg) else OmegaConf.structured(cfg)
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+
+
 # ------------------------------------------------------------------------------- checks before anything runs
 try:
     from hydra.experimental.callback import Callback as _HydraCallback

@@ -1,6 +1,6 @@
 """Generative evaluation: generate on a prompt dataset, score with the rewards, report mean reward and pass@k.
 
-    spec = EvalSpec.from_config(cfg)                        # stage.pass_k, stage.eval_num_samples, rollout.*
+    spec = EvalSpec.from_config(cfg.stage, cfg.rollout)   # stage.pass_k, stage.eval_num_samples, rollout.*
     metrics, records = evaluate_prompts(acc, rollout, prompts, rewards, spec)
     gen_eval = GenerativeEval.from_config(cfg, acc, policy, tokenizer)   # SFT: held-out prompts of `data`
     metrics = gen_eval()                                     # every `stage.eval_steps`
@@ -30,8 +30,8 @@ Distributed: every rank takes a strided share of the prompts, padded so all rank
 
 Multi-turn (``env.name != single_turn``, e.g. ``code_sandbox``): `stagewise.rollout.build_generator` wraps the
 backend in the agent loop (`stagewise.rollout.multiturn.MultiTurnRollout`); each prompt's dataset row is passed as its
-task (workspace files), the loop's per-trajectory facts (``turns``, ``code_calls`` ...) reach the rewards as columns, and the whole
-trajectory (with its ``<Execute>`` spans) is the completion that is scored.
+task (workspace files), the loop's per-trajectory facts (``turns``, ``code_calls`` ...) reach the rewards as columns,
+and the whole trajectory (with its ``<Execute>`` spans) is the completion that is scored.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from stagewise.config import GenerativeEvalBlock, RolloutConfig
 from stagewise.rollout import SamplingParams, build_generator, generate, reward_columns
 from stagewise.tracking import progress
 from stagewise.tracking.console import format_indicators
@@ -118,10 +119,9 @@ class EvalSpec:
                               max_new_tokens=self.max_new_tokens, stop=self.stop)
 
     @classmethod
-    def from_config(cls, cfg) -> "EvalSpec":
+    def from_config(cls, st: GenerativeEvalBlock, ro: RolloutConfig) -> "EvalSpec":
         """From ``stage.pass_k``, ``stage.eval_num_samples``, ``stage.acceptance_threshold``, ``stage.score_reward``,
         ``stage.num_eval_prompts`` and ``rollout.*``. Errors name the key."""
-        st, ro = cfg.stage, cfg.rollout
         ks = tuple(sorted({int(k) for k in st.pass_k}))
         if not ks or ks[0] < 1:
             raise ValueError(f"stage.pass_k={list(st.pass_k)} must be a non-empty list of integers >= 1")
@@ -282,18 +282,32 @@ def inference_config(cfg):
     """``cfg`` for a stage that only generates (eval, rejection sampling): DeepSpeed off, since nothing is trained;
     every rank holds the whole model and takes a share of the prompts (for a model too large for one device use
     ``rollout=vllm`` with ``rollout.tensor_parallel_size``)."""
-    from omegaconf import OmegaConf
+    from dataclasses import replace
 
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    out.hardware.deepspeed.zero_stage = 0
-    return out
+    from stagewise.config import typed_config
+
+    cfg = typed_config(cfg)
+    return replace(cfg, hardware=replace(cfg.hardware, deepspeed=replace(cfg.hardware.deepspeed, zero_stage=0)))
 
 
-def load_policy(cfg, acc):
+def generation_setup(cfg):
+    """What a generation-only stage (eval, rejection sampling) starts from, seeded with ``cfg.seed``:
+    ``(inference_config(cfg), accelerator, run folder, policy in eval mode, tokenizer)``."""
+    from stagewise.run_folder import RunFolder
+    from stagewise.training import build_accelerator, set_seed
+
+    set_seed(cfg.seed)
+    icfg = inference_config(cfg)
+    acc = build_accelerator(icfg.hardware)
+    model, tokenizer = load_policy(icfg.model, acc)
+    return icfg, acc, RunFolder(cfg.run_dir), model, tokenizer
+
+
+def load_policy(model_cfg, acc):
     """``(model, tokenizer)`` of ``model.name_or_path`` on this rank's device, in eval mode."""
     from stagewise.models import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model, tokenizer = load_model_and_tokenizer(model_cfg)
     model.to(acc.device)
     model.eval()
     return model, tokenizer
@@ -346,7 +360,7 @@ class GenerativeEval:
             return None
         from stagewise.rewards import RewardRunner
 
-        spec = EvalSpec.from_config(cfg)
+        spec = EvalSpec.from_config(cfg.stage, cfg.rollout)
         with acc.main_process_first():
             prompts = load_eval_prompts(cfg, tokenizer, system_prompt)
         if prompts is None or not len(prompts):

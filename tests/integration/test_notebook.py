@@ -85,9 +85,9 @@ def write_run(run_dir: Path, overrides: list[str], records: list[dict], stage: s
     OmegaConf.save(compose(overrides), run_dir / ".hydra" / "config.yaml")
     (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     alerts = TrendAlerts()
-    from stagewise.config import LoggerConfig
+    from stagewise.config import LoggerConfig, TrainConfig
 
-    cfg = OmegaConf.create({"logger": OmegaConf.structured(LoggerConfig(sinks=["jsonl"]))})
+    cfg = TrainConfig(logger=LoggerConfig(sinks=["jsonl"]))
     with Tracker(cfg, run_dir, stage=stage) as tracker:
         for step, rec in enumerate(records, start=1):
             tracker.log({**rec, **alerts.check(rec, step)}, step=step)

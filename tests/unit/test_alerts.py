@@ -7,7 +7,6 @@ import logging
 import math
 
 import pytest
-from omegaconf import OmegaConf
 
 from stagewise.tracking import Tracker, read_metrics
 from stagewise.tracking.alerts import (
@@ -133,9 +132,9 @@ def test_alert_state_round_trips_through_json():
 
 def test_alerts_reach_metrics_jsonl(tmp_path):
     """Merged into the record and written by the real Tracker; a NaN loss is stored as the string "nan"."""
-    from stagewise.config import LoggerConfig
+    from stagewise.config import LoggerConfig, TrainConfig
 
-    cfg = OmegaConf.create({"logger": OmegaConf.structured(LoggerConfig(sinks=["jsonl"]))})
+    cfg = TrainConfig(logger=LoggerConfig(sinks=["jsonl"]))
     alerts = TrendAlerts()
     with Tracker(cfg, tmp_path, stage="grpo") as tracker:
         for rec in records():
@@ -192,11 +191,11 @@ def test_logger_alerts_thresholds_are_settable_from_the_config():
     import dataclasses
 
     from conftest import compose
-    from stagewise.config import AlertsConfig
+    from stagewise.config import AlertsConfig, typed_config
 
     assert dataclasses.asdict(AlertsConfig()) == dataclasses.asdict(AlertThresholds())  # one set of defaults
-    cfg = compose(["stage=grpo", "logger.alerts.reward_falling_logs=2", "logger.alerts.kl_max=0.5"])
-    alerts = TrendAlerts.from_config(cfg)
+    cfg = typed_config(compose(["stage=grpo", "logger.alerts.reward_falling_logs=2", "logger.alerts.kl_max=0.5"]))
+    alerts = TrendAlerts.from_config(cfg.logger.alerts)
     assert alerts.t.reward_falling_logs == 2 and alerts.t.kl_max == 0.5 and alerts.t.window == 20
     fired = {}
     for step, r in enumerate([1.0, 0.9, 0.8]):  # two decreases in a row: fires at the third log with the setting 2

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF_DIR, REPO, compose, run_train
-from stagewise.config import (ALGORITHM_SCHEMAS, STAGE_SCHEMAS, UnknownConfigKeyError, validate_config)
+from stagewise.config import (ALGORITHM_SCHEMAS, STAGE_SCHEMAS, StageBase, TrainConfig, UnknownConfigKeyError,
+                              typed_config, validate_config)
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "local"))
 
@@ -46,6 +47,11 @@ def test_every_config_file_composes(group, option):
             assert cfg[group][key] == value, f"{group}/{option}.yaml sets {key}={value} but composed {cfg[group][key]}"
             checked += 1
         assert checked, f"{group}/{option}.yaml: no value checked"
+    typed = typed_config(cfg)  # what train.py hands the stage: objects of the chosen schemas, all resolved
+    assert isinstance(typed, TrainConfig)
+    assert type(typed.stage) is (STAGE_SCHEMAS[typed.stage.name] if typed.stage.name != "none" else StageBase)
+    assert type(typed.algorithm) is ALGORITHM_SCHEMAS[typed.algorithm.name]
+    assert typed.stage == OmegaConf.to_object(cfg.stage) and typed.data == OmegaConf.to_object(cfg.data)
     if group == "stage":  # choosing a stage turns the default pipeline off
         assert cfg.pipeline.name is None and cfg.stage.name == option
     if group == "pipeline":
@@ -171,6 +177,24 @@ def test_stage_files_compose_their_own_schema():
         cfg = compose([f"stage={name}"])
         assert OmegaConf.get_type(cfg.stage) is schema, name
     assert OmegaConf.get_type(compose([]).stage).__name__ == "StageBase"  # a pipeline run chooses no stage
+
+
+def test_a_stage_receives_its_own_schema_as_an_object():
+    """train.py hands `run` a `TrainConfig` whose stage is the chosen schema: a field another stage has is not there
+    (AttributeError, not a silent value), and a config printed by --cfg job converts to the same objects."""
+    cfg = compose(["stage=sft", "data=tiny_sft", "stage.learning_rate=3e-5", "run_id=fixed"])
+    typed = typed_config(cfg)
+    assert type(typed.stage).__name__ == "SFTStage" and typed.stage.learning_rate == 3e-5
+    source = typed.data.sources[0]
+    assert type(source).__name__ == "SourceConfig" and source.path == cfg.data.sources[0].path
+    with pytest.raises(AttributeError, match="prompts_per_step"):
+        typed.stage.prompts_per_step
+    printed = OmegaConf.create(OmegaConf.to_yaml(cfg))  # untyped: the schemas come from the names
+    assert OmegaConf.get_type(printed.stage) is dict and typed_config(printed) == typed
+    assert typed_config(typed) is typed
+    printed.stage.prompts_per_step = 4
+    with pytest.raises(UnknownConfigKeyError, match="stage.prompts_per_step"):
+        typed_config(printed)
 
 
 def test_a_misspelt_stage_key_suggests_the_closest_field():

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from stagewise.config import typed_config
 from stagewise.evaluation import (
     EvalSpec,
     PromptResult,
@@ -97,16 +98,20 @@ def test_rank_share_pads_every_rank_to_the_same_length():
     assert rank_share(4, 0, 1) == ([0, 1, 2, 3], 4)
 
 
+def spec_of(overrides):
+    cfg = typed_config(compose(overrides))
+    return EvalSpec.from_config(cfg.stage, cfg.rollout)
+
+
 def test_eval_spec_from_config():
-    greedy = EvalSpec.from_config(compose(["stage=eval"]))
+    greedy = spec_of(["stage=eval"])
     assert (greedy.pass_k, greedy.num_samples, greedy.temperature, greedy.threshold) == ((1,), 1, 0.0, 0.8)
-    sampled = EvalSpec.from_config(compose(["stage=eval", "stage.pass_k=[4,1]", "rollout.temperature=0.6"]))
+    sampled = spec_of(["stage=eval", "stage.pass_k=[4,1]", "rollout.temperature=0.6"])
     assert (sampled.pass_k, sampled.num_samples, sampled.temperature) == ((1, 4), 4, 0.6)
-    assert EvalSpec.from_config(compose(["stage=eval", "stage.pass_k=[1,4]", "stage.eval_num_samples=16"])
-                                ).num_samples == 16
+    assert spec_of(["stage=eval", "stage.pass_k=[1,4]", "stage.eval_num_samples=16"]).num_samples == 16
     with pytest.raises(ValueError, match="stage.eval_num_samples"):
-        EvalSpec.from_config(compose(["stage=eval", "stage.pass_k=[4]", "stage.eval_num_samples=2"]))
+        spec_of(["stage=eval", "stage.pass_k=[4]", "stage.eval_num_samples=2"])
     with pytest.raises(ValueError, match="rollout.temperature"):
-        EvalSpec.from_config(compose(["stage=eval", "stage.pass_k=[1,4]", "rollout.temperature=0"]))
+        spec_of(["stage=eval", "stage.pass_k=[1,4]", "rollout.temperature=0"])
     with pytest.raises(ValueError, match="stage.pass_k"):
-        EvalSpec.from_config(compose(["stage=eval", "stage.pass_k=[0]"]))
+        spec_of(["stage=eval", "stage.pass_k=[0]"])

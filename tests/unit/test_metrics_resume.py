@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-from omegaconf import OmegaConf
 
 from stagewise import runs
 from stagewise.tracking.tracker import Tracker, truncate_metrics
@@ -16,9 +15,9 @@ def rows(path):
 
 
 def tracker_cfg():
-    from stagewise.config import LoggerConfig
+    from stagewise.config import LoggerConfig, TrainConfig
 
-    return OmegaConf.create({"logger": OmegaConf.structured(LoggerConfig(sinks=["jsonl"]))})
+    return TrainConfig(logger=LoggerConfig(sinks=["jsonl"]))
 
 
 def killed_file(path):

@@ -104,8 +104,8 @@ def engine_model_path(cfg, policy, tokenizer, run_dir) -> str:
     return str(out)
 
 
-def lora_sync_mode(cfg) -> str:
-    mode = cfg.rollout.lora_sync
+def lora_sync_mode(rollout) -> str:
+    mode = rollout.lora_sync
     if mode not in LORA_SYNC_MODES:
         raise ValueError(f"rollout.lora_sync={mode!r} is not one of {', '.join(LORA_SYNC_MODES)}")
     return mode
@@ -141,7 +141,7 @@ class VLLMColocated:
         self.sleep_mode = bool(ro.enable_sleep_mode)
         self.zero3 = accelerator is not None and accelerator.state.deepspeed_plugin is not None and \
             cfg.hardware.deepspeed.zero_stage == 3
-        self.lora_mode = lora_sync_mode(cfg) if is_peft(policy) else None
+        self.lora_mode = lora_sync_mode(cfg.rollout) if is_peft(policy) else None
         self.run_dir = Path(run_dir or ".")
         self._lora_version = 0
         rank = accelerator.process_index if accelerator is not None else 0

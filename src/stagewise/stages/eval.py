@@ -25,35 +25,28 @@ import json
 import logging
 import time
 
-from omegaconf import DictConfig
-
+from stagewise.config import TrainConfig
 from stagewise.data import load_prompt_dataset
 from stagewise.evaluation import (
     EvalSpec,
     evaluate_prompts,
-    inference_config,
-    load_policy,
+    generation_setup,
     results_table,
 )
 from stagewise.rewards import RewardRunner
 from stagewise.rollout import build_generator
-from stagewise.run_folder import RunFolder
 from stagewise.tracking import Tracker
-from stagewise.training import build_accelerator, end_run, set_seed
+from stagewise.training import end_run
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: TrainConfig) -> dict:
     # ------------------------------------------------------------------ setup
     if not cfg.reward.functions:
         raise ValueError("stage=eval needs a reward to score completions: set reward=<preset> or reward.functions")
-    spec = EvalSpec.from_config(cfg)
-    set_seed(cfg.seed)
-    icfg = inference_config(cfg)
-    acc = build_accelerator(icfg.hardware)
-    run_folder = RunFolder(cfg.run_dir)
-    model, tokenizer = load_policy(icfg, acc)
+    spec = EvalSpec.from_config(cfg.stage, cfg.rollout)
+    icfg, acc, run_folder, model, tokenizer = generation_setup(cfg)
     with acc.main_process_first():
         data = load_prompt_dataset(cfg.data, tokenizer)
     prompts, split = (data.eval, "eval") if data.eval is not None else (data.train, "train")

@@ -61,7 +61,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from stagewise.algorithms import (
@@ -72,6 +71,7 @@ from stagewise.algorithms import (
     policy_loss_kwargs,
     truncated_is_weights,
 )
+from stagewise.config import TrainConfig
 from stagewise.data import load_prompt_dataset
 from stagewise.models import load_model_and_tokenizer, num_params
 from stagewise.rewards import RewardRunner
@@ -104,7 +104,7 @@ log = logging.getLogger(__name__)
 
 
 # ============================================================================================ the stage
-def run(cfg: DictConfig) -> dict:
+def run(cfg: TrainConfig) -> dict:
     # ------------------------------------------------------------------ setup
     check_config(cfg)
     set_seed(cfg.seed)
@@ -115,7 +115,7 @@ def run(cfg: DictConfig) -> dict:
     st, alg, ro = cfg.stage, cfg.algorithm, cfg.rollout
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     ref_model = frozen_copy(model) if alg.beta > 0 and not cfg.model.lora.enabled else None
-    model = prepare_model(model, cfg)
+    model = prepare_model(model, cfg.model.lora, cfg.hardware)
     with acc.main_process_first():
         data = load_prompt_dataset(cfg.data, tokenizer)
     train_ds, eval_ds = data.train, data.eval
@@ -213,11 +213,11 @@ def run(cfg: DictConfig) -> dict:
 
 
 # ============================================================================================ config
-def bar_enabled(acc, cfg: DictConfig) -> bool:
+def bar_enabled(acc, cfg: TrainConfig) -> bool:
     return acc.is_main_process and bool(cfg.logger.progress_bar)
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: TrainConfig) -> None:
     """Fail before loading anything, naming the bad key."""
     check_algorithm_config(cfg.algorithm)
     if cfg.algorithm.name == "sft":
@@ -225,10 +225,10 @@ def check_config(cfg: DictConfig) -> None:
                          "(got algorithm=sft)")
     ro, st = cfg.rollout, cfg.stage
     check_sampling(ro.n, ro.temperature, ro.top_p, ro.top_k, ro.max_new_tokens)
-    EvalSpec.from_config(cfg)  # stage.pass_k / eval_num_samples: fail now, not at the first held-out eval
+    EvalSpec.from_config(st, ro)  # stage.pass_k / eval_num_samples: fail now, not at the first held-out eval
     for key in ("prompts_per_step", "ppo_epochs", "logging_steps"):
-        if st[key] < 1:
-            raise ValueError(f"stage.{key}={st[key]!r} must be >= 1")
+        if getattr(st, key) < 1:
+            raise ValueError(f"stage.{key}={getattr(st, key)!r} must be >= 1")
     if st.mini_batch_size < 0 or (st.mini_batch_size and st.prompts_per_step % st.mini_batch_size):
         raise ValueError(f"stage.mini_batch_size={st.mini_batch_size} must divide stage.prompts_per_step="
                          f"{st.prompts_per_step} (or be 0 = one optimizer step per rollout batch)")
@@ -266,7 +266,7 @@ class StepPlan:
         return self.mini_batches * self.ppo_epochs
 
     @classmethod
-    def build(cls, cfg: DictConfig, world: int, num_prompts: int) -> "StepPlan":
+    def build(cls, cfg: TrainConfig, world: int, num_prompts: int) -> "StepPlan":
         st = cfg.stage
         p = st.prompts_per_step
         if p % world:
@@ -773,11 +773,11 @@ def warn_nothing_trained(alg, ro, groups: "Groups") -> None:
 
 # ============================================================================================ evaluation
 @torch.no_grad()
-def evaluate(acc, rollout, eval_ds, rewards: RewardRunner, cfg: DictConfig) -> Dict[str, float]:
+def evaluate(acc, rollout, eval_ds, rewards: RewardRunner, cfg: TrainConfig) -> Dict[str, float]:
     """Held-out metrics from `stagewise.evaluation` (the code ``stage=eval`` runs): by default one greedy completion
     per prompt of the first ``stage.num_eval_prompts`` (0 = all); ``eval/reward/<fn>/mean``, ``eval/accuracy``,
     ``eval/pass@<k>`` (``stage.pass_k``), lengths and format compliance. The same dict on every rank."""
-    metrics, _ = evaluate_prompts(acc, rollout, eval_ds, rewards, EvalSpec.from_config(cfg), show_progress=False)
+    metrics, _ = evaluate_prompts(acc, rollout, eval_ds, rewards, EvalSpec.from_config(cfg.stage, cfg.rollout), show_progress=False)
     return metrics
 
 

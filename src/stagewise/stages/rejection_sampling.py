@@ -38,21 +38,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
+from stagewise.config import TrainConfig
 from stagewise.data import load_prompt_dataset
 from stagewise.evaluation import (
     EvalSpec,
     gather_to_main,
     generate_and_score,
-    inference_config,
+    generation_setup,
     is_correct,
-    load_policy,
     prompts_per_call,
     rank_share,
     results_table,
@@ -61,7 +60,7 @@ from stagewise.rewards import RewardRunner
 from stagewise.rollout import build_generator, check_sampling
 from stagewise.run_folder import RunFolder
 from stagewise.tracking import Tracker
-from stagewise.training import build_accelerator, end_run, set_seed
+from stagewise.training import end_run
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +69,10 @@ _PROMPT_COLUMNS = ("messages", "prompt", "prompt_ids", "prompt_length", "source"
 
 
 # ============================================================================================ the stage
-def run(cfg: DictConfig) -> dict:
+def run(cfg: TrainConfig) -> dict:
     # ------------------------------------------------------------------ setup
     check_config(cfg)
-    set_seed(cfg.seed)
-    icfg = inference_config(cfg)
-    acc = build_accelerator(icfg.hardware)
-    run_folder = RunFolder(cfg.run_dir)
-    model, tokenizer = load_policy(icfg, acc)
+    icfg, acc, run_folder, model, tokenizer = generation_setup(cfg)
     with acc.main_process_first():
         prompts = load_prompt_dataset(cfg.data, tokenizer).train
         general_ds = load_general_data(cfg)  # read now: a bad path fails before hours of sampling
@@ -115,7 +110,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 # ============================================================================================ config
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: TrainConfig) -> None:
     """Fail before loading anything, naming the bad key."""
     st = cfg.stage
     if not cfg.reward.functions:
@@ -130,7 +125,7 @@ def check_config(cfg: DictConfig) -> None:
                          "list the general SFT data, e.g. stage.general_sources=[{path: general.jsonl}]")
 
 
-def sampling_spec(cfg: DictConfig) -> EvalSpec:
+def sampling_spec(cfg: TrainConfig) -> EvalSpec:
     ro, st = cfg.rollout, cfg.stage
     return EvalSpec(num_samples=int(ro.n), temperature=float(ro.temperature), top_p=float(ro.top_p),
                     max_new_tokens=int(ro.max_new_tokens), stop=tuple(ro.stop),
@@ -198,7 +193,7 @@ def general_rows_needed(num_reasoning: int, ratio: float) -> int:
 
 
 # ============================================================================================ output
-def select_mix_and_write(cfg: DictConfig, results, prompts, general_ds, run_folder: RunFolder, seconds: float
+def select_mix_and_write(cfg: TrainConfig, results, prompts, general_ds, run_folder: RunFolder, seconds: float
                          ) -> Dict[str, Any]:
     st = cfg.stage
     texts = prompts["prompt"]
@@ -278,19 +273,19 @@ def build_summary(cfg, candidates, origin, kept, counts, general_counts, rows, s
     }
 
 
-def load_general_data(cfg: DictConfig):
+def load_general_data(cfg: TrainConfig):
     """``stage.general_sources`` as one chat dataset (their own system prompts kept), or None."""
     if not cfg.stage.general_sources or cfg.stage.general_data_ratio <= 0:
         return None
     from stagewise.data.mixture import load_mixture
 
-    data_cfg = OmegaConf.merge(cfg.data, {"system_prompt": None, "eval_sources": [], "eval_fraction": 0.0})
+    data_cfg = replace(cfg.data, system_prompt=None, eval_sources=[], eval_fraction=0.0)
     cache = cfg.data.cache_dir or f"{cfg.paths.cache_dir}/tokenized"
     ds, _ = load_mixture(list(cfg.stage.general_sources), data_cfg, cache, index_offset=10_000)
     return ds
 
 
-def sample_general_rows(ds, needed: int, cfg: DictConfig) -> Tuple[List[Dict[str, Any]], Dict[str, int]]:
+def sample_general_rows(ds, needed: int, cfg: TrainConfig) -> Tuple[List[Dict[str, Any]], Dict[str, int]]:
     """``needed`` rows of the general data, sampled with ``data.seed`` (whole repeats when it is too small)."""
     if needed <= 0 or ds is None:
         return [], {}

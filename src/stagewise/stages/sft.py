@@ -31,9 +31,9 @@ import time
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
 from stagewise.algorithms import sft_loss
+from stagewise.config import TrainConfig
 from stagewise.data import IGNORE_INDEX, PackedDataset, SFTCollator, load_sources, tokenize_sft
 from stagewise.evaluation import GenerativeEval
 from stagewise.models import load_model_and_tokenizer, num_params
@@ -67,7 +67,7 @@ def step_rows(order: np.ndarray, step_in_epoch: int, global_batch: int) -> np.nd
     return order[idx]
 
 
-def build_sft_datasets(cfg: DictConfig, tokenizer):
+def build_sft_datasets(cfg: TrainConfig, tokenizer):
     """Sources -> chat rows -> tokenised rows (cached) -> packed bins when ``data.packing``. Returns
     ``(train, eval or None, report)`` where ``report`` holds flat numbers for the log."""
     cache = cfg.data.cache_dir or f"{cfg.paths.cache_dir}/tokenized"
@@ -95,14 +95,14 @@ def trained_targets(batch: dict) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).to(torch.float32)
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: TrainConfig) -> dict:
     # ------------------------------------------------------------------ setup
     set_seed(cfg.seed)
     acc = build_accelerator(cfg.hardware, cfg.stage.max_grad_norm, cfg.hardware.grad_accum_steps)
     run_folder = RunFolder(cfg.run_dir)
     hw, st = cfg.hardware, cfg.stage
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    model = prepare_model(model, cfg)
+    model = prepare_model(model, cfg.model.lora, cfg.hardware)
     with acc.main_process_first():
         train_ds, eval_ds, data_report = build_sft_datasets(cfg, tokenizer)
     collate = SFTCollator.for_model(model, tokenizer.pad_token_id)  # one flattened row under flash-attention

@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 import logging
 
-from omegaconf import DictConfig
-
+from stagewise.config import TrainConfig
 from stagewise.models import load_model_and_tokenizer
 from stagewise.models.vocab import extend_vocabulary
 from stagewise.run_folder import RunFolder
@@ -23,7 +22,7 @@ from stagewise.tracking import Tracker
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: TrainConfig) -> dict:
     # setup
     run = RunFolder(cfg.run_dir)
     model, tokenizer = load_model_and_tokenizer(cfg.model)

@@ -133,9 +133,11 @@ class TrendAlerts:
         self.first_entropy: Optional[float] = None
 
     @classmethod
-    def from_config(cls, cfg) -> "TrendAlerts":
-        """Thresholds from ``logger.alerts`` (stagewise.config.AlertsConfig, where their defaults live)."""
-        return cls(AlertThresholds(**cfg.logger.alerts))
+    def from_config(cls, alerts) -> "TrendAlerts":
+        """Thresholds from ``logger.alerts`` (a stagewise.config.AlertsConfig, where their defaults live)."""
+        import dataclasses
+
+        return cls(AlertThresholds(**dataclasses.asdict(alerts)))
 
     def check(self, metrics: Mapping[str, Any], step: int) -> Dict[str, float]:
         fired: Dict[str, str] = {}

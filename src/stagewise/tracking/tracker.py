@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from stagewise.config import TrainConfig, config_dict
 from stagewise.tracking.alerts import TrendAlerts
 from stagewise.tracking.logs import install_redaction, redact
 
@@ -50,14 +50,14 @@ class Tracker:
     appended, so that after a resume the file holds every step once (the steps between the last checkpoint and the
     kill are replayed, and logged again)."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str | os.PathLike, *, stage: str, is_main: bool = True,
+    def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, *, stage: str, is_main: bool = True,
                  console_formatter: Callable[[int, Mapping[str, Any]], str] | None = None,
                  resume_step: int | None = None):
         self.stage = stage
         self.is_main = is_main
         self.run_dir = Path(run_dir)
         self.console_formatter = console_formatter or format_metrics_line
-        self.alerts = TrendAlerts.from_config(cfg)
+        self.alerts = TrendAlerts.from_config(cfg.logger.alerts)
         sinks = list(cfg.logger.sinks)
         unknown = [s for s in sinks if s not in SINKS]
         if unknown:
@@ -85,7 +85,7 @@ class Tracker:
                 resume="allow",
                 dir=str(self.run_dir),
                 mode=cfg.logger.wandb_mode,
-                config=redact(OmegaConf.to_container(cfg, resolve=True)),  # ${oc.env:..} resolves to the value
+                config=redact(config_dict(cfg)),  # ${oc.env:..} resolves to the value
                 tags=list(cfg.tags),
             )
         if "tensorboard" in sinks:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
 import torch
-from omegaconf import DictConfig
+
+from stagewise.config import HardwareConfig, LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,20 +26,19 @@ def apply_liger(model) -> bool:
     return True
 
 
-def prepare_model(model, cfg: DictConfig):
+def prepare_model(model, lora: "LoraConfig", hardware: "HardwareConfig"):
     """LoRA (model.lora.enabled), gradient checkpointing (hardware.gradient_checkpointing), Liger (hardware.use_liger)."""
-    if cfg.hardware.use_liger:
+    if hardware.use_liger:
         apply_liger(model)
-    if cfg.hardware.gradient_checkpointing:
+    if hardware.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    lora = cfg.model.lora
     if lora.enabled:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
-        if cfg.hardware.gradient_checkpointing:
+        if hardware.gradient_checkpointing:
             model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(
+        model = get_peft_model(model, PeftLoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

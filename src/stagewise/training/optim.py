@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 
 import torch
-from omegaconf import DictConfig
 from transformers import get_scheduler
+
+from stagewise.config import TrainingStageBase
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
-def build_optimizer(model: torch.nn.Module, stage: DictConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, stage: TrainingStageBase) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -21,7 +22,7 @@ def build_optimizer(model: torch.nn.Module, stage: DictConfig) -> torch.optim.Op
     return torch.optim.AdamW(groups, lr=stage.learning_rate, betas=(stage.adam_beta1, stage.adam_beta2))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, stage: DictConfig, total_steps: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, stage: TrainingStageBase, total_steps: int):
     if stage.lr_scheduler not in SCHEDULERS:
         raise ValueError(f"stage.lr_scheduler={stage.lr_scheduler!r} is not one of {list(SCHEDULERS)}")
     warmup = math.ceil(stage.warmup_ratio * total_steps)
