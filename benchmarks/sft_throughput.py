@@ -142,27 +142,10 @@ def peak_rss_mb() -> float:
 
 
 # ------------------------------------------------------------------------------------------------ one run each
-def compose(overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from stagewise.config import register_configs, validate_config
-    from stagewise.run_folder import register_resolvers
-
-    register_resolvers()
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=overrides)
-    validate_config(cfg)
-    return cfg
-
-
 def ours(spec: dict) -> dict:
     import torch
-    from omegaconf import open_dict
 
+    from stagewise.config import compose
     from stagewise.stages import sft
 
     run_dir, packed = Path(spec["run_dir"]), spec["packed"]
@@ -176,10 +159,8 @@ def ours(spec: dict) -> dict:
         "stage.weight_decay=0.1", "stage.adam_beta1=0.9", "stage.adam_beta2=0.95", "stage.max_grad_norm=1.0",
         "stage.logging_steps=1", "stage.save_steps=0", "stage.eval_steps=0", f"hardware.per_device_batch_size={batch}",
         "hardware.grad_accum_steps=1", "hardware.gradient_checkpointing=false", "logger.sinks=[jsonl]",
-        "logger.progress_bar=false", f"paths.output_dir={run_dir}",
+        "logger.progress_bar=false", f"paths.output_dir={run_dir}", f"run_dir={run_dir}",
     ])
-    with open_dict(cfg):
-        cfg.run_dir = str(run_dir)
 
     # instrumentation only (an integer sum per batch, a clock read per step): the same collator and tracker
     fed: list[tuple[int, int]] = []  # (non-pad tokens, slots) of each collated micro-batch

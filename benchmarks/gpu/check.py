@@ -137,12 +137,6 @@ def build_model(root: Path, shape: dict, dtype: str, max_positions: int, device:
     return path
 
 
-def compose(overrides: list[str]):
-    from grpo_step import compose as grpo_step_compose  # the benchmarks' Hydra compose + validate_config
-
-    return grpo_step_compose(overrides)
-
-
 def attn_implementation() -> str:
     from stagewise.models.loading import resolve_attn_implementation
 
@@ -181,6 +175,7 @@ def sft_row(spec: dict) -> dict:
     import torch
 
     from stagewise.algorithms import sft_loss
+    from stagewise.config import compose
     from stagewise.data import SFTCollator
     from stagewise.models import load_model_and_tokenizer
     from stagewise.stages.sft import acc_to_device, trained_targets
@@ -201,7 +196,7 @@ def sft_row(spec: dict) -> dict:
     set_seed(cfg.seed)
     acc = build_accelerator(cfg.hardware, cfg.stage.max_grad_norm, accum)
     model, tok = load_model_and_tokenizer(cfg.model)
-    model = prepare_model(model, cfg)
+    model = prepare_model(model, cfg.model.lora, cfg.hardware)
     liger = spec["liger"] and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
     collate = SFTCollator.for_model(model, tok.pad_token_id)
     params = sum(p.numel() for p in model.parameters())
@@ -259,9 +254,8 @@ def doc_lengths(position_ids: list[int]) -> list[int]:
 # ---------------------------------------------------------------------------------------------------- GRPO
 def grpo_ours(spec: dict) -> dict:
     import torch
-    from omegaconf import open_dict
 
-    from stagewise.config import R1_ZERO_SYSTEM_PROMPT
+    from stagewise.config import R1_ZERO_SYSTEM_PROMPT, compose
     from stagewise.data import load_prompt_dataset
     from stagewise.models import load_tokenizer
     from stagewise.stages import grpo
@@ -280,10 +274,8 @@ def grpo_ours(spec: dict) -> dict:
         f"hardware.per_device_batch_size={n}", "hardware.grad_accum_steps=1", "hardware.use_liger=false",
         f"hardware.gradient_checkpointing={str(spec['gradient_checkpointing']).lower()}",
         "logger.sinks=[jsonl]", "logger.progress_bar=false", f"reward.functions=[{{name: '{reward}'}}]",
-        f"paths.output_dir={run_dir}",
+        f"paths.output_dir={run_dir}", f"run_dir={run_dir}",
     ])
-    with open_dict(cfg):
-        cfg.run_dir = str(run_dir)
     grpo.run(cfg)
     records = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
     steps = [r for r in records if "time/step" in r]
@@ -343,7 +335,7 @@ def median_after_warmup(times: list[float]) -> float:
 def write_prompts(root: Path, num: int) -> Path:
     from grpo_step import write_prompts as grpo_step_write_prompts
 
-    return grpo_step_write_prompts(root, num)
+    return grpo_step_write_prompts(root, num)[0]
 
 
 # --------------------------------------------------------------------------------------- one process per row

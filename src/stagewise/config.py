@@ -640,6 +640,29 @@ def typed_config(cfg) -> TrainConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), chosen, cfg))  # type: ignore
 
 
+def compose(overrides: List[str], config_dir: Optional[str] = None, typed: bool = True):
+    """The config ``python train.py <overrides>`` would run, for scripts, benchmarks and notebooks: composed from
+    ``config_dir`` (default: the repository's ``conf/``), checked (`validate_config`), as objects (`typed_config`)
+    unless ``typed=False``. ``run_id`` resolves to a fresh id unless an override sets it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from stagewise.run_folder import register_resolvers
+
+    register_resolvers()
+    register_configs()
+    GlobalHydra.instance().clear()
+    conf = config_dir or str(Path(__file__).resolve().parents[2] / "conf")
+    with initialize_config_dir(config_dir=os.path.abspath(conf), version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    if not typed:
+        validate_config(cfg)
+        return cfg
+    return typed_config(cfg)
+
+
 def config_dict(cfg) -> Dict[str, Any]:
     """A plain, resolved dict of a config given as objects (`typed_config`) or as a DictConfig: what a logger
     (W&B's run config, TensorBoard's hparams) stores."""

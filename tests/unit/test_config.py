@@ -192,6 +192,9 @@ def test_a_stage_receives_its_own_schema_as_an_object():
     printed = OmegaConf.create(OmegaConf.to_yaml(cfg))  # untyped: the schemas come from the names
     assert OmegaConf.get_type(printed.stage) is dict and typed_config(printed) == typed
     assert typed_config(typed) is typed
+    from stagewise.config import compose as compose_for_scripts  # what benchmarks and notebooks call
+
+    assert compose_for_scripts(["stage=sft", "data=tiny_sft", "stage.learning_rate=3e-5", "run_id=fixed"]) == typed
     printed.stage.prompts_per_step = 4
     with pytest.raises(UnknownConfigKeyError, match="stage.prompts_per_step"):
         typed_config(printed)

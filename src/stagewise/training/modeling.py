@@ -26,7 +26,7 @@ def apply_liger(model) -> bool:
     return True
 
 
-def prepare_model(model, lora: "LoraConfig", hardware: "HardwareConfig"):
+def prepare_model(model, lora: LoraConfig, hardware: HardwareConfig):
     """LoRA (model.lora.enabled), gradient checkpointing (hardware.gradient_checkpointing), Liger (hardware.use_liger)."""
     if hardware.use_liger:
         apply_liger(model)
