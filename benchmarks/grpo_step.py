@@ -123,7 +123,11 @@ def write_prompts(root: Path, num: int) -> tuple[Path, list[str]]:
 
 def ours(model_dir: Path, prompts: Path, run_dir: Path, a, budget: int) -> tuple[list[float], list[dict], list[str]]:
     """``stage=grpo``; ``budget`` > 0: packed unpadded micro-batches of at most that many tokens."""
-    from stagewise.config import compose
+    from dataclasses import replace
+
+    from stagewise.config import R1_ZERO_SYSTEM_PROMPT, compose
+    from stagewise.data import load_prompt_dataset
+    from stagewise.models import load_tokenizer
     from stagewise.stages import grpo
 
     cfg = compose([
@@ -138,17 +142,17 @@ def ours(model_dir: Path, prompts: Path, run_dir: Path, a, budget: int) -> tuple
         f"reward.functions=[{{name: '{Path(__file__).resolve()}:digit_fraction'}}]", f"paths.output_dir={run_dir}",
         f"run_dir={run_dir}",
     ])
+    cfg = replace(cfg, data=replace(cfg.data, system_prompt=R1_ZERO_SYSTEM_PROMPT))  # as the R1-Zero data sets
     grpo.run(cfg)
     records = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
     steps = [r for r in records if "time/step" in r]
-    from stagewise.config import R1_ZERO_SYSTEM_PROMPT
-    from stagewise.data import load_prompt_dataset
-    from stagewise.models import load_tokenizer
-
     # TRL gets exactly the prompts our run rendered (system prompt + chat template), as plain text
-    data = load_prompt_dataset(cfg.data, load_tokenizer(cfg.model), system_prompt=R1_ZERO_SYSTEM_PROMPT)
+    data = load_prompt_dataset(cfg.data, load_tokenizer(cfg.model))
     texts = data.train["prompt"]
     return [r["time/step"] for r in steps], steps, texts
+
+
+trl_lengths: list[dict] = []  # TRL's completions/* logs of the last run, in our metric names
 
 
 def trl(model_dir: Path, texts: list[str], out_dir: Path, a) -> list[float]:
@@ -164,6 +168,10 @@ def trl(model_dir: Path, texts: list[str], out_dir: Path, a) -> list[float]:
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                trl_lengths.append({k: float(v) for k, v in logs.items() if k.startswith("completions/")})
 
     args = GRPOConfig(
         output_dir=str(out_dir), per_device_train_batch_size=a.prompts * a.group, gradient_accumulation_steps=1,
@@ -237,9 +245,11 @@ def main() -> None:
                     phases[name] = {k: statistics.median(r.get(f"time/{k}", 0.0) for r in records[1:] or records)
                                     for k in ("generate", "score", "logprobs", "update", "sync")}
                 lengths[name] = length_summary(records)
+            trl_lengths.clear()
             trl_times = trl(model_dir, texts, root / f"trl_{rep}", a)
             m = median_after_warmup(trl_times)
-            print(f"run {rep} TRL: {m:.3f}s/step {[round(t, 3) for t in trl_times]}", flush=True)
+            lengths["TRL"] = length_summary(trl_lengths)
+            print(f"run {rep} TRL: {m:.3f}s/step {[round(t, 3) for t in trl_times]}; {lengths['TRL']}", flush=True)
             best["TRL"] = min(best["TRL"], m)
 
     n = a.prompts * a.group
@@ -251,6 +261,7 @@ def main() -> None:
         print(f"  {name:<22} {v:7.3f} {best['TRL'] / v:8.2f}x")
     padded, packed = list(runs)
     print(f"  packed / padded speed-up: {best[padded] / best[packed]:.2f}x")
+    print(f"  TRL: {lengths['TRL']}")
     for name in runs:
         print(f"  {name}: {lengths[name]}; median per phase:")
         for k, v in phases[name].items():

@@ -253,6 +253,8 @@ def doc_lengths(position_ids: list[int]) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------------- GRPO
 def grpo_ours(spec: dict) -> dict:
+    from dataclasses import replace
+
     import torch
 
     from stagewise.config import R1_ZERO_SYSTEM_PROMPT, compose
@@ -276,11 +278,12 @@ def grpo_ours(spec: dict) -> dict:
         "logger.sinks=[jsonl]", "logger.progress_bar=false", f"reward.functions=[{{name: '{reward}'}}]",
         f"paths.output_dir={run_dir}", f"run_dir={run_dir}",
     ])
+    cfg = replace(cfg, data=replace(cfg.data, system_prompt=R1_ZERO_SYSTEM_PROMPT))  # as the R1-Zero data sets
     grpo.run(cfg)
     records = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
     steps = [r for r in records if "time/step" in r]
     times = [r["time/step"] for r in steps]
-    data = load_prompt_dataset(cfg.data, load_tokenizer(cfg.model), system_prompt=R1_ZERO_SYSTEM_PROMPT)
+    data = load_prompt_dataset(cfg.data, load_tokenizer(cfg.model))  # what our run rendered
     return {"s_per_step": median_after_warmup(times), "steps_s": times, "texts": list(data.train["prompt"]),
             "mean_length": statistics.mean(r.get("completions/mean_length", float("nan")) for r in steps),
             "phases": {k: statistics.median(r.get(f"time/{k}", 0.0) for r in steps[1:] or steps)
