@@ -10,8 +10,9 @@ Identical in both runs:
     (TRL gets the path, as a user would give it). ``--lengths fixed`` (the default): its vocabulary is not padded
     and its EOS is a token the model cannot emit, so every completion is exactly ``--length`` tokens long in both
     frameworks. ``--lengths long-tailed``: the model is first taught (a few hundred plain next-token steps, before
-    either framework runs) to end its completions after ``--length``/4 to ``--length`` tokens, most of them short,
-    so a batch's lengths vary 4x as real RL batches do; the lengths each run sampled are printed;
+    either framework runs) to end its completions after ``--length``/4 to ``--length`` tokens, most of them short;
+    sampled at temperature 1 some end sooner (``--length 128``: 3..128 tokens, mean ~48), so a batch's lengths vary
+    as real RL batches do; the lengths each side sampled are printed;
   * prompts: the same rendered chat prompts (R1-Zero system prompt + arithmetic question), in TRL as plain text;
   * group size, maximum completion length, sampling (temperature 1, no top-p/top-k), the reward function (fraction
     of digit characters), the loss (GRPO sequence-mean token-mean, group-std advantages, no KL), LR, one optimizer
