@@ -8,6 +8,7 @@ Everything else is real: tokenizer, sandbox processes, files, rewards, the GRPO 
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pandas as pd
@@ -74,6 +75,9 @@ class ScriptedPolicy:
 
     def sync_weights(self, *args):
         pass
+
+    def staying_awake(self):
+        return contextlib.nullcontext()
 
     def close(self):
         pass

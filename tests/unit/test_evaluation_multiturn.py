@@ -3,6 +3,7 @@ sandbox runs it, and the reward sees the whole trajectory with its Execute span 
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -43,6 +44,9 @@ class ScriptedBackend:
 
     def sync_weights(self, *a, **k):
         pass
+
+    def staying_awake(self):
+        return contextlib.nullcontext()
 
     def close(self):
         pass

@@ -22,7 +22,7 @@ Every backend, and the multi-turn agent loop that wraps one, is a `Generator`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Protocol, Sequence, runtime_checkable
+from typing import ContextManager, Dict, List, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -172,6 +172,12 @@ class Generator(Protocol):
 
     def sync_weights(self, policy=None) -> None:
         """Make generation use the policy's current weights (a no-op where the policy generates itself)."""
+        ...
+
+    def staying_awake(self) -> ContextManager[None]:
+        """Several ``generate`` calls that form one generation (the turns of a multi-turn batch): an engine that
+        sleeps between generations (colocated vLLM) stays awake until the block ends, so it keeps its weights and
+        prefix cache across the calls and takes no weight push between them; a no-op elsewhere."""
         ...
 
     def close(self) -> None:

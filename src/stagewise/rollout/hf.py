@@ -92,6 +92,10 @@ class HFRollout:
     def sync_weights(self, policy=None) -> None:
         """Nothing to push: HF generation runs on the training weights."""
 
+    def staying_awake(self):
+        """Nothing sleeps."""
+        return contextlib.nullcontext()
+
     def close(self) -> None:
         """Nothing to release."""
 

@@ -202,6 +202,9 @@ class MultiTurnRollout:
     def sync_weights(self, policy=None) -> None:
         self.backend.sync_weights(policy)
 
+    def staying_awake(self):
+        return self.backend.staying_awake()
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -248,7 +251,7 @@ class MultiTurnRollout:
             for t, ids in zip(trajs, encode_observations(self.tokenizer, first)):
                 t.append(ids, policy=False)
             shared_first_turn = not any(first)
-            with self._stopping_at_tags():
+            with self._stopping_at_tags(), self.backend.staying_awake():  # one wake (and weight push) per batch
                 while True:
                     for t in trajs:
                         if not t.done and self._budget(t) <= 0:

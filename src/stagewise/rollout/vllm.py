@@ -6,7 +6,8 @@ Colocated (TRL's "colocate", verl's hybrid engine)
     Every training process owns one engine (``distributed_executor_backend="external_launcher"``, seeded per rank)
     and generates its own prompts. With ``rollout.enable_sleep_mode`` the engine sleeps at level 2 between
     generations (weights and KV cache released: the GPU belongs to training), and wakes the weights, then the KV
-    cache, for the next generation. After each step's optimizer updates the policy's weights are pushed into the
+    cache, for the next generation; the turns of a multi-turn batch are one generation (`staying_awake`: one wake,
+    the prefix cache kept across turns, no weight push between them). After each step's optimizer updates the policy's weights are pushed into the
     engine parameter by parameter (``load_weights``; ZeRO-3 shards gathered one parameter at a time); a LoRA policy
     is merged for the push and unmerged after (``rollout.lora_sync: merged``, the default), or its adapter is saved
     and given to vLLM's own LoRA support (``adapter``: only the adapter moves, vLLM needs ``enable_lora``).
@@ -26,6 +27,7 @@ Server
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -167,6 +169,7 @@ class VLLMColocated:
         kwargs["tokenizer"] = kwargs["model"]
         self.llm = LLM(**kwargs)
         self._asleep = False
+        self._awake_hold = False  # inside `staying_awake`: generate() leaves the engine awake
         self._weights_current = self.lora_mode != "adapter"  # the engine starts from the policy's initial weights
         self._sleep()
 
@@ -196,6 +199,20 @@ class VLLMColocated:
 
         return LoRARequest(f"policy-v{self._lora_version}", self._lora_version, self._adapter_path)
 
+    @contextlib.contextmanager
+    def staying_awake(self):
+        """The turns of one multi-turn batch: the engine wakes (and takes the weights, if they changed) at the first
+        ``generate`` and sleeps when the block ends, not after every turn. So each turn reuses the prefix cache of
+        the turns before, and the weights are pushed at most once per batch: every rank runs the first turn, so
+        under ZeRO-3 every rank enters the gather the same number of times, whatever its turn count."""
+        self._awake_hold = True
+        try:
+            yield
+        finally:
+            self._awake_hold = False
+            if not self._asleep:
+                self._sleep()
+
     def _sleep(self) -> None:
         if self.sleep_mode:
             self.llm.sleep(level=2)  # level 2 drops the weights too: they are pushed again before the next use
@@ -222,7 +239,8 @@ class VLLMColocated:
                 truncated.append(o.finish_reason == "length")
                 if want_lp:
                     logprobs.append([step[t].logprob for step, t in zip(o.logprobs, ids)])
-        self._sleep()
+        if not self._awake_hold:
+            self._sleep()
         return RolloutBatch(
             prompt_ids=[list(p) for p in prompts for _ in range(sampling.n)], completion_ids=completion_ids,
             texts=decode_completions(self.tokenizer, completion_ids, self.stop_ids + [self.pad_id]),
@@ -365,6 +383,10 @@ class VLLMServerClient:
             prompt_ids=[list(p) for p in prompts for _ in range(sampling.n)], completion_ids=completion_ids,
             texts=decode_completions(self.tokenizer, completion_ids, self.stop_ids + [self.pad_id]),
             truncated=truncated, logprobs=logprobs if want_lp else None, n=sampling.n)
+
+    def staying_awake(self):
+        """The server never sleeps."""
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         """The server outlives the run; nothing to release."""
