@@ -43,7 +43,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from stagewise.config import GenerativeEvalBlock, RolloutConfig
+from stagewise.config import GenerativeEvalBlock, RolloutConfig, TrainConfig
 from stagewise.rollout import SamplingParams, build_generator, generate, reward_columns
 from stagewise.tracking import progress
 from stagewise.tracking.console import format_indicators
@@ -278,15 +278,12 @@ def results_table(results: Sequence[PromptResult], prompts, threshold: float):
     return pd.DataFrame(records)
 
 
-def inference_config(cfg):
+def inference_config(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` for a stage that only generates (eval, rejection sampling): DeepSpeed off, since nothing is trained;
     every rank holds the whole model and takes a share of the prompts (for a model too large for one device use
     ``rollout=vllm`` with ``rollout.tensor_parallel_size``)."""
     from dataclasses import replace
 
-    from stagewise.config import typed_config
-
-    cfg = typed_config(cfg)
     return replace(cfg, hardware=replace(cfg.hardware, deepspeed=replace(cfg.hardware.deepspeed, zero_stage=0)))
 
 

@@ -7,10 +7,11 @@ Colocated (TRL's "colocate", verl's hybrid engine)
     and generates its own prompts. With ``rollout.enable_sleep_mode`` the engine sleeps at level 2 between
     generations (weights and KV cache released: the GPU belongs to training), and wakes the weights, then the KV
     cache, for the next generation; the turns of a multi-turn batch are one generation (`staying_awake`: one wake,
-    the prefix cache kept across turns, no weight push between them). After each step's optimizer updates the policy's weights are pushed into the
-    engine parameter by parameter (``load_weights``; ZeRO-3 shards gathered one parameter at a time); a LoRA policy
-    is merged for the push and unmerged after (``rollout.lora_sync: merged``, the default), or its adapter is saved
-    and given to vLLM's own LoRA support (``adapter``: only the adapter moves, vLLM needs ``enable_lora``).
+    the prefix cache kept across turns, no weight push between them). After each step's optimizer updates the
+    policy's weights are pushed into the engine parameter by parameter (``load_weights``; ZeRO-3 shards gathered
+    one parameter at a time); a LoRA policy is merged for the push and unmerged after (``rollout.lora_sync:
+    merged``, the default), or its adapter is saved and given to vLLM's own LoRA support (``adapter``: only the
+    adapter moves, vLLM needs ``enable_lora``).
     Engine log-probs are ``processed_logprobs`` (after temperature), so they compare with the trainer's for TIS.
 
 Server

@@ -777,7 +777,8 @@ def evaluate(acc, rollout, eval_ds, rewards: RewardRunner, cfg: TrainConfig) -> 
     """Held-out metrics from `stagewise.evaluation` (the code ``stage=eval`` runs): by default one greedy completion
     per prompt of the first ``stage.num_eval_prompts`` (0 = all); ``eval/reward/<fn>/mean``, ``eval/accuracy``,
     ``eval/pass@<k>`` (``stage.pass_k``), lengths and format compliance. The same dict on every rank."""
-    metrics, _ = evaluate_prompts(acc, rollout, eval_ds, rewards, EvalSpec.from_config(cfg.stage, cfg.rollout), show_progress=False)
+    spec = EvalSpec.from_config(cfg.stage, cfg.rollout)
+    metrics, _ = evaluate_prompts(acc, rollout, eval_ds, rewards, spec, show_progress=False)
     return metrics
 
 

@@ -27,7 +27,7 @@ def apply_liger(model) -> bool:
 
 
 def prepare_model(model, lora: LoraConfig, hardware: HardwareConfig):
-    """LoRA (model.lora.enabled), gradient checkpointing (hardware.gradient_checkpointing), Liger (hardware.use_liger)."""
+    """LoRA (``model.lora``), gradient checkpointing (``hardware.gradient_checkpointing``), Liger (``use_liger``)."""
     if hardware.use_liger:
         apply_liger(model)
     if hardware.gradient_checkpointing:
