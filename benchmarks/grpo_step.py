@@ -261,7 +261,10 @@ def main() -> None:
     for name, v in best.items():
         print(f"  {name:<22} {v:7.3f} {best['TRL'] / v:8.2f}x")
     padded, packed = list(runs)
-    print(f"  packed / padded speed-up: {best[padded] / best[packed]:.2f}x")
+    training = {name: phases[name]["logprobs"] + phases[name]["update"] for name in runs}
+    print(f"  packed / padded speed-up: {best[padded] / best[packed]:.2f}x per step, "
+          f"{training[padded] / training[packed]:.2f}x in the training phases (log-probs + update; generation is "
+          f"the same work in both)")
     print(f"  TRL: {lengths['TRL']}")
     for name in runs:
         print(f"  {name}: {lengths[name]}; median per phase:")

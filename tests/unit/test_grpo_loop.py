@@ -137,39 +137,58 @@ def test_split_by_tokens_keeps_order_and_budget():
     assert [r for p in parts for r in p] == rows  # order kept; the 15-token row goes alone
 
 
+# (max_tokens_per_micro_batch, prompt laid down once per group, gradient checkpointing)
+PACKINGS = [(0, False, False), (10_000, False, False), (70, False, False), (10_000, True, False), (70, True, False),
+            (70, True, True)]
+
+
 @pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
 def test_packed_micro_batches_give_the_padded_update(cfg, acc, loss_agg):
-    """hardware.max_tokens_per_micro_batch: one unpadded row per micro-batch with restarting position_ids. On
-    completions of 1 to 60 tokens the log-probs, the loss, the gradient norm and the updated weights equal the
-    padded path's (one micro-batch of 8 rows), with one packed micro-batch and with a budget that splits them."""
+    """hardware.max_tokens_per_micro_batch: one unpadded row per micro-batch with restarting position_ids, or with
+    each group's prompt carried once (the shared-prefix layout, also under gradient checkpointing). On completions
+    of 1 to 60 tokens the log-probs, the loss, the gradient norm and the updated weights equal the padded path's
+    (one micro-batch of 8 rows), with one packed micro-batch and with a budget that splits them."""
     import stagewise.stages.grpo as grpo
 
     results = []
-    for budget in (0, 10_000, 70):
+    for budget, share, ckpt in PACKINGS:
         model, tok = load_model_and_tokenizer(ModelConfig())
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         ctx = context(cfg, acc, model, tok, loss_agg)
+        ctx.packed_shared_prefix = share
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = build_scheduler(optimizer, cfg.stage, 1)
-        minis = make_mini_batches(ctx, wide_samples(tok), plan_for(8, max_tokens=budget), acc)
+        samples = wide_samples(tok)
+        minis = make_mini_batches(ctx, samples, plan_for(8, max_tokens=budget), acc)
         if budget:
-            assert all(mb.packed is not None and mb.packed.input_ids.shape[0] == 1 for mb in minis[0])
-            assert sum(mb.packed.input_ids.shape[1] for mb in minis[0]) == sum(
-                len(s.prompt_ids) + len(s.completion_ids) for s in wide_samples(tok))  # no pad token at all
+            rows = [mb.packed.input_ids for mb in minis[0]]
+            assert all(r.shape[0] == 1 for r in rows)
+            completions = sum(len(x.completion_ids) for x in samples)
+            prompts = [len(samples[0].prompt_ids), len(samples[4].prompt_ids)]
+            if not share:  # no pad token at all: every sample's prompt and completion
+                assert sum(r.shape[1] for r in rows) == completions + 4 * sum(prompts)
+            elif budget > 1000:  # one row: each of the two prompts once
+                assert sum(r.shape[1] for r in rows) == completions + sum(prompts)
+                assert [g.completion_lens for g in minis[0][0].packed.shared_prefix.groups] == [
+                    tuple(WIDE_LENGTHS[:4]), tuple(WIDE_LENGTHS[4:])]
+            else:  # a group split over micro-batches carries its prompt in each
+                assert all(r.shape[1] <= budget for r, mb in zip(rows, minis[0]) if len(mb.tokens) > 1)
         with torch.no_grad():
             lp = torch.cat([grpo.completion_logprobs(model, model.get_output_embeddings(), mb, 5, 0.8)[0].flatten()
                             for mb in minis[0]])
         update = train_on_batch(ctx, minis, optimizer, scheduler, max_grad_norm=0.0, ppo_epochs=1)
         weights = torch.cat([p.detach().flatten() for p in model.parameters()])
         results.append((sorted(lp[lp != 0].tolist()), len(minis[0]), update, weights))
-    (ref_lp, _, ref_update, ref_weights), split = results[0], results[2]
-    assert len(ref_lp) == sum(WIDE_LENGTHS) and results[1][1] == 1 and split[1] > 1
+    (ref_lp, _, ref_update, ref_weights) = results[0]
+    assert len(ref_lp) == sum(WIDE_LENGTHS) and results[1][1] == 1 and results[2][1] > 1 and results[4][1] > 1
     assert ref_update.metrics["loss"] == pytest.approx(expected_loss(loss_agg, WIDE_LENGTHS), abs=1e-6)
-    for lp, _, update, weights in results[1:]:
-        assert np.allclose(lp, ref_lp, atol=1e-5)
+    for (budget, share, ckpt), (lp, _, update, weights) in zip(PACKINGS[1:], results[1:]):
+        assert np.allclose(lp, ref_lp, atol=1e-5), (budget, share, ckpt)
         assert update.metrics["loss"] == pytest.approx(ref_update.metrics["loss"], abs=1e-6)
         assert update.metrics["grad_norm"] == pytest.approx(ref_update.metrics["grad_norm"], rel=1e-5)
-        assert torch.allclose(weights, ref_weights, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(weights, ref_weights, atol=1e-5, rtol=1e-5), (budget, share, ckpt)
 
 
 def test_two_mini_batches_take_two_optimizer_steps_with_old_logprobs(cfg, acc):
@@ -350,10 +369,11 @@ def test_chunked_and_plain_lm_head_paths_agree(tiny, monkeypatch):
     assert torch.allclose(gh_a, gh_b, rtol=1e-4, atol=1e-5) and torch.allclose(ge_a, ge_b, rtol=1e-4, atol=1e-5)
 
 
-def test_a_zero3_partitioned_head_is_called_as_a_module_with_the_same_values(tiny, monkeypatch):
+def test_a_zero3_partitioned_head_is_called_once_as_a_module_with_the_same_values(tiny, monkeypatch):
     """The one ZeRO-3 rule (`stagewise.training.modeling`): a head whose weight DeepSpeed has partitioned (``ds_id``)
-    is called as a module, so its hooks can gather the weight, on both the plain and the chunked path; here the
-    weight is whole, so the values and gradients must equal the weight path's."""
+    is called as a module exactly once per log-prob computation, so its hooks gather the weight once, on both the
+    plain and the chunked path; here the weight is whole, so the values and gradients must equal the weight
+    path's."""
     import stagewise.training.modeling as modeling
 
     model, tok = tiny
@@ -362,16 +382,23 @@ def test_a_zero3_partitioned_head_is_called_as_a_module_with_the_same_values(tin
     calls = []
     hook = head.register_forward_hook(lambda *_: calls.append(1))
     try:
+        model.zero_grad()
         reference, _ = modeling.completion_logprobs(model, head, mb, chunk_size=5, temperature=0.8)
+        (reference * mb.advantages[:, None]).sum().backward()
+        reference_grad = head.weight.grad.clone()
         assert len(calls) == 1  # the model's own forward (one kept logit); the plain rule multiplies by the weight
         head.weight.ds_id = 0  # what ZeRO-3 marks a partitioned parameter with
         for limit in (modeling.SMALL_LOGITS_BYTES, 0):
             monkeypatch.setattr(modeling, "SMALL_LOGITS_BYTES", limit)
             calls.clear()
+            model.zero_grad()
             lp, _ = modeling.completion_logprobs(model, head, mb, chunk_size=5, temperature=0.8)
-            # the model's forward, then one call for the 44 completion tokens or one per chunk of 5 (9)
-            assert len(calls) == 1 + (1 if limit else 9)
-            assert torch.allclose(lp, reference, atol=1e-6)
+            (lp * mb.advantages[:, None]).sum().backward()
+            # the model's forward, then one call for the 44 completion tokens, one plain matmul or 9 chunks of 5
+            assert len(calls) == 2
+            assert "forward" not in head.__dict__  # the class's forward is back
+            assert torch.allclose(lp, reference.detach(), atol=1e-6)
+            assert torch.allclose(head.weight.grad, reference_grad, rtol=1e-4, atol=1e-6)
     finally:
         hook.remove()
         if hasattr(head.weight, "ds_id"):

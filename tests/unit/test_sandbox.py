@@ -330,7 +330,7 @@ def test_a_reused_zygote_keeps_nothing_of_the_last_trajectory(task):
         uid, sbx = first.uid, first.workdir.parent
     with Sandbox(task) as second:
         assert (second.uid, second.workdir.parent) == (uid, sbx)  # the same zygote and directories
-        assert _live_processes_of(uid) == 1  # its pre-forked kernel only: the `sleep` is gone
+        assert _live_processes_of(uid, settle_to=1) == 1  # its pre-forked kernel only: the `sleep` is gone
         assert second.run(look).output == "['data.csv', 'notes.txt'] [] [] 0o755 0o1777\n"
     with Sandbox(task, stateful=True) as stateful:  # a stateful zygote runs code in itself: never reused
         stateful_sbx = stateful.workdir.parent
@@ -382,10 +382,19 @@ def test_dead_worker_is_reported_then_replaced(task):
         # The next block runs in a new worker on the same files, with a fresh namespace.
         assert sb.run("print(open('kept.txt').read(), 'x' in globals())").output == "kept False\n"
         uid = sb.uid
-    assert uid is None or _live_processes_of(uid) == 0
+    assert uid is None or _live_processes_of(uid, settle_to=0) == 0
 
 
-def _live_processes_of(uid: int) -> int:
+def _live_processes_of(uid: int, settle_to: int | None = None, within_s: float = 5.0) -> int:
+    """Processes of ``uid`` that are not zombies. ``settle_to``: poll up to ``within_s`` for that count first (a
+    SIGKILLed process stays listed until the kernel schedules its exit: milliseconds, more on a busy machine)."""
+    deadline = time.monotonic() + within_s
+    while settle_to is not None and _count_live(uid) != settle_to and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _count_live(uid)
+
+
+def _count_live(uid: int) -> int:
     n = 0
     for p in Path("/proc").iterdir():
         try:
@@ -404,7 +413,4 @@ def test_exit_kills_every_code_process(task):
         uid = sb.uid
         if uid is not None:
             assert _live_processes_of(uid) == 2  # the stateful kernel and its detached `sleep`
-    deadline = time.monotonic() + 5
-    while uid is not None and _live_processes_of(uid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert uid is None or _live_processes_of(uid) == 0
+    assert uid is None or _live_processes_of(uid, settle_to=0) == 0

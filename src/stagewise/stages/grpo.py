@@ -98,6 +98,7 @@ from stagewise.tracking.alerts import STOP, UPDATE, NanGuard
 from stagewise.training.preemption import install_preemption_handler
 from stagewise.evaluation import EvalSpec, evaluate_prompts
 from stagewise.training.early_stopping import EarlyStopping
+from stagewise.models.attention import shares_prefix_in_packed_rows
 from stagewise.training.modeling import PackedRows, completion_logprobs, pack_rows
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ def run(cfg: TrainConfig) -> dict:
     ctx = StepContext(acc=acc, model=model, policy=policy, ref_model=ref_model, tokenizer=tokenizer,
                       loss_kwargs=policy_loss_kwargs(alg, ro.max_new_tokens), alg=alg, hw=hw,
                       temperature=float(ro.temperature), use_tis=tis,
-                      shared_prefix=not hw.gradient_checkpointing)
+                      shared_prefix=not hw.gradient_checkpointing,
+                      packed_shared_prefix=shares_prefix_in_packed_rows(policy))
     if acc.is_main_process:
         log.info("grpo: %d train prompts, %s eval, %.2fM params (%.2fM trainable); %s", len(train_ds),
                  len(eval_ds) if eval_ds is not None else "no", num_params(policy) / 1e6,
@@ -530,10 +532,11 @@ class MicroBatch:
     packed: Optional[PackedRows] = None  # hardware.max_tokens_per_micro_batch > 0: what the model runs on
 
 
-def collate(samples: Sequence[Sample], pad_id: int, device, dummy: bool = False, packed: bool = False
-            ) -> MicroBatch:
+def collate(samples: Sequence[Sample], pad_id: int, device, dummy: bool = False, packed: bool = False,
+            share_prefix: bool = False) -> MicroBatch:
     """One micro-batch. The per-token tensors the loss reads (targets, masks, log-probs) are always ``[B, T]``;
-    ``packed`` adds the unpadded row the model runs on instead of the padded ``input_ids`` (`pack_rows`).
+    ``packed`` adds the unpadded row the model runs on instead of the padded ``input_ids`` (`pack_rows`), with
+    each group's prompt laid down once when ``share_prefix``.
     ``dummy`` keeps the shapes but trains nothing (a rank with fewer micro-batches than the others runs these so
     every rank calls forward/backward the same number of times)."""
     b = len(samples)
@@ -569,20 +572,24 @@ def collate(samples: Sequence[Sample], pad_id: int, device, dummy: bool = False,
         mask=(tokens & trained[:, None] & policy_token).to(device),
         advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device),
         rollout_logprobs=rollout_lp.to(device) if rollout_lp is not None else None,
-        packed=pack_rows([(s.prompt_ids, s.completion_ids) for s in samples], device) if packed else None)
+        packed=(pack_rows([(s.prompt_ids, s.completion_ids) for s in samples], device, share_prefix=share_prefix)
+                if packed else None))
 
 
-def split_by_tokens(rows: Sequence[Sample], max_tokens: int) -> List[List[Sample]]:
+def split_by_tokens(rows: Sequence[Sample], max_tokens: int, share_prefix: bool = False) -> List[List[Sample]]:
     """Consecutive runs of ``rows`` with at most ``max_tokens`` prompt + completion tokens each (a longer row goes
     alone), as verl's dynamic batch size and OpenRLHF's packing budget do. Order is kept, so the optimizer step sees
-    the same samples whatever the budget."""
+    the same samples whatever the budget. ``share_prefix``: a row whose prompt is the previous row's in the same
+    part costs only its completion (the packed row carries the prompt once)."""
     out: List[List[Sample]] = []
     used = 0
     for s in rows:
-        n = len(s.prompt_ids) + len(s.completion_ids)
+        shared = share_prefix and out and out[-1] and out[-1][-1].prompt_ids == s.prompt_ids
+        n = len(s.completion_ids) + (0 if shared else len(s.prompt_ids))
         if not out or used + n > max_tokens:
             out.append([])
             used = 0
+            n = len(s.prompt_ids) + len(s.completion_ids)
         out[-1].append(s)
         used += n
     return out
@@ -606,16 +613,17 @@ def make_mini_batches(ctx: "StepContext", samples: List[Sample], plan: StepPlan,
     for chunk in chunks:
         rows = [s for g in chunk for s in groups[g]]
         budget = plan.max_tokens_per_micro_batch
+        share = ctx.packed_shared_prefix
         if budget > 0:
-            parts = split_by_tokens(rows, budget)
+            parts = split_by_tokens(rows, budget, share_prefix=share)
         else:
             parts = [rows[i:i + plan.per_device_batch_size] for i in range(0, len(rows), plan.per_device_batch_size)]
-        micro = [collate(part, pad_id, acc.device, packed=budget > 0) for part in parts]
+        micro = [collate(part, pad_id, acc.device, packed=budget > 0, share_prefix=share) for part in parts]
         needed = int(_reduce(acc, len(micro), "max"))
         while len(micro) < needed:
             if not filler:
                 raise RuntimeError("a rank has no sample at all to build a dummy micro-batch from")
-            micro.append(collate(filler, pad_id, acc.device, dummy=True, packed=budget > 0))
+            micro.append(collate(filler, pad_id, acc.device, dummy=True, packed=budget > 0, share_prefix=share))
         minis.append(micro)
     return minis
 
@@ -642,7 +650,8 @@ class StepContext:
     hw: Any
     temperature: float
     use_tis: bool
-    shared_prefix: bool = True  # off under gradient checkpointing (see completion_logprobs)
+    shared_prefix: bool = True  # padded rows: off under gradient checkpointing (see completion_logprobs)
+    packed_shared_prefix: bool = False  # packed rows carry each prompt once (sdpa_varlen; also with checkpointing)
     filler: List[Sample] = field(default_factory=list)
     nan_guard: NanGuard = field(default_factory=NanGuard)  # a NaN/inf mini-batch loss skips its update
 

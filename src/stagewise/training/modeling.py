@@ -6,11 +6,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence
 
 import torch
 
 from stagewise.config import HardwareConfig, LoraConfig
+
+if TYPE_CHECKING:
+    from stagewise.models.attention import SharedPrefixLayout
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +57,16 @@ def prepare_model(model, lora: LoraConfig, hardware: HardwareConfig):
 # sampling) score text with rewards and never need them.
 #
 # ZeRO-3 and the LM head. Under ZeRO-3 every weight is a partitioned placeholder (``numel() == 0``, a ``ds_id``)
-# outside its own module's call. The rule here: hand the head *module* to `chunked_token_logprobs`, whose chunks
-# call it, so ZeRO-3's module hooks gather the weight for each chunk (and again when backward recomputes a chunk).
-# The log-probs stay chunked, ``O(chunk_size x V)`` memory, which is the point of the chunking: ZeRO-3 is what a model
-# too large for one device runs under, and it is where full logits hurt most. (The rejected rule asked the model for
-# its own logits over every completion position, ``[B, T, V]`` at once: with Qwen's 152K vocabulary and 8K-token
-# completions that is gigabytes per sequence.) The SFT ZeRO-3 test (`tests/integration/test_sft_stage.py`) shows the
-# module rule gives the per-step losses of one process without DeepSpeed; `tests/unit/test_algorithms_logprobs.py`
-# that the module and its weight give the same values and gradients.
+# outside its own module's call: ZeRO-3's hooks gather it when the module is called and again when backward reaches
+# the module's outputs. The rule here (`head_logprobs`): the whole chunked log-prob computation runs as *one* call of
+# the head module, so the weight is gathered once for forward and once for backward, however many chunks the
+# completions span (TRL gathers the head around its own log-prob code for the same reason). The log-probs stay
+# chunked, ``O(chunk_size x V)`` memory, which is the point of the chunking: ZeRO-3 is what a model too large for one
+# device runs under, and it is where full logits hurt most. Rejected rules: asking the model for its own logits over
+# every completion position (``[B, T, V]`` at once: with Qwen's 152K vocabulary and 8K-token completions that is
+# gigabytes per sequence), and calling the head module once per chunk (a gather per chunk, and again per chunk when
+# backward recomputes it). `tests/integration/test_zero3_lm_head.py` counts the gathers on 2 CPU processes and checks
+# the values and gradients against one process without DeepSpeed.
 
 # below this many bytes of completion logits (64 MiB: a few thousand tokens of a 1K vocabulary, a few hundred of
 # Qwen's 152K) one plain LM-head matmul is kept for backward instead of recomputing chunks
@@ -73,10 +78,30 @@ def head_is_partitioned(head) -> bool:
     return hasattr(head.weight, "ds_id") or head.weight.numel() == 0
 
 
-def lm_head_for_chunks(head):
-    """What `chunked_token_logprobs` projects with: the head's weight, or the head module itself when ZeRO-3
-    partitions the weight (its hooks gather it; see the note above)."""
-    return head if head_is_partitioned(head) else head.weight
+def head_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, temperature: float,
+                  with_entropy: bool = False, entropy_grad: bool = True, mask: torch.Tensor | None = None):
+    """``log softmax(head(hidden) / temperature)[targets]`` (and the entropy), ``hidden [B, T, H]`` -> ``[B, T]`` each,
+    through the head's weight ``chunk_size`` tokens at a time (`chunked_token_logprobs`), or with one plain matmul
+    kept for backward when all the logits fit in ``SMALL_LOGITS_BYTES``. ``mask``: only those tokens are computed.
+    Under ZeRO-3 this runs as one call of the head module (see the note above)."""
+    from stagewise.algorithms import chunked_token_logprobs, token_logprobs_from_logits
+
+    kw = dict(temperature=temperature, with_entropy=with_entropy, entropy_grad=entropy_grad)
+
+    def compute(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None):
+        weight = head.weight  # the full weight here, also under ZeRO-3 (inside the head's call)
+        tokens = targets.numel() if mask is None else int(mask.sum())
+        if mask is None and tokens * vocab_size(head) * 4 <= SMALL_LOGITS_BYTES:
+            return token_logprobs_from_logits(torch.nn.functional.linear(hidden, weight), targets, **kw)
+        return chunked_token_logprobs(hidden, weight, targets, chunk_size, mask=mask, **kw)
+
+    if not head_is_partitioned(head):
+        return compute(hidden, targets, mask)
+    head.forward = compute  # an instance attribute shadows the class's forward for this one call
+    try:
+        return head(hidden, targets, mask)
+    finally:
+        del head.forward
 
 
 def vocab_size(head) -> int:
@@ -87,15 +112,16 @@ def vocab_size(head) -> int:
 
 
 def final_hidden(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                 position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+                 position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
+                 shared_prefix: "SharedPrefixLayout | None" = None) -> torch.Tensor:
     """The final-norm hidden states ``[B, T, H]`` from the wrapped model's own forward (so DDP/DeepSpeed/PEFT hooks
     run), with ``logits_to_keep`` set to a single position: no full-vocabulary logits are built. ``cu_seq_lens``:
     ``input_ids`` is one packed row of sequences starting at those offsets, ``position_ids`` restarting at 0 for
-    each (`PackedRows`, `stagewise.models.attention`)."""
+    each (`PackedRows`, `stagewise.models.attention`); ``shared_prefix``: the row shares prompts that way."""
     from stagewise.models.attention import packed_forward_kwargs
 
     keep = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
-    extra = (packed_forward_kwargs(model, cu_seq_lens) if cu_seq_lens is not None
+    extra = (packed_forward_kwargs(model, cu_seq_lens, shared_prefix) if cu_seq_lens is not None
              else {"attention_mask": attention_mask})
     out = model(input_ids=input_ids, position_ids=position_ids, output_hidden_states=True, logits_to_keep=keep,
                 use_cache=False, **extra)
@@ -115,11 +141,9 @@ def sequence_token_logprobs(model, input_ids: torch.Tensor, *, position_ids: tor
     materialising full-vocabulary logits for the whole batch: `final_hidden`, then the LM head chunk by chunk in
     ``chunked_token_logprobs``. ``mask [B, T-1]``: only those positions go through the LM head (SFT's trained
     tokens: prompt, padding and Execute output never pay for a ``[*, V]`` projection); the others are 0."""
-    from stagewise.algorithms import chunked_token_logprobs
-
     hidden = final_hidden(model, input_ids, attention_mask=attention_mask, position_ids=position_ids)[:, :-1]
-    return chunked_token_logprobs(hidden, lm_head_for_chunks(_output_head(model)), input_ids[:, 1:], chunk_size,
-                                  temperature=temperature, with_entropy=with_entropy, mask=mask)
+    return head_logprobs(_output_head(model), hidden, input_ids[:, 1:], chunk_size, temperature,
+                         with_entropy=with_entropy, mask=mask)
 
 
 @dataclass
@@ -128,33 +152,58 @@ class PackedRows:
     ``packing_samples``): no pad token goes through any layer. ``position_ids`` restart at 0 for each sequence and
     no attention mask is passed: ``sdpa_varlen`` (the CPU default) attends within each sequence from
     ``cu_seq_lens``, flash-attention runs varlen from the positions, plain sdpa/eager get transformers'
-    block-diagonal mask (`stagewise.models.attention`)."""
+    block-diagonal mask (`stagewise.models.attention`). With ``shared_prefix`` set, consecutive sequences with the
+    same prompt carry it once (``[prompt, completion_1, ..., completion_n]``, each completion's positions
+    continuing from the prompt; ``sdpa_varlen`` only)."""
 
     input_ids: torch.Tensor  # [1, nnz]
     position_ids: torch.Tensor  # [1, nnz]
-    cu_seq_lens: torch.Tensor  # [S + 1] int32 on the CPU: where each sequence starts, then nnz
+    cu_seq_lens: torch.Tensor  # [S + 1] int32 on the CPU: where each sequence (each group when shared) starts
     predict_index: torch.Tensor  # [N]: the packed position whose hidden state predicts each completion token,
     #                              in the row-major order of the padded ``tokens`` mask
+    shared_prefix: Optional["SharedPrefixLayout"] = None
 
 
-def pack_rows(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], device) -> PackedRows:
-    """``[(prompt_ids, completion_ids), ...]`` -> `PackedRows` (every prompt non-empty)."""
+def group_by_prompt(sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[Sequence[int], list]]:
+    """Consecutive sequences with equal prompts as ``[(prompt, [completion, ...]), ...]``, order kept."""
+    groups: list[tuple[Sequence[int], list]] = []
+    for prompt, completion in sequences:
+        if groups and list(groups[-1][0]) == list(prompt):
+            groups[-1][1].append(completion)
+        else:
+            groups.append((prompt, [completion]))
+    return groups
+
+
+def pack_rows(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], device,
+              share_prefix: bool = False) -> PackedRows:
+    """``[(prompt_ids, completion_ids), ...]`` -> `PackedRows` (every prompt non-empty). ``share_prefix``: a run
+    of sequences with one prompt lays it down once (see `PackedRows`)."""
+    from stagewise.models.attention import SharedPrefixLayout
+
+    groups = (group_by_prompt(sequences) if share_prefix
+              else [(prompt, [completion]) for prompt, completion in sequences])
     ids: list[int] = []
     positions: list[int] = []
     predict: list[int] = []
-    for prompt, completion in sequences:
-        start = len(ids) + len(prompt)  # packed position of the first completion token
-        predict.extend(range(start - 1, start - 1 + len(completion)))
-        ids.extend(prompt)
-        ids.extend(completion)
-        positions.extend(range(len(prompt) + len(completion)))
-    as_row = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
     starts = [0]
-    for prompt, completion in sequences:
-        starts.append(starts[-1] + len(prompt) + len(completion))
+    for prompt, completions in groups:
+        last_prompt = len(ids) + len(prompt) - 1  # its hidden state predicts every completion's first token
+        ids.extend(prompt)
+        positions.extend(range(len(prompt)))
+        for completion in completions:
+            start = len(ids)
+            predict.extend([last_prompt] + list(range(start, start + len(completion) - 1))
+                           if completion else [])
+            ids.extend(completion)
+            positions.extend(range(len(prompt), len(prompt) + len(completion)))
+        starts.append(len(ids))
+    as_row = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
+    layout = (SharedPrefixLayout.build([(len(p), [len(c) for c in cs]) for p, cs in groups], device)
+              if share_prefix else None)
     return PackedRows(input_ids=as_row(ids), position_ids=as_row(positions),
                       cu_seq_lens=torch.tensor(starts, dtype=torch.int32),
-                      predict_index=torch.tensor(predict, dtype=torch.long, device=device))
+                      predict_index=torch.tensor(predict, dtype=torch.long, device=device), shared_prefix=layout)
 
 
 class CompletionRows(Protocol):
@@ -188,11 +237,9 @@ def completion_logprobs(model, head, mb: CompletionRows, chunk_size: int, temper
     ``mb.packed`` (``hardware.max_tokens_per_micro_batch`` > 0): the model runs on one unpadded row instead, and the
     hidden states that predict completion tokens are picked out of it; values equal the padded path's.
     """
-    from stagewise.algorithms import chunked_token_logprobs, lm_head_logits, token_logprobs_from_logits
-
     if mb.packed is not None:
         hidden = final_hidden(model, mb.packed.input_ids, position_ids=mb.packed.position_ids,
-                              cu_seq_lens=mb.packed.cu_seq_lens)
+                              cu_seq_lens=mb.packed.cu_seq_lens, shared_prefix=mb.packed.shared_prefix)
         selected = hidden[0].index_select(0, mb.packed.predict_index)  # [N, H]
     else:
         if shared_prefix and mb.unique_rows is not None and len(mb.unique_rows) < len(mb.prompt_index):
@@ -203,14 +250,8 @@ def completion_logprobs(model, head, mb: CompletionRows, chunk_size: int, temper
                                   position_ids=mb.position_ids)[:, mb.prompt_width - 1:mb.prompt_width - 1 + t]
         selected = hidden[mb.tokens]  # [N, H], row-major like the packed order
     targets = mb.targets[mb.tokens][None]  # [1, N]
-    projection = lm_head_for_chunks(head)
-    ent_kw = dict(with_entropy=with_entropy, entropy_grad=entropy_grad)
-    if targets.numel() * vocab_size(head) * 4 > SMALL_LOGITS_BYTES:
-        lp, ent = chunked_token_logprobs(selected[None], projection, targets, chunk_size, temperature=temperature,
-                                         **ent_kw)
-    else:
-        lp, ent = token_logprobs_from_logits(lm_head_logits(selected, projection)[None], targets, temperature,
-                                             **ent_kw)
+    lp, ent = head_logprobs(head, selected[None], targets, chunk_size, temperature, with_entropy=with_entropy,
+                            entropy_grad=entropy_grad)
     zeros = torch.zeros(mb.targets.shape, dtype=lp.dtype, device=lp.device)
     return (zeros.masked_scatter(mb.tokens, lp[0]),
             zeros.masked_scatter(mb.tokens, ent[0]) if with_entropy else None)
