@@ -100,3 +100,69 @@ def test_ordinary_forward_is_plain_sdpa(model):
         a = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
         b = plain.eval()(input_ids=ids, attention_mask=attn, use_cache=False).logits
     assert torch.equal(a, b)
+
+
+def test_pack_rows_with_shared_prefix_lays_each_prompt_once():
+    packed = pack_rows([([5, 6, 7], [11, 12]), ([5, 6, 7], [13]), ([5, 6, 7], []), ([9], [14, 15])], "cpu",
+                       share_prefix=True)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 11, 12, 13, 9, 14, 15]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 2]]  # completions continue from the prompt
+    # the last prompt token (2) predicts each completion's first token (11 and 13); 3 predicts 12; 6 predicts 14
+    assert packed.predict_index.tolist() == [2, 3, 2, 6, 7]
+    groups = packed.shared_prefix.groups
+    assert [(g.start, g.prompt_len, g.completion_lens) for g in groups] == [(0, 3, (2, 1, 0)), (6, 1, (2,))]
+    # completions padded to width 2, padding pointing at the prompt's first token; the kept slots in row order
+    assert groups[0].gather.tolist() == [3, 4, 5, 0, 0, 0] and groups[0].keep.tolist() == [0, 1, 2]
+    assert groups[0].mask[0, 0].tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+def test_shared_prefix_row_equals_each_prompt_and_completion_alone(model):
+    """Values and gradients of a row with prompts laid down once equal running each prompt + completion alone;
+    a completion never sees its siblings (changing one leaves the others' hidden states as they were)."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, 900, (n,), generator=g).tolist() for n in (9, 2)]
+    pairs = [(prompts[0], torch.randint(10, 900, (n,), generator=g).tolist()) for n in (5, 30, 1, 0)]
+    pairs += [(prompts[1], torch.randint(10, 900, (n,), generator=g).tolist()) for n in (12, 3)]
+    packed = pack_rows(pairs, "cpu", share_prefix=True)
+    assert packed.input_ids.shape[1] == 9 + 2 + sum(len(c) for _, c in pairs)
+
+    def shared_hidden(row):
+        return model(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False,
+                     output_hidden_states=True,
+                     **packed_forward_kwargs(model, row.cu_seq_lens, row.shared_prefix)).hidden_states[-1][0]
+
+    weight = torch.randn(len(packed.predict_index), model.config.hidden_size, generator=g)
+    results = []
+    for shared in (False, True):
+        model.zero_grad()
+        if shared:
+            hidden = shared_hidden(packed).index_select(0, packed.predict_index)
+        else:  # each prompt + completion alone, the positions that predict completion tokens
+            hidden = torch.cat([model(input_ids=torch.tensor([p + c]), use_cache=False, output_hidden_states=True)
+                                .hidden_states[-1][0, len(p) - 1:len(p) + len(c) - 1] for p, c in pairs])
+        (hidden * weight).sum().backward()
+        results.append((hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                          if p.grad is not None}))
+    model.zero_grad()
+    (alone, g_alone), (shared, g_shared) = results
+    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
+    assert g_shared.keys() == g_alone.keys() and len(g_alone) > 10
+    for name in g_alone:
+        scale = float(g_alone[name].abs().max())
+        torch.testing.assert_close(g_shared[name], g_alone[name], atol=1e-5 * max(1.0, scale), rtol=1e-4)
+    # a sibling changed: the first completion's hidden states stay, the changed one's move
+    changed = [pairs[0], (pairs[1][0], [7] * 30)] + pairs[2:]
+    with torch.no_grad():
+        before = shared_hidden(packed)
+        after = shared_hidden(pack_rows(changed, "cpu", share_prefix=True))
+    torch.testing.assert_close(after[:9 + 5], before[:9 + 5], atol=1e-6, rtol=0)
+    assert (after[14:44] - before[14:44]).abs().max() > 1e-3
+
+
+def test_shared_prefix_layout_needs_sdpa_varlen():
+    class Plain(torch.nn.Module):
+        config = type("C", (), {"_attn_implementation": "flash_attention_2"})()
+
+    packed = pack_rows([([5, 6], [7]), ([5, 6], [8])], "cpu", share_prefix=True)
+    with pytest.raises(ValueError, match="sdpa_varlen"):
+        packed_forward_kwargs(Plain(), packed.cu_seq_lens, packed.shared_prefix)

@@ -20,11 +20,14 @@ One step (``stage.*``, ``rollout.*``, ``algorithm.*``, ``hardware.*``):
      as TRL notes); reference log-probs only when ``algorithm.beta`` > 0, from a frozen copy or, with LoRA, from the
      base model with the adapter disabled. Log-probs are computed on completion tokens only, in chunks
      (``hardware.logprob_chunk_size``) when their logits would be large, never as full-vocabulary logits for a
-     batch; each distinct prompt of a micro-batch runs once and its KV cache serves its group (exact; off under
-     ``hardware.gradient_checkpointing``), and generation prefills each prompt once for its ``n`` samples
+     batch; each distinct prompt of a micro-batch runs once for its group (exact): padded micro-batches share its
+     KV cache (off under ``hardware.gradient_checkpointing``), packed ones lay it down once with the group's
+     completions after it (`stagewise.models.attention`, also under checkpointing); generation prefills each
+     prompt once for its ``n`` samples
   5. ``ppo_epochs`` x mini-batches of ``mini_batch_size`` prompts, one optimizer step each, micro-batches of
-     ``hardware.per_device_batch_size`` sequences; each micro-batch loss is divided by the normaliser of the whole
-     mini-batch on all ranks, so accumulation is exact for every ``algorithm.loss_agg``
+     ``hardware.per_device_batch_size`` sequences, or unpadded rows of at most ``hardware.max_tokens_per_micro_batch``
+     tokens when that is set; each micro-batch loss is divided by the normaliser of the whole mini-batch on all
+     ranks, so accumulation is exact for every ``algorithm.loss_agg``
   6. with vLLM: truncated importance sampling against the engine's log-probs (``algorithm.tis_cap``; null = off),
      and the new weights are pushed to the engine (LoRA merged) before the next generation
 Logs every ``logging_steps``: the R1-Zero tutorial's console block and TRL's metric set in metrics.jsonl (see

@@ -232,10 +232,11 @@ def completion_logprobs(model, head, mb: CompletionRows, chunk_size: int, temper
     ``shared_prefix``: the rows of a group share one prompt, so each distinct prompt is run once (with gradients)
     and its KV cache is indexed out to its rows before the completions run: exact, and n times less prompt compute
     (a group's 8 samples of an R1-Zero prompt: half the tokens of the step). Not under gradient checkpointing,
-    which drops the KV cache.
+    which drops the KV cache (packed rows share prompts under checkpointing too).
 
     ``mb.packed`` (``hardware.max_tokens_per_micro_batch`` > 0): the model runs on one unpadded row instead, and the
-    hidden states that predict completion tokens are picked out of it; values equal the padded path's.
+    hidden states that predict completion tokens are picked out of it; values equal the padded path's. When the
+    row shares prompts (``mb.packed.shared_prefix``), each prompt runs once in it, with or without checkpointing.
     """
     if mb.packed is not None:
         hidden = final_hidden(model, mb.packed.input_ids, position_ids=mb.packed.position_ids,
