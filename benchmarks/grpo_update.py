@@ -13,9 +13,12 @@ Rows, each on the same batch and the same freshly built model (the tiny Qwen3 sh
   * padded: ``per_device_batch_size`` rows padded to the longest completion of each micro-batch, the prompt run for
     every row (what the GPU presets do: gradient checkpointing turns the shared-prefix pass off);
   * padded + shared prefix: the CPU default, each distinct prompt run once per micro-batch;
-  * packed: ``hardware.max_tokens_per_micro_batch=--budget``, one unpadded row per micro-batch.
-Each row is repeated ``--repeats`` times, interleaved, and the median is reported; the ratio is padded / packed.
-The three rows give the same update (tests/unit/test_grpo_loop.py checks equality to 1e-5).
+  * packed: ``hardware.max_tokens_per_micro_batch=--budget``, one unpadded row per micro-batch, each sequence with
+    its prompt (what a model loaded with flash-attention gets);
+  * packed + shared prefix: the same rows with each group's prompt laid down once (`stage=grpo`'s default with
+    ``sdpa_varlen`` attention; `stagewise.models.attention`), also under gradient checkpointing.
+Each row is repeated ``--repeats`` times, interleaved, and the median is reported; the ratio is padded / the row.
+The four rows give the same update (tests/unit/test_grpo_loop.py checks equality to 1e-5).
 """
 
 from __future__ import annotations
@@ -72,10 +75,11 @@ def one_update(layout: str, samples, a) -> float:
     model.train()
     ctx = StepContext(acc=acc, model=model, policy=model, ref_model=None, tokenizer=tok,
                       loss_kwargs=policy_loss_kwargs(cfg.algorithm, a.max_length), alg=cfg.algorithm,
-                      hw=cfg.hardware, temperature=1.0, use_tis=False, shared_prefix=layout == "shared")
+                      hw=cfg.hardware, temperature=1.0, use_tis=False, shared_prefix=layout == "shared",
+                      packed_shared_prefix=layout == "packed_shared")
     plan = StepPlan(prompts_per_step=a.prompts, n=a.group, mini_batches=1, ppo_epochs=1, steps_per_epoch=1,
                     total_steps=1, world=1, per_device_batch_size=a.per_device, filter_groups=False,
-                    max_resample_rounds=0, max_tokens_per_micro_batch=a.budget if layout == "packed" else 0)
+                    max_resample_rounds=0, max_tokens_per_micro_batch=a.budget if layout.startswith("packed") else 0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     scheduler = build_scheduler(optimizer, cfg.stage, 1)
     start = time.perf_counter()
@@ -112,7 +116,8 @@ def main() -> None:
     for i in range(0, len(samples), a.per_device):
         part = samples[i:i + a.per_device]
         padded_tokens += len(part) * (max(len(s.prompt_ids) for s in part) + max(len(s.completion_ids) for s in part))
-    layouts = {"padded": "padded (prompt per row)", "shared": "padded + shared prefix", "packed": "packed"}
+    layouts = {"padded": "padded (prompt per row)", "shared": "padded + shared prefix", "packed": "packed",
+               "packed_shared": "packed + shared prefix"}
     times: dict[str, list[float]] = {k: [] for k in layouts}
     one_update("packed", samples[: a.group], a)  # warm-up: imports, allocator
     for _ in range(a.repeats):

@@ -111,9 +111,7 @@ def test_pack_rows_with_shared_prefix_lays_each_prompt_once():
     assert packed.predict_index.tolist() == [2, 3, 2, 6, 7]
     groups = packed.shared_prefix.groups
     assert [(g.start, g.prompt_len, g.completion_lens) for g in groups] == [(0, 3, (2, 1, 0)), (6, 1, (2,))]
-    # completions padded to width 2, padding pointing at the prompt's first token; the kept slots in row order
-    assert groups[0].gather.tolist() == [3, 4, 5, 0, 0, 0] and groups[0].keep.tolist() == [0, 1, 2]
-    assert groups[0].mask[0, 0].tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+    assert packed.shared_prefix.num_tokens == 9
 
 
 def test_shared_prefix_row_equals_each_prompt_and_completion_alone(model):

@@ -199,8 +199,7 @@ def pack_rows(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], device,
             positions.extend(range(len(prompt), len(prompt) + len(completion)))
         starts.append(len(ids))
     as_row = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
-    layout = (SharedPrefixLayout.build([(len(p), [len(c) for c in cs]) for p, cs in groups], device)
-              if share_prefix else None)
+    layout = SharedPrefixLayout.build([(len(p), [len(c) for c in cs]) for p, cs in groups]) if share_prefix else None
     return PackedRows(input_ids=as_row(ids), position_ids=as_row(positions),
                       cu_seq_lens=torch.tensor(starts, dtype=torch.int32),
                       predict_index=torch.tensor(predict, dtype=torch.long, device=device), shared_prefix=layout)
