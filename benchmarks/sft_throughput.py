@@ -7,7 +7,8 @@
 Identical in both runs:
   * model: a Qwen3-shaped model built from the tiny config (``--hidden``/``--intermediate``/``--layers``, heads of
     64; 10.3M parameters by default, so that compute dominates), saved to a temp dir and loaded by path
-    (``model.name_or_path=<path>``; TRL gets the path, as a user would give it); fp32, sdpa attention, no gradient
+    (``model.name_or_path=<path>``; TRL gets the path, as a user would give it); fp32, torch sdpa attention (ours
+    through its default ``sdpa_varlen`` wrapper, see below; ``--ours-attn sdpa`` for plain sdpa), no gradient
     checkpointing, the same number of torch threads;
   * data: the same jsonl of chat rows (``messages``: user + assistant, a quarter of them two turns), of roughly
     log-uniform lengths from ~30 tokens up to ``--max-length`` (none longer, so neither side drops or truncates a
@@ -29,8 +30,11 @@ Identical in both runs:
 How the work differs, by each framework's design: TRL's bfd packing is padding-free, i.e. it concatenates the
 step's bins into a single row ``[1, bins x max_length]``; on CPU sdpa, transformers turns its position ids into a
 dense block-diagonal mask over that whole row, so attention costs ``(bins x L)^2`` against our ``bins x L^2``
-(``[bins, L]`` rows, each with its own block-diagonal mask). With ``--bins 1`` the two layouts coincide. TRL also
-computes entropy and token accuracy every step; ours computes log-probs through a chunked lm_head.
+(``[bins, L]`` rows, each with its own block-diagonal mask). With ``--bins 1`` the two layouts coincide. Ours, with
+its default attention (``sdpa_varlen``), flattens every micro-batch, packed or padded mode, into one row without
+padding and runs sdpa one document at a time (``L_i^2`` each, no mask); TRL's padded mode runs ``[rows, longest]``
+with pads and a mask. TRL also computes entropy and token accuracy every step; ours computes log-probs through a
+chunked lm_head over the trained tokens only.
 
 Each (side, mode) runs in its own long-lived Python process (imports once, a fresh trainer and model per run), so
 the peak RSS is per side and neither inherits the other's allocator state. A step is timed end to end: from the end
@@ -152,7 +156,8 @@ def ours(spec: dict) -> dict:
     batch = spec["bins"] if packed else spec["padded_batch"]
     cfg = compose([
         "stage=sft", "algorithm=sft", f"model.name_or_path={spec['model_dir']}", "model.dtype=float32",
-        "model.attn_implementation=sdpa", f"data.sources=[{{path: {spec['rows']}}}]", "data.eval_sources=[]",
+        f"model.attn_implementation={spec['ours_attn']}", f"data.sources=[{{path: {spec['rows']}}}]",
+        "data.eval_sources=[]",
         f"data.max_length={spec['max_length']}", f"data.packing={str(packed).lower()}",
         f"data.cache_dir={Path(spec['root']) / 'cache'}", f"stage.max_steps={spec['steps']}",
         f"stage.learning_rate={spec['lr']}", "stage.lr_scheduler=constant", "stage.warmup_ratio=0",
@@ -325,6 +330,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--ours-attn", default="auto", help="our model.attn_implementation: auto (our default; "
+                   "sdpa_varlen on CPU) or sdpa (TRL's, padded rows with a mask)")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -353,7 +360,8 @@ def main() -> None:
                         res[side] = workers[(side, mode)].run({
                             "packed": mode == "packed", "run_dir": str(root / f"{side}_{mode}_{rep}"),
                             "root": str(root), "model_dir": str(model_dir), "rows": str(rows), "steps": a.steps,
-                            "max_length": a.max_length, "bins": a.bins, "padded_batch": a.padded_batch, "lr": a.lr})
+                            "max_length": a.max_length, "bins": a.bins, "padded_batch": a.padded_batch, "lr": a.lr,
+                            "ours_attn": a.ours_attn})
                         results[(side, mode)].append(res[side])
                     print(f"run {rep} {mode}: " + " | ".join(
                         f"{s} {res[s]['s_per_step']:.3f}s/step {[round(t, 3) for t in res[s]['steps_s']]}"
@@ -370,7 +378,7 @@ def main() -> None:
                 w.close()
 
     print(f"\nSFT throughput on CPU ({a.threads} threads): Qwen3-shaped model, {params / 1e6:.1f}M params "
-          f"(hidden {a.hidden}, {a.layers} layers), fp32, sdpa; {data['rows']} chat rows, {data['mean_tokens']:.0f} "
+          f"(hidden {a.hidden}, {a.layers} layers), fp32, sdpa (ours: {a.ours_attn}); {data['rows']} chat rows, {data['mean_tokens']:.0f} "
           f"tokens on average (max {data['max_tokens']}); {a.steps} steps per run, the first dropped; best median of "
           f"{a.repeats} alternating run(s) per side; {n_ours} trained tokens in the dataset on both sides; "
           f"total {time.time() - t_start:.0f} s; load average {load_before:.1f} before the runs, {load_after:.1f} "

@@ -387,6 +387,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     enable_sleep_mode: bool = True
     server_url: Optional[str] = None
+    # vllm_server full-weight sync: the address the server reaches this machine at (None: this host's name, or
+    # 127.0.0.1 for a server on 127.0.0.1); stagewise.rollout.weight_sync
+    weight_sync_host: Optional[str] = None
     tensor_parallel_size: int = 1
     lora_sync: str = "merged"  # merged (merge LoRA into the engine's weights) | adapter (vLLM LoRA request)
 

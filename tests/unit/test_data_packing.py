@@ -71,6 +71,8 @@ def test_packed_dataset_and_collator_layout():
     assert flat["input_ids"].tolist() == [[30, 31, 32, 33, 20, 21, 10, 11, 12]]
     assert flat["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 0, 1, 2]]
     assert flat["labels"].tolist() == [[-100, -100, 32, 33, -100, 21, -100, 11, 12]]
+    assert flat["cu_seq_lens"].tolist() == [0, 4, 6, 9] and flat["cu_seq_lens"].dtype == torch.int32
+    assert "cu_seq_lens" not in b  # padded rows: the mask comes from the positions
 
 
 def _summed_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,14 +137,49 @@ def test_attention_does_not_cross_documents(tiny_data):
     assert (l1[0, n:] - l2[0, n:]).abs().max() < 1e-5  # B's do not
 
 
-def test_collator_for_model_flattens_only_for_flash_attention(tiny_data):
+def test_collator_for_model_flattens_for_flash_attention_and_sdpa_varlen(tiny_data):
     model, tok, _ = tiny_data
-    assert SFTCollator.for_model(model, tok.pad_token_id).flatten is False
-    model.config._attn_implementation = "flash_attention_2"
+    assert SFTCollator.for_model(model, tok.pad_token_id).flatten is False  # plain sdpa: padded rows, a mask
     try:
-        assert SFTCollator.for_model(model, tok.pad_token_id).flatten is True
+        for attn in ("flash_attention_2", "sdpa_varlen"):
+            model.config._attn_implementation = attn
+            assert SFTCollator.for_model(model, tok.pad_token_id).flatten is True
     finally:
         model.config._attn_implementation = "sdpa"
+
+
+def test_flattened_sdpa_varlen_batch_gives_the_padded_loss_and_gradients(tiny_data):
+    """Padded-mode SFT under ``sdpa_varlen``: the micro-batch's rows as one unpadded row with ``cu_seq_lens``. The
+    per-token log-probs and the gradients equal those of the same rows padded with an attention mask."""
+    from stagewise.training.modeling import sequence_token_logprobs
+
+    model, tok, tokenized = tiny_data
+    items = [tokenized[i] for i in range(len(tokenized))]
+    padded = SFTCollator(pad_token_id=tok.pad_token_id)(items)
+    flat = SFTCollator(pad_token_id=tok.pad_token_id, flatten=True)(items)
+    assert flat["input_ids"].shape[1] == sum(len(it["input_ids"]) for it in items) < padded["input_ids"].numel()
+    results = []
+    model.config._attn_implementation = "sdpa_varlen"
+    try:
+        for batch in (padded, flat):
+            model.zero_grad()
+            mask = batch["loss_mask"][:, 1:].bool()
+            lp, _ = sequence_token_logprobs(model, batch["input_ids"], position_ids=batch["position_ids"],
+                                            attention_mask=batch.get("attention_mask"),
+                                            cu_seq_lens=batch.get("cu_seq_lens"), chunk_size=64, mask=mask)
+            (-(lp * mask).sum()).backward()
+            results.append((lp[mask].detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                if p.grad is not None}))
+    finally:
+        model.config._attn_implementation = "sdpa"
+        model.zero_grad()
+    (lp_p, g_p), (lp_f, g_f) = results
+    assert len(lp_p) == len(lp_f) > 100
+    assert torch.allclose(lp_p, lp_f, atol=1e-5)  # row-major order is the same in both layouts
+    assert g_p.keys() == g_f.keys() and len(g_p) > 10
+    for name in g_p:
+        scale = float(g_p[name].abs().max())
+        assert torch.allclose(g_f[name], g_p[name], atol=1e-5 * max(1.0, scale), rtol=1e-4), name
 
 
 def test_packing_tokenised_arithmetic_rows_hand_count(tiny_data):

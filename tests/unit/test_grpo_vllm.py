@@ -1,11 +1,16 @@
 """vLLM backends. The server client is tested against a real HTTP server on 127.0.0.1 that speaks the subset of
 vLLM's OpenAI API the client uses (token-id prompts, ``return_tokens_as_token_ids``, LoRA hot-loading,
-``/collective_rpc``), generating with the tiny model; the colocated engine needs a GPU and vLLM."""
+``/collective_rpc``), generating with the tiny model, and full-weight sync against a server process whose worker
+joins a real gloo group with the trainer; the colocated engine needs a GPU and vLLM."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
+import sys
 import threading
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -17,14 +22,7 @@ from stagewise.config import ModelConfig
 from stagewise.models import load_model_and_tokenizer
 from stagewise.rollout import SamplingParams
 from stagewise.rollout.hf import HFRollout
-from stagewise.rollout.vllm import (
-    COPY_MARKER,
-    ServerError,
-    VLLMServerClient,
-    parse_token_id,
-    prepare_served_copy,
-    vllm_param_name,
-)
+from stagewise.rollout.vllm import ServerError, VLLMServerClient, parse_token_id, vllm_param_name
 
 
 class FakeVLLM:
@@ -117,31 +115,63 @@ def test_server_generation_is_parsed_exactly(fake, tmp_path):
     assert body["stop_token_ids"] == [tok.eos_token_id]
 
 
-def test_full_weight_sync_refuses_a_directory_it_does_not_own(fake, tmp_path):
+@pytest.fixture()
+def weight_server():
+    """tests/unit/fake_vllm_weight_server.py in its own process: the server side of the weight group."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fake_vllm_weight_server.py"))],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        yield f"http://127.0.0.1:{int(proc.stdout.readline())}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def served_weights(url: str) -> dict:
+    with urllib.request.urlopen(url + "/weights", timeout=30) as r:
+        return json.loads(r.read())
+
+
+def sha256_of(policy) -> dict:
+    return {n: hashlib.sha256(p.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            for n, p in policy.named_parameters()}
+
+
+def test_full_weights_reach_the_server_over_a_process_group_in_buckets(weight_server, tmp_path, monkeypatch):
+    """Full-weight sync: the trainer and the server's worker form a gloo group of their own; the weights go over it
+    in 512 KB buckets (several parameters each, a larger one alone) and the worker loads them with the model's
+    ``load_weights``: after each of two syncs the server's model equals the policy bit for bit, and nothing was
+    written to disk."""
+    import stagewise.rollout.weight_sync as weight_sync
+
+    monkeypatch.setattr(weight_sync, "BUCKET_BYTES", 2**19)
     policy, tok = load_model_and_tokenizer(ModelConfig())
-    fake.served_dir.mkdir()
-    client = VLLMServerClient(client_cfg(fake.url), policy, tok, SamplingParams(n=2), run_dir=tmp_path)
-    with pytest.raises(ServerError, match=COPY_MARKER):
+    client = VLLMServerClient(client_cfg(weight_server), policy, tok, SamplingParams(n=2), run_dir=tmp_path)
+    assert client.weight_sync_host == "127.0.0.1"
+    before = served_weights(weight_server)
+    assert before["sha256"] == sha256_of(policy)  # the same seed: equal until the policy moves
+    sizes = [p.numel() * p.element_size() for p in policy.parameters()]
+    expected_buckets = len(list(weight_sync.buckets(policy.named_parameters(), 2**19)))
+    assert expected_buckets > 3 and max(sizes) > 2**19  # several buckets, and one tensor larger than a bucket
+    for shift in (0.5, -0.25):
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(shift)  # an "optimizer step"
         client.sync_weights(policy)
-    assert not any(fake.served_dir.iterdir())
+        served = served_weights(weight_server)
+        assert served["sha256"] == sha256_of(policy) != before["sha256"]
+    assert client.weight_sender().broadcasts == 2 * expected_buckets  # one group, joined once, reused
+    assert served["loaded"] == 2 * len(sizes)
+    assert not list(tmp_path.rglob("*.safetensors"))
 
 
-def test_full_weight_sync_rewrites_the_served_copy_and_reloads(fake, tmp_path):
-    from safetensors.torch import load_file
-
+def test_full_weight_sync_names_the_missing_worker_extension(fake, tmp_path):
+    """A plain server (no stagewise worker extension): the first full-weight sync fails naming the flag."""
     policy, tok = load_model_and_tokenizer(ModelConfig())
-    src = tmp_path / "base"
-    policy.save_pretrained(src)
-    prepare_served_copy(str(src), str(fake.served_dir))
     client = VLLMServerClient(client_cfg(fake.url), policy, tok, SamplingParams(n=2), run_dir=tmp_path)
-    with torch.no_grad():
-        policy.model.norm.weight.add_(0.5)  # an "optimizer step"
-    client.sync_weights(policy)
-    written = load_file(str(fake.served_dir / "model.safetensors"))
-    assert set(written) == {n for n, _ in policy.named_parameters()}
-    assert torch.equal(written["model.norm.weight"], policy.model.norm.weight)
-    assert [c[0] for c in fake.calls] == ["/collective_rpc", "/reset_prefix_cache"]
-    assert fake.calls[0][1] == {"method": "reload_weights"}
+    with pytest.raises((ServerError, RuntimeError), match="--worker-extension-cls stagewise.rollout.weight_sync"):
+        client.sync_weights(policy)
+    assert [c[0] for c in fake.calls] == ["/collective_rpc"] and fake.calls[0][1]["method"] == "weight_sync_ping"
 
 
 def test_lora_sync_hot_loads_adapters_and_generates_with_the_newest(fake, tmp_path):

@@ -13,6 +13,9 @@ attention never crosses documents:
   (``modeling_flash_attention_utils._is_packed_sequence``); a multi-row packed batch would silently attend across
   documents. So use ``SFTCollator(flatten=True)`` (``SFTCollator.for_model`` picks it): the whole micro-batch
   becomes one row with no padding at all.
+- sdpa_varlen (the default without flash-attention): flattened too, packed or not, and the batch carries
+  ``cu_seq_lens`` (where each document starts), which `stagewise.models.attention` runs one document at a time:
+  no pad token through any layer and no ``[T, T]`` block-diagonal mask (padded-mode SFT is padding-free).
 
 Labels follow the HF convention (unshifted, -100 where no loss). The first token of every document is also -100,
 so that no position is trained to predict across a document boundary: the unpacked and packed losses agree
@@ -105,7 +108,8 @@ class SFTCollator:
     ``position_ids``). Padded layout (default): right padding with ``pad_token_id`` to the longest row (rounded up
     to ``pad_to_multiple_of``). A padded tail of a packed row gets its own restarting positions, so it forms a
     separate block that no document attends to. ``flatten=True``: every item is concatenated into a single row
-    without padding (for flash-attention varlen). Call the model with ``use_cache=False`` for packed batches.
+    without padding (for flash-attention varlen and ``sdpa_varlen``), with ``cu_seq_lens`` (int32: each document's
+    start, then the row length). Call the model with ``use_cache=False`` for packed batches.
     """
 
     def __init__(self, pad_token_id: int, *, flatten: bool = False, pad_to_multiple_of: int | None = None):
@@ -117,9 +121,12 @@ class SFTCollator:
 
     @classmethod
     def for_model(cls, model, pad_token_id: int, **kwargs) -> "SFTCollator":
-        """A collator that flattens batches when ``model`` runs flash-attention (varlen needs one row), else pads."""
+        """A collator that flattens batches when ``model`` runs flash-attention or ``sdpa_varlen`` (both attend one
+        document at a time in a single row), else pads."""
+        from stagewise.models.attention import NAME as SDPA_VARLEN
+
         attn = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
-        return cls(pad_token_id, flatten=attn.startswith("flash"), **kwargs)
+        return cls(pad_token_id, flatten=attn.startswith("flash") or attn == SDPA_VARLEN, **kwargs)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         packed = any("position_ids" in it for it in items)
@@ -147,4 +154,8 @@ class SFTCollator:
             cols["attention_mask"].append([1] * len(ids) + [0] * pad)
         if packed or self.flatten:
             del cols["attention_mask"]
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in cols.items()}
+        batch = {k: torch.tensor(v, dtype=torch.long) for k, v in cols.items()}
+        if self.flatten:
+            starts = [i for i, p in enumerate(rows[0][2]) if p == 0] + [width]
+            batch["cu_seq_lens"] = torch.tensor(starts, dtype=torch.int32)
+        return batch

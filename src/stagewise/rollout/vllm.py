@@ -20,19 +20,18 @@ Server
     Weights reach the server in one of two ways, both loud on failure (never a silent hang):
       * LoRA: the adapter is saved under ``<run>/rollout_adapters/step_<N>`` (a filesystem the server can read) and
         hot-loaded with ``/v1/load_lora_adapter`` (server: ``--enable-lora``, ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``);
-      * full weights: written as safetensors into the directory the server serves (read from ``/v1/models``), which
-        must be a copy made for this run (`prepare_served_copy` writes a ``STAGEWISE_ROLLOUT_COPY`` marker; we never
-        overwrite a directory without it), then ``/collective_rpc reload_weights`` (server:
-        ``VLLM_SERVER_DEV_MODE=1``) and ``/reset_prefix_cache``.
+      * full weights: broadcast from the main process to the server's workers over a process group of their own
+        (NCCL on GPU, gloo on CPU; `stagewise.rollout.weight_sync`: bucketed, nothing on disk), then
+        ``/reset_prefix_cache`` (server: ``VLLM_SERVER_DEV_MODE=1`` and ``--worker-extension-cls
+        stagewise.rollout.weight_sync.WeightReceiver``; ``rollout.weight_sync_host`` is the address the server
+        reaches this machine at, by default this host's name, or 127.0.0.1 for a server on 127.0.0.1).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
@@ -43,7 +42,6 @@ from stagewise.rollout.base import RolloutBatch, SamplingParams, decode_completi
 
 log = logging.getLogger(__name__)
 
-COPY_MARKER = "STAGEWISE_ROLLOUT_COPY"
 LORA_SYNC_MODES = ("merged", "adapter")
 
 
@@ -253,16 +251,6 @@ class VLLMColocated:
 
 
 # ------------------------------------------------------------------------------------------------ server
-def prepare_served_copy(src: str, dst: str) -> Path:
-    """Copy an HF model folder to ``dst`` for ``vllm serve`` and mark it as ours, so that full-weight sync may
-    overwrite its safetensors: ``python -c "from stagewise.rollout.vllm import prepare_served_copy as p;
-    p('/ckpt/base', '/shared/rollout_model')"``, then ``VLLM_SERVER_DEV_MODE=1 vllm serve /shared/rollout_model``."""
-    out = Path(dst)
-    shutil.copytree(src, out, dirs_exist_ok=True)
-    (out / COPY_MARKER).write_text(json.dumps({"source": str(src)}))
-    return out
-
-
 class ServerError(RuntimeError):
     pass
 
@@ -289,8 +277,9 @@ class VLLMServerClient:
         self._version = 0
         info = self._wait_for_server(connect_timeout_s)
         self.served_model = info["id"]
-        self.served_root = info.get("root") or info["id"]
         self.model_name = self.served_model
+        self.weight_sync_host = cfg.rollout.weight_sync_host or _weight_sync_host(self.base)
+        self._sender = None  # the weight group, joined at the first full-weight sync
 
     # -- HTTP
     def _request(self, method: str, path: str, payload: Optional[dict] = None, timeout: Optional[float] = None):
@@ -320,7 +309,7 @@ class VLLMServerClient:
 
     # -- weights
     def sync_weights(self, policy=None) -> None:
-        """LoRA: save and hot-load the adapter. Full weights: rewrite the served copy and reload it."""
+        """LoRA: save and hot-load the adapter. Full weights: broadcast them to the server's workers."""
         policy = policy or self.policy
         acc = self.accelerator
         main = acc is None or acc.is_main_process
@@ -335,25 +324,34 @@ class VLLMServerClient:
                     self._request("POST", "/v1/unload_lora_adapter", {"lora_name": self.model_name})
                 self.model_name = name
         else:
-            root = Path(self.served_root)
-            if main and not (root / COPY_MARKER).exists():
-                raise ServerError(
-                    f"full-weight sync would overwrite {str(root)!r}, the directory the vLLM server serves, which "
-                    f"is not a copy made for training (no {COPY_MARKER} file). Serve a copy: "
-                    f"stagewise.rollout.vllm.prepare_served_copy(src, dst), or train with LoRA.")
-            from safetensors.torch import save_file
+            from stagewise.rollout.weight_sync import drain
 
-            state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in
-                     iter_policy_weights(policy, self.zero3) if name is not None}
+            weights = ((name, tensor) for name, tensor in iter_policy_weights(policy, self.zero3) if name is not None)
             if main:
-                for old in root.glob("*.safetensors"):
-                    old.unlink()
-                (root / "model.safetensors.index.json").unlink(missing_ok=True)
-                save_file(state, str(root / "model.safetensors"), metadata={"format": "pt"})
-                self._request("POST", "/collective_rpc", {"method": "reload_weights"})
+                self.weight_sender().send(weights)
                 self._request("POST", "/reset_prefix_cache")
+            else:  # ZeRO-3: every rank takes part in the per-parameter gathers
+                drain(weights)
         if acc is not None:
             self.model_name = _broadcast(acc, self.model_name)
+
+    def weight_sender(self):
+        from stagewise.rollout.weight_sync import WeightSender
+
+        if self._sender is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            self._sender = WeightSender(self._collective_rpc, host=self.weight_sync_host, backend=backend)
+        return self._sender
+
+    def _collective_rpc(self, method: str, args: list) -> list:
+        """vLLM's ``/collective_rpc`` (development mode): ``method`` on every worker, their results in a list."""
+        body = self._request("POST", "/collective_rpc", {"method": method, "args": args})
+        results = body.get("results") if isinstance(body, dict) else body
+        if not isinstance(results, list):
+            raise ServerError(f"/collective_rpc {method} answered {body!r}; start the server with "
+                              f"VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls "
+                              f"stagewise.rollout.weight_sync.WeightReceiver")
+        return results
 
     # -- generation
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Optional[SamplingParams] = None) -> RolloutBatch:
@@ -391,6 +389,19 @@ class VLLMServerClient:
 
     def close(self) -> None:
         """The server outlives the run; nothing to release."""
+
+
+def _weight_sync_host(base_url: str) -> str:
+    """The address a server at ``base_url`` reaches this machine at: loopback for a local server, else this host's
+    name (``rollout.weight_sync_host`` overrides it)."""
+    from urllib.parse import urlparse
+
+    server = urlparse(base_url).hostname or ""
+    if server in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    import socket
+
+    return socket.getfqdn()
 
 
 def parse_token_id(token: str) -> int:

@@ -105,7 +105,7 @@ def run(cfg: TrainConfig) -> dict:
     model = prepare_model(model, cfg.model.lora, cfg.hardware)
     with acc.main_process_first():
         train_ds, eval_ds, data_report = build_sft_datasets(cfg, tokenizer)
-    collate = SFTCollator.for_model(model, tokenizer.pad_token_id)  # one flattened row under flash-attention
+    collate = SFTCollator.for_model(model, tokenizer.pad_token_id)  # one unpadded row (flash, sdpa_varlen)
 
     world = acc.num_processes
     global_batch = world * hw.per_device_batch_size * hw.grad_accum_steps
@@ -157,6 +157,7 @@ def run(cfg: TrainConfig) -> dict:
             targets = trained_targets(batch)
             logprobs, _ = sequence_token_logprobs(model, batch["input_ids"], position_ids=batch.get("position_ids"),
                                                   attention_mask=batch.get("attention_mask"),
+                                                  cu_seq_lens=batch.get("cu_seq_lens"),
                                                   chunk_size=hw.logprob_chunk_size, mask=targets)
             loss, _ = sft_loss(logprobs, targets, normalizer=max(step_tokens, 1))
             backward_micro_batch(acc, model, loss * world, last=k == len(batches) - 1)
@@ -208,7 +209,8 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def acc_to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch on ``device``, except ``cu_seq_lens``: the attention reads it on the host, once per layer."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) and k != "cu_seq_lens" else v for k, v in batch.items()}
 
 
 def run_evals(acc, model, eval_ds, collate, hw, gen_eval) -> dict:
@@ -232,6 +234,7 @@ def evaluate_loss(acc, model, eval_ds, collate, hw) -> float:
         mask = trained_targets(batch)
         logprobs, _ = sequence_token_logprobs(model, batch["input_ids"], position_ids=batch.get("position_ids"),
                                               attention_mask=batch.get("attention_mask"),
+                                              cu_seq_lens=batch.get("cu_seq_lens"),
                                               chunk_size=hw.logprob_chunk_size, mask=mask)
         total += -(logprobs * mask).sum()
         tokens += mask.sum()

@@ -134,14 +134,17 @@ def _output_head(model):
 
 
 def sequence_token_logprobs(model, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
-                            attention_mask: torch.Tensor | None = None, chunk_size: int = 1024,
+                            attention_mask: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
+                            chunk_size: int = 1024,
                             temperature: float = 1.0, with_entropy: bool = False,
                             mask: torch.Tensor | None = None):
     """``log p(x_{t+1} | x_<=t)`` for every position, shape [B, T-1] (and the entropy if asked), without ever
     materialising full-vocabulary logits for the whole batch: `final_hidden`, then the LM head chunk by chunk in
     ``chunked_token_logprobs``. ``mask [B, T-1]``: only those positions go through the LM head (SFT's trained
-    tokens: prompt, padding and Execute output never pay for a ``[*, V]`` projection); the others are 0."""
-    hidden = final_hidden(model, input_ids, attention_mask=attention_mask, position_ids=position_ids)[:, :-1]
+    tokens: prompt, padding and Execute output never pay for a ``[*, V]`` projection); the others are 0.
+    ``cu_seq_lens``: ``input_ids`` is one row of documents starting there (`SFTCollator` with ``flatten``)."""
+    hidden = final_hidden(model, input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          cu_seq_lens=cu_seq_lens)[:, :-1]
     return head_logprobs(_output_head(model), hidden, input_ids[:, 1:], chunk_size, temperature,
                          with_entropy=with_entropy, mask=mask)
 
