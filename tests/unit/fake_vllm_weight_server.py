@@ -40,6 +40,21 @@ class Worker(WeightReceiver):
         self.model_runner.model = TinyEngineModel()
 
 
+class JSONHandler(BaseHTTPRequestHandler):
+    """Quiet request handler with a JSON ``reply`` (also the base of test_grpo_vllm.FakeVLLM's handler)."""
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, body, status: int = 200):
+        data = json.dumps(body).encode() if body is not None else b""
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
 def digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
@@ -47,18 +62,7 @@ def digest(t: torch.Tensor) -> str:
 def main() -> None:
     worker = Worker()
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def reply(self, body, status: int = 200):
-            data = json.dumps(body).encode() if body is not None else b""
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Handler(JSONHandler):
         def do_GET(self):
             if self.path == "/v1/models":
                 return self.reply({"data": [{"id": "tiny"}]})

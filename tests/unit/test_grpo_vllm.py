@@ -11,11 +11,12 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
+from fake_vllm_weight_server import JSONHandler
 from omegaconf import OmegaConf
 
 from stagewise.config import ModelConfig
@@ -28,28 +29,16 @@ from stagewise.rollout.vllm import ServerError, VLLMServerClient, parse_token_id
 class FakeVLLM:
     """An HTTP server with vLLM's request/response shapes; generation by the tiny model on CPU."""
 
-    def __init__(self, served_dir: Path):
+    def __init__(self):
         self.model, self.tok = load_model_and_tokenizer(ModelConfig())
-        self.served_dir = served_dir
         self.calls: list[tuple[str, dict]] = []
         self.generated: list[list[int]] = []
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def reply(self, body: dict | None, status: int = 200):
-                data = json.dumps(body).encode() if body is not None else b""
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JSONHandler):
             def do_GET(self):
                 if self.path == "/v1/models":
-                    return self.reply({"data": [{"id": "tiny", "root": str(fake.served_dir)}]})
+                    return self.reply({"data": [{"id": "tiny"}]})
                 self.reply({"error": "not found"}, 404)
 
             def do_POST(self):
@@ -88,7 +77,7 @@ class FakeVLLM:
 
 @pytest.fixture()
 def fake(tmp_path):
-    server = FakeVLLM(tmp_path / "served")
+    server = FakeVLLM()
     yield server
     server.close()
 
