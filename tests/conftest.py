@@ -47,6 +47,35 @@ def run_train(args: list[str], cwd: Path, timeout: int = 600, env: dict | None =
                           capture_output=True, text=True, timeout=timeout)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_two_cpu_ranks(worker: Path, *args: str, timeout: int, hang_message: str) -> str:
+    """``worker`` on 2 CPU ranks under torchrun (one thread each); returns their combined output. A run past
+    ``timeout`` has the launcher and both ranks killed and fails with ``hang_message``; a non-zero exit fails too."""
+    import signal
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(free_port()), str(worker), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{hang_message}: {out[-2000:]}")
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
 def only_run_dir(root: Path, task: str = "train") -> Path:
     runs = [p for p in (root / "outputs" / task).iterdir() if p.is_dir()]
     assert len(runs) == 1, f"expected one run folder under {root}/outputs/{task}, found {runs}"

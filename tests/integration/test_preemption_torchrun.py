@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
+
 LOOP = r'''
 import json, os, sys, time, torch
 from accelerate import Accelerator
@@ -58,14 +60,6 @@ acc.wait_for_everyone()  # as every stage ends: a barrier, then the process grou
 acc.end_training()  # without them a rank can abort (SIGABRT) in gloo's teardown while its peer is still in it
 '''
 TOTAL = 30
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(script: Path, run_dir: Path) -> subprocess.Popen:

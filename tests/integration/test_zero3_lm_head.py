@@ -6,26 +6,18 @@ one process without DeepSpeed. The control (one chunk for all tokens) shows the 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from test_zero3_vllm_turns import free_port
+from conftest import torchrun_two_cpu_ranks
 
 WORKER = Path(__file__).with_name("zero3_lm_head_worker.py")
 
 
 @pytest.mark.slow
 def test_partitioned_head_is_gathered_once_and_never_builds_full_logits(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), str(WORKER), str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    torchrun_two_cpu_ranks(WORKER, str(tmp_path), timeout=300, hang_message="the two ranks hung")
     rows = [json.loads(line) for rank in (0, 1) for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines()]
     assert sorted((r["rank"], r["chunk"]) for r in rows) == [(0, 16), (0, 10_000), (1, 16), (1, 10_000)]
     for r in rows:

@@ -7,40 +7,19 @@ GPU); the engine wrapper, the multi-turn loop, the sandbox and DeepSpeed are rea
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import torchrun_two_cpu_ranks
+
 WORKER = Path(__file__).with_name("zero3_vllm_turns_worker.py")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_uneven_turns_under_zero3_gather_equally_and_finish(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(free_port()), str(WORKER), str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-        out, _ = proc.communicate()
-        pytest.fail(f"the two ranks hung (uneven ZeRO-3 gathers?): {out[-2000:]}")
-    assert proc.returncode == 0, out[-4000:]
+    out = torchrun_two_cpu_ranks(WORKER, str(tmp_path), timeout=240,
+                                 hang_message="the two ranks hung (uneven ZeRO-3 gathers?)")
     results = sorted((json.loads(line) for line in out.splitlines() if line.startswith('{"rank"')),
                      key=lambda r: r["rank"])
     assert [r["rank"] for r in results] == [0, 1]

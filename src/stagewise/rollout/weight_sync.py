@@ -72,15 +72,18 @@ def buckets(weights: Iterable[Tuple[str, torch.Tensor]], bucket_bytes: int
 
 
 def pack_bucket(bucket: Sequence[Tuple[str, torch.Tensor]], device) -> Tuple[torch.Tensor, List[Dict[str, Any]]]:
-    """Tensors -> one flat ``uint8`` buffer on ``device`` and the manifest the receiver unpacks it with."""
-    manifest, parts, offset = [], [], 0
+    """Tensors -> one flat ``uint8`` buffer on ``device`` (each tensor copied into it once) and the manifest the
+    receiver unpacks it with."""
+    manifest, offset = [], 0
     for name, tensor in bucket:
-        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        nbytes = tensor.numel() * tensor.element_size()
         manifest.append({"name": name, "dtype": str(tensor.dtype).removeprefix("torch."),
-                         "shape": list(tensor.shape), "offset": offset, "nbytes": flat.numel()})
-        parts.append(flat.to(device))
-        offset += flat.numel()
-    return torch.cat(parts), manifest
+                         "shape": list(tensor.shape), "offset": offset, "nbytes": nbytes})
+        offset += nbytes
+    buffer = torch.empty(offset, dtype=torch.uint8, device=device)
+    for (_, tensor), m in zip(bucket, manifest):
+        buffer[m["offset"]:m["offset"] + m["nbytes"]].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+    return buffer, manifest
 
 
 def unpack_bucket(buffer: torch.Tensor, manifest: Sequence[Dict[str, Any]]) -> List[Tuple[str, torch.Tensor]]:

@@ -587,7 +587,7 @@ def split_by_tokens(rows: Sequence[Sample], max_tokens: int, share_prefix: bool 
     out: List[List[Sample]] = []
     used = 0
     for s in rows:
-        shared = share_prefix and out and out[-1] and out[-1][-1].prompt_ids == s.prompt_ids
+        shared = share_prefix and out and out[-1][-1].prompt_ids == s.prompt_ids
         n = len(s.completion_ids) + (0 if shared else len(s.prompt_ids))
         if not out or used + n > max_tokens:
             out.append([])

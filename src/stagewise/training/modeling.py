@@ -90,8 +90,7 @@ def head_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size:
 
     def compute(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None):
         weight = head.weight  # the full weight here, also under ZeRO-3 (inside the head's call)
-        tokens = targets.numel() if mask is None else int(mask.sum())
-        if mask is None and tokens * vocab_size(head) * 4 <= SMALL_LOGITS_BYTES:
+        if mask is None and targets.numel() * vocab_size(head) * 4 <= SMALL_LOGITS_BYTES:
             return token_logprobs_from_logits(torch.nn.functional.linear(hidden, weight), targets, **kw)
         return chunked_token_logprobs(hidden, weight, targets, chunk_size, mask=mask, **kw)
 
