@@ -15,13 +15,13 @@ Rows (each runs in its own Python process, so Liger's class patches, the CUDA al
     ``hardware=1xgpu`` (bf16; ``--gradient-checkpointing`` off by default, the preset turns it on):
     ``load_model_and_tokenizer`` -> ``prepare_model`` (Liger when ``hardware.use_liger``) -> ``build_optimizer`` /
     ``build_scheduler`` -> ``acc.prepare``; per micro-batch ``SFTCollator.for_model`` over ``PackedDataset`` bins of
-    ``--seq`` tokens -> ``sequence_token_logprobs`` (chunked LM head) -> ``sft_loss`` (normaliser = trained tokens of
-    the step) -> ``backward_micro_batch``; then ``optimizer_step``. Data: a synthetic token stream, documents of
+    ``--seq`` tokens -> ``micro_batch_loss`` (chunked LM head, or Liger's fused linear cross-entropy; normaliser =
+    trained tokens of the step) -> ``backward_micro_batch``; then ``optimizer_step``. Data: a synthetic token stream, documents of
     log-uniform length in [256, seq] with uniform random ids over the whole vocabulary, the first 10% of each
     document untrained (a "prompt"), best-fit-decreasing packed. One micro-batch = one bin (``--seq`` tokens),
     ``--accum`` micro-batches per optimizer step. The Liger row says "not installed" when ``liger_kernel`` does not
-    import (and is skipped on CPU): note that our ``apply_liger`` patches RMSNorm/SwiGLU/RoPE only, its fused linear
-    cross-entropy is off (not built yet).
+    import (and is skipped on CPU); with Liger, RMSNorm/SwiGLU/RoPE are patched and the loss is its fused linear
+    cross-entropy.
   * ``grpo ours (hf|vllm)`` vs ``grpo trl (hf|vllm)``: ``stage=grpo`` (``stagewise.stages.grpo.run``) against TRL's
     ``GRPOTrainer`` with the same saved model (loaded by path on both sides), the same rendered prompts, group size,
     completion length, sampling (temperature 1, top-p 1, top-k 0), reward (``benchmarks/grpo_step.py``'s
@@ -174,14 +174,13 @@ def synthetic_bins(n_bins: int, seq: int, vocab: int, seed: int = 0):
 def sft_row(spec: dict) -> dict:
     import torch
 
-    from stagewise.algorithms import sft_loss
     from stagewise.config import compose
     from stagewise.data import SFTCollator
     from stagewise.models import load_model_and_tokenizer
-    from stagewise.stages.sft import acc_to_device, trained_targets
+    from stagewise.stages.sft import acc_to_device, micro_batch_loss, trained_targets
     from stagewise.training import (backward_micro_batch, build_accelerator, build_optimizer, build_scheduler,
                                     optimizer_step, prepare_model, set_seed)
-    from stagewise.training.modeling import sequence_token_logprobs
+    from stagewise.training.modeling import liger_usable
 
     dry, steps, accum, seq = spec["dry_run"], spec["steps"], spec["accum"], spec["seq"]
     cfg = compose([
@@ -197,7 +196,7 @@ def sft_row(spec: dict) -> dict:
     acc = build_accelerator(cfg.hardware, cfg.stage.max_grad_norm, accum)
     model, tok = load_model_and_tokenizer(cfg.model)
     model = prepare_model(model, cfg.model.lora, cfg.hardware)
-    liger = spec["liger"] and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+    liger = spec["liger"] and liger_usable()  # kernels patched by prepare_model, the fused loss in micro_batch_loss
     collate = SFTCollator.for_model(model, tok.pad_token_id)
     params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, cfg.stage)
@@ -219,11 +218,7 @@ def sft_row(spec: dict) -> dict:
         step_tokens = sum(int(trained_targets(b).sum()) for b in batches)
         step_loss = torch.zeros((), device=acc.device)
         for k, batch in enumerate(batches):
-            targets = trained_targets(batch)
-            logprobs, _ = sequence_token_logprobs(model, batch["input_ids"], position_ids=batch.get("position_ids"),
-                                                  attention_mask=batch.get("attention_mask"),
-                                                  chunk_size=cfg.hardware.logprob_chunk_size, mask=targets)
-            loss, _ = sft_loss(logprobs, targets, normalizer=max(step_tokens, 1))
+            loss = micro_batch_loss(model, batch, step_tokens, cfg.hardware.logprob_chunk_size, liger)
             backward_micro_batch(acc, model, loss, last=k == len(batches) - 1)
             step_loss += loss.detach()
         optimizer_step(acc, model, optimizer, scheduler, cfg.stage.max_grad_norm)

@@ -8,7 +8,6 @@ Everything else is real: tokenizer, sandbox processes, files, rewards, the GRPO 
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pandas as pd
@@ -24,63 +23,20 @@ from stagewise.envs import build_env
 from stagewise.envs.code_sandbox import format_observation, task_workspace
 from stagewise.models import load_model_and_tokenizer
 from stagewise.rewards import RewardRunner
-from stagewise.rollout import RolloutBatch, SamplingParams
+from stagewise.rollout import SamplingParams
 from stagewise.rollout.multiturn import STOP_TAGS, MultiTurnRollout, encode_observations, single_token_id
 from stagewise.stages.grpo import (PhaseTimer, StepContext, StepPlan, collate, collect_groups, make_mini_batches,
                                    train_on_batch)
 from stagewise.training import TrainState, build_accelerator, build_optimizer, build_scheduler
 
 from conftest import compose, only_run_dir, run_train
+from scripted_policy import ScriptedPolicy, StreamingScriptedPolicy
 
 
-class ScriptedPolicy:
-    """A generation backend with scripted turns. ``scripts[(prompt_ids, k)]`` is the list of turn texts of the k-th
-    sample of a prompt; a later turn's context is matched back to its script by its first turn, and its turn index
-    is the number of ``</Execute>`` ids in it. Like a real backend it stops at the first id in ``stop_ids``
-    (keeping it) and at ``max_new_tokens`` (truncated)."""
-
-    def __init__(self, tok, scripts):
-        self.tok, self.stop_ids, self.calls = tok, [tok.eos_token_id], []
-        self.scripts = {key: [tok.encode(t, add_special_tokens=False) for t in turns] for key, turns in scripts.items()}
-        self.close_execute = single_token_id(tok, "</Execute>")
-
-    def turn_ids(self, context, k=0):
-        best, best_len = None, 0
-        for (prompt, j), turns in self.scripts.items():
-            p = list(prompt)
-            if context[:len(p)] != p:
-                continue
-            done = context[len(p):]
-            if not done and j == k:  # a first turn: the k-th sample of this prompt
-                return turns[0]
-            common = next((i for i, (a, b) in enumerate(zip(done, turns[0])) if a != b), min(len(done), len(turns[0])))
-            if done and common > best_len:  # the script whose first turn this trajectory started with
-                best, best_len = turns[done.count(self.close_execute)], common
-        assert best is not None, "no script for this context"
-        return best
-
-    def generate(self, prompts, sampling):
-        self.calls.append({"prompts": len(prompts), "n": sampling.n, "stop_ids": list(self.stop_ids),
-                           "max_new_tokens": sampling.max_new_tokens})
-        out, truncated = [], []
-        for p in prompts:
-            for k in range(sampling.n):
-                ids = self.turn_ids(list(p), k)
-                stop = next((i + 1 for i, t in enumerate(ids) if t in self.stop_ids), None)
-                cut = min(stop or len(ids), sampling.max_new_tokens)
-                out.append(ids[:cut])
-                truncated.append(stop is None or stop > sampling.max_new_tokens)
-        return RolloutBatch(prompt_ids=[list(p) for p in prompts for _ in range(sampling.n)], completion_ids=out,
-                            texts=[self.tok.decode(c) for c in out], truncated=truncated, n=sampling.n)
-
-    def sync_weights(self, *args):
-        pass
-
-    def staying_awake(self):
-        return contextlib.nullcontext()
-
-    def close(self):
-        pass
+@pytest.fixture(params=[ScriptedPolicy, StreamingScriptedPolicy], ids=["lockstep", "streaming"])
+def Policy(request):
+    """Each loop test runs twice: turns batched in lockstep (rollout=hf) and streamed one request each (vLLM)."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +66,7 @@ def loop(policy, tok, env_cfg=None, n=2, max_new_tokens=256, max_context=4096):
                             sampling=SamplingParams(n=n, max_new_tokens=max_new_tokens))
 
 
-def test_trajectory_masks_layout_and_stop_ids(tok, tasks):
+def test_trajectory_masks_layout_and_stop_ids(tok, tasks, Policy):
     row = tasks[0]
     gold = row["reward_spec"]["ground_truth"]
     p = tuple(prompt_ids(tok, row))
@@ -120,13 +76,15 @@ def test_trajectory_masks_layout_and_stop_ids(tok, tasks):
         (p, 1): ["<Analyze>guess</Analyze>\n<Code>\nprint(1 / 0)\n</Code> never generated",
                  "\n<Answer>Answer: 0</Answer><|im_end|>"],
     }
-    policy = ScriptedPolicy(tok, scripts)
+    policy = Policy(tok, scripts)
     batch = loop(policy, tok).generate([list(p)], tasks=[row])
     code_close, answer_close = single_token_id(tok, "</Code>"), single_token_id(tok, "</Answer>")
     ex_open, ex_close = single_token_id(tok, "<Execute>"), single_token_id(tok, "</Execute>")
 
-    # one generate call per turn over all live trajectories; stop ids = EOS + </Code> + </Answer>, restored after
-    assert [(c["prompts"], c["n"]) for c in policy.calls] == [(1, 2), (2, 1)]
+    # lockstep: one generate call per turn over all live trajectories; streaming: the prompt once with its n samples,
+    # then one request per trajectory's turn. Stop ids = EOS + </Code> + </Answer>, restored after
+    calls = [(c["prompts"], c["n"]) for c in policy.calls]
+    assert calls == ([(1, 2), (2, 1)] if Policy is ScriptedPolicy else [(1, 2), (1, 1), (1, 1)])
     assert all(c["stop_ids"] == [tok.eos_token_id, code_close, answer_close] for c in policy.calls)
     assert policy.stop_ids == [tok.eos_token_id]
 
@@ -161,53 +119,53 @@ def test_trajectory_masks_layout_and_stop_ids(tok, tasks):
     assert result.total == [1.0, 0.0]
 
 
-def test_samples_of_a_prompt_never_see_each_others_files(tok, tasks):
+def test_samples_of_a_prompt_never_see_each_others_files(tok, tasks, Policy):
     row = tasks[1]
     p = tuple(prompt_ids(tok, row))
     write = "import os\nopen('note.txt', 'a').write('{k}')\nprint(sorted(os.listdir('.')))"
     read = "print(open('note.txt').read())"
     scripts = {(p, k): ["<Analyze>w</Analyze>" + fenced(write.format(k=k)), fenced(read),
                         "<Answer>Answer: 1</Answer>"] for k in range(3)}
-    batch = loop(ScriptedPolicy(tok, scripts), tok, n=3).generate([list(p)], tasks=[row])
+    batch = loop(Policy(tok, scripts), tok, n=3).generate([list(p)], tasks=[row])
     for k, text in enumerate(batch.texts):
         spans = [s.split("\n</Execute>")[0] for s in text.split("<Execute>\n")[1:]]
         assert spans == ["['note.txt', 'sales.csv']\n", f"{k}\n"]  # its own note only, even though all ran at once
     assert sorted(x.name for x in task_workspace(row).iterdir()) == ["sales.csv"]  # the source is untouched
 
 
-def test_turn_and_context_limits(tok, tasks):
+def test_turn_and_context_limits(tok, tasks, Policy):
     row = tasks[0]
     p = tuple(prompt_ids(tok, row))
     code_turn = "<Analyze>again</Analyze>" + fenced("print('x' * 30)")
     # max_turns: the env ends the episode after its 2nd step; the last observation is still appended
     env_cfg = EnvConfig(name="code_sandbox", max_turns=2)
-    batch = loop(ScriptedPolicy(tok, {(p, 0): [code_turn] * 3}), tok, env_cfg, n=1).generate([list(p)], tasks=[row])
+    batch = loop(Policy(tok, {(p, 0): [code_turn] * 3}), tok, env_cfg, n=1).generate([list(p)], tasks=[row])
     assert batch.env_columns["finish_reason"] == ["max_turns"] and batch.truncated == [True]
     assert batch.texts[0].count("</Execute>") == 2 and batch.env_columns["turns"] == [2]
 
-    turn_ids = ScriptedPolicy(tok, {(p, 0): [code_turn]}).scripts[(p, 0)][0]
+    turn_ids = Policy(tok, {(p, 0): [code_turn]}).scripts[(p, 0)][0]
     # the observation would not fit: not appended, the trajectory ends at the limit
     limit = len(p) + len(turn_ids) + 3
-    policy = ScriptedPolicy(tok, {(p, 0): [code_turn] * 3})
+    policy = Policy(tok, {(p, 0): [code_turn] * 3})
     batch = loop(policy, tok, n=1, max_context=limit).generate([list(p)], tasks=[row])
     assert batch.completion_ids[0] == turn_ids and batch.loss_mask[0] == [1] * len(turn_ids)
     assert batch.env_columns["finish_reason"] == ["context"] and batch.env_columns["code_calls"] == [1]
     # a turn longer than the room left is cut at the limit, and the backend was asked for no more than that
-    policy = ScriptedPolicy(tok, {(p, 0): [code_turn]})
+    policy = Policy(tok, {(p, 0): [code_turn]})
     batch = loop(policy, tok, n=1, max_context=len(p) + 5).generate([list(p)], tasks=[row])
     assert batch.completion_ids[0] == turn_ids[:5] and batch.truncated == [True]
     assert policy.calls[0]["max_new_tokens"] == 5 and batch.env_columns["finish_reason"] == ["context"]
     # EOS ends the trajectory (not truncated); a turn that hits rollout.max_new_tokens is truncated
-    eos = loop(ScriptedPolicy(tok, {(p, 0): ["<Analyze>done</Analyze><|im_end|>"]}), tok, n=1)
+    eos = loop(Policy(tok, {(p, 0): ["<Analyze>done</Analyze><|im_end|>"]}), tok, n=1)
     batch = eos.generate([list(p)], tasks=[row])
     assert batch.env_columns["finish_reason"] == ["eos"] and batch.truncated == [False]
     assert batch.completion_ids[0][-1] == tok.eos_token_id and "<|im_end|>" not in batch.texts[0]
-    long = loop(ScriptedPolicy(tok, {(p, 0): [code_turn]}), tok, n=1, max_new_tokens=4)
+    long = loop(Policy(tok, {(p, 0): [code_turn]}), tok, n=1, max_new_tokens=4)
     batch = long.generate([list(p)], tasks=[row])
     assert batch.env_columns["finish_reason"] == ["turn_length"] and len(batch.completion_ids[0]) == 4
 
 
-def test_a_failing_env_ends_only_its_own_trajectory(tok, tasks):
+def test_a_failing_env_ends_only_its_own_trajectory(tok, tasks, Policy):
     from stagewise.envs import Env, Step
 
     class Flaky(Env):
@@ -225,7 +183,7 @@ def test_a_failing_env_ends_only_its_own_trajectory(tok, tasks):
     rows = [{"bad": True}, {"bad": False}]
     prompts = [tok("first task")["input_ids"], tok("second task")["input_ids"]]
     turns = ["<Analyze>a</Analyze>" + fenced("print(1)"), "<Answer>Answer: 1</Answer>"]
-    policy = ScriptedPolicy(tok, {(tuple(p), 0): turns for p in prompts})
+    policy = Policy(tok, {(tuple(p), 0): turns for p in prompts})
     agent = MultiTurnRollout(policy, tok, Flaky, max_context_tokens=1024, stop_tags=STOP_TAGS["code_sandbox"],
                              sampling=SamplingParams(n=1, max_new_tokens=128))
     batch = agent.generate(prompts, tasks=rows)
@@ -234,7 +192,7 @@ def test_a_failing_env_ends_only_its_own_trajectory(tok, tasks):
     assert cols["code_calls"] == [1, 1] and cols["code_errors"] == [1, 0]
     assert "<Execute>" not in batch.texts[0] and batch.texts[1].count("<Execute>\nok\n</Execute>") == 1
     # a prompt already longer than the context is not generated at all
-    short = MultiTurnRollout(ScriptedPolicy(tok, {(tuple(prompts[0]), 0): turns}), tok, Flaky,
+    short = MultiTurnRollout(Policy(tok, {(tuple(prompts[0]), 0): turns}), tok, Flaky,
                              max_context_tokens=2, stop_tags=STOP_TAGS["code_sandbox"])
     batch = short.generate(prompts[:1], SamplingParams(n=1, max_new_tokens=8), tasks=rows[:1])
     assert batch.completion_ids == [[]] and batch.env_columns["finish_reason"] == ["context"]

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "unit"), str(Path(__file__).resolve().parents[1])]
-from test_vllm_colocated_turns import RecordingLLM  # noqa: E402
+from test_vllm_colocated_turns import RecordingLLM, fake_vllm_module  # noqa: E402
 
 from stagewise.config import compose  # noqa: E402
 from stagewise.models import load_model_and_tokenizer  # noqa: E402
@@ -31,10 +30,8 @@ def main(run_dir: Path) -> None:
     policy = engine.module
     assert any(hasattr(p, "ds_id") for p in policy.parameters()), "not partitioned by ZeRO-3"
 
-    module = types.ModuleType("vllm")
-    module.LLM = RecordingLLM
-    module.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
-    sys.modules["vllm"] = module
+    module = fake_vllm_module()
+    sys.modules["vllm"], sys.modules["vllm.sampling_params"] = module, module.sampling_params
     torch.cuda.is_available = lambda: True  # VLLMColocated's guard; nothing here touches CUDA
     RecordingLLM.tokenizer = tok
     from stagewise.rollout.vllm import VLLMColocated

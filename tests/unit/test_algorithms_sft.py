@@ -141,3 +141,43 @@ def test_lm_head_only_over_trained_tokens(tiny, monkeypatch):
     with torch.no_grad():
         sequence_token_logprobs(model, ids, attention_mask=attn, chunk_size=7, mask=loss_mask)
     assert projected == [7, 7, 6]  # the 20 trained tokens in chunks of 7, not the 4 x (T-1) positions
+
+
+def test_sequence_nll_sum_is_transformers_summed_cross_entropy(tiny):
+    """The SFT stage's loss numerator: -sum log p over the trained tokens = transformers' mean CE x trained tokens."""
+    from stagewise.training.modeling import sequence_nll_sum
+
+    model, tok, docs = tiny
+    ids, attn, loss_mask = _micro_batch(docs, tok.pad_token_id)
+    labels = ids.masked_fill(~torch.cat([torch.zeros(4, 1, dtype=torch.bool), loss_mask], 1), -100)
+    with torch.no_grad():
+        ours = sequence_nll_sum(model, ids, loss_mask.float(), attention_mask=attn, chunk_size=7)
+        theirs = model(input_ids=ids, attention_mask=attn, labels=labels).loss * 20
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_liger_fused_cross_entropy_equals_the_chunked_head(tiny):
+    """hardware.use_liger on a GPU: Liger's fused linear cross-entropy gives SFT the same summed loss and the same
+    gradient for every parameter as our chunked LM head (float32, so the tolerance is about kernels, not dtype)."""
+    pytest.importorskip("liger_kernel")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from stagewise.training.modeling import sequence_nll_sum
+
+    model, tok, docs = tiny
+    model = model.cuda()
+    ids, attn, loss_mask = (t.cuda() for t in _micro_batch(docs, tok.pad_token_id))
+    results = []
+    for fused in (False, True):
+        model.zero_grad()
+        nll = sequence_nll_sum(model, ids, loss_mask.float(), attention_mask=attn, chunk_size=7, fused_ce=fused)
+        (nll / 20).backward()
+        results.append((nll.item(), _grads(model)))
+    model.cpu()
+    (plain, g_plain), (fused, g_fused) = results
+    assert fused == pytest.approx(plain, rel=1e-4) and plain > 0
+    assert g_plain.keys() == g_fused.keys() and len(g_plain) > 10
+    for name in g_plain:
+        torch.testing.assert_close(g_fused[name], g_plain[name], atol=1e-5, rtol=1e-3, msg=name)
+    model.zero_grad()

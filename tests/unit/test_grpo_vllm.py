@@ -188,6 +188,103 @@ def test_unreachable_server_fails_loudly(tmp_path):
                          connect_timeout_s=1.0)
 
 
+class ScriptedServer:
+    """vLLM's ``/v1/completions`` on 127.0.0.1 answering with `ScriptedPolicy` turns, many requests at once (a
+    thread each); records ``(prompt index, turn index)`` for every request, in arrival order."""
+
+    def __init__(self, tok, prompts, scripts):
+        from scripted_policy import ScriptedPolicy
+
+        policy, self.requests, lock = ScriptedPolicy(tok, scripts), [], threading.Lock()
+        close_execute = policy.close_execute
+
+        class Handler(JSONHandler):
+            def do_GET(self):
+                self.reply({"data": [{"id": "scripted"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                sampling = SamplingParams(n=body["n"], max_new_tokens=body["max_tokens"])
+                with lock:
+                    for context in body["prompt"]:
+                        k = next(k for k, p in enumerate(prompts) if context[:len(p)] == p)
+                        self_requests.append((k, context.count(close_execute)))
+                    policy.stop_ids = body["stop_token_ids"]
+                    batch = policy.generate(body["prompt"], sampling)
+                self.reply({"choices": [
+                    {"index": i, "finish_reason": "length" if batch.truncated[i] else "stop",
+                     "logprobs": {"tokens": [f"token_id:{t}" for t in ids], "token_logprobs": [-1.0] * len(ids)}}
+                    for i, ids in enumerate(batch.completion_ids)]})
+
+        self_requests = self.requests
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class AsBatchBackend:
+    """The same client without ``submit_turn``: the multi-turn loop runs it in lockstep, as it runs rollout=hf."""
+
+    def __init__(self, client):
+        object.__setattr__(self, "client", client)
+
+    def __getattr__(self, name):
+        if name in ("submit_turn", "step"):
+            raise AttributeError(name)
+        return getattr(self.client, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.client, name, value)
+
+
+def test_server_turns_stream_so_code_runs_overlap_other_trajectories_turns(tmp_path):
+    """rollout=vllm_server with env=code_sandbox: each trajectory's turn is its own request, sent the moment its code
+    run returns. A trajectory whose code sleeps 1.5 s does not hold back the other one, which finishes its three
+    turns (its second and third requests) before the slow one's second turn is even asked for; in lockstep the
+    fast trajectory waits for the slow program at every turn. Both give the same trajectories, token for token."""
+    from stagewise.config import EnvConfig
+    from stagewise.envs import build_env
+    from stagewise.rollout.multiturn import STOP_TAGS, MultiTurnRollout
+
+    policy, tok = load_model_and_tokenizer(ModelConfig())
+    prompts = [tok(f"{name} task", add_special_tokens=False)["input_ids"] for name in ("slow", "fast")]
+    scripts = {(tuple(prompts[k]), 0): [f"<Code>\n{first}\n</Code>", f"<Code>\nprint('{k}b')\n</Code>",
+                                        f"<Answer>Answer: {k}</Answer>"]
+               for k, first in enumerate(["import time; time.sleep(1.5); print('0a')", "print('1a')"])}
+    server = ScriptedServer(tok, prompts, scripts)
+    env_cfg = OmegaConf.structured(EnvConfig(name="code_sandbox", max_turns=5))
+    batches, requests = {}, {}
+    try:
+        for mode in ("streaming", "lockstep"):
+            client = VLLMServerClient(client_cfg(server.url), policy, tok, SamplingParams(n=1), run_dir=tmp_path)
+            backend = client if mode == "streaming" else AsBatchBackend(client)
+            agent = MultiTurnRollout(backend, tok, lambda: build_env(env_cfg), max_context_tokens=1024,
+                                     stop_tags=STOP_TAGS["code_sandbox"], num_workers=2,
+                                     sampling=SamplingParams(n=1, max_new_tokens=64))
+            server.requests.clear()
+            try:
+                batches[mode] = agent.generate(prompts, tasks=[{}, {}])
+            finally:
+                agent.close()
+            requests[mode] = list(server.requests)
+    finally:
+        server.close()
+    streaming, lockstep = batches["streaming"], batches["lockstep"]
+    assert streaming.env_columns["finish_reason"] == ["answer", "answer"] and streaming.env_columns["turns"] == [3, 3]
+    assert streaming.texts[0].count("<Execute>\n0a\n") == 1 and streaming.texts[1].count("<Execute>\n1b\n") == 1
+    assert streaming.completion_ids == lockstep.completion_ids and streaming.loss_mask == lockstep.loss_mask
+    assert streaming.env_columns == lockstep.env_columns and streaming.logprobs == lockstep.logprobs
+    order = requests["streaming"]
+    assert sorted(order) == [(k, turn) for k in (0, 1) for turn in range(3)]  # 6 requests, one per turn
+    assert order.index((1, 2)) < order.index((0, 1))  # fast's last turn before slow's second
+    assert streaming.timing.turns == 6 and lockstep.timing.turns == 3
+    assert requests["lockstep"] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]  # 3 calls, both in each
+
+
 @pytest.mark.parametrize("name, expected", [
     ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight"),
     ("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight", "model.layers.0.self_attn.q_proj.weight"),
@@ -228,4 +325,13 @@ def test_colocated_engine_generates_and_takes_new_weights(tmp_path):
     lp = engine.generate(prompts).logprobs
     expected = -torch.log(torch.tensor(float(policy.config.vocab_size)))
     assert all(abs(x - float(expected)) < 1e-3 for row in lp for x in row)
+    # a multi-turn turn as its own engine request (LLMEngine.add_request, then step until it finishes)
+    done = []
+    with engine.staying_awake():
+        engine.submit_turn(prompts[0], SamplingParams(n=2, max_new_tokens=8), done.append)
+        while engine.step():
+            pass
+    turn = done[0].result()
+    assert len(done) == 1 and len(turn) == 2 and all(1 <= len(c) <= 8 for c in turn.completion_ids)
+    assert all(abs(x - float(expected)) < 1e-3 for row in turn.logprobs for x in row)
     engine.close()

@@ -33,8 +33,10 @@ class RecordingLLM:
         self.events: list[tuple] = []
         self.loaded = 0
         model = SimpleNamespace(load_weights=self._load_weights)
+        self.queued: list[tuple] = []  # (request id, prompt, params) added and not yet stepped
         self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(
-            driver_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model))))
+            driver_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model))),
+            add_request=self._add_request, step=self._step)
 
     def _load_weights(self, weights):
         self.loaded += len(weights)
@@ -50,18 +52,26 @@ class RecordingLLM:
         self.events.append(("reset_prefix_cache",))
 
     def generate(self, prompts, sampling_params, use_tqdm, lora_request):
+        self.events.append(("generate", len(prompts)))
+        return [SimpleNamespace(outputs=self.complete(p["prompt_token_ids"], sampling_params.n)) for p in prompts]
+
+    def _add_request(self, request_id, prompt, params, lora_request=None):
+        """``LLMEngine.add_request``; the engine answers every queued request at its next ``step``."""
+        assert params.output_kind == "FINAL_ONLY"
+        self.events.append(("add_request", params.n))
+        self.queued.append((request_id, prompt, params))
+
+    def _step(self):
+        queued, self.queued = self.queued, []
+        return [SimpleNamespace(request_id=rid, finished=True, outputs=self.complete(p["prompt_token_ids"], sp.n))
+                for rid, p, sp in queued]
+
+    def complete(self, ids, n):
         tok = self.tokenizer
         execute = tok.convert_tokens_to_ids("<Execute>")
-        self.events.append(("generate", len(prompts)))
-        outputs = []
-        for i, p in enumerate(prompts):
-            ids = p["prompt_token_ids"]
-            text = ANSWER_TURN if execute in ids or self.first_turn_index(ids) % 2 else CODE_TURN
-            completion = tok(text, add_special_tokens=False)["input_ids"]
-            outs = [SimpleNamespace(token_ids=completion, finish_reason="stop", logprobs=None)
-                    for _ in range(sampling_params.n)]
-            outputs.append(SimpleNamespace(outputs=outs))
-        return outputs
+        text = ANSWER_TURN if execute in ids or self.first_turn_index(ids) % 2 else CODE_TURN
+        completion = tok(text, add_special_tokens=False)["input_ids"]
+        return [SimpleNamespace(token_ids=completion, finish_reason="stop", logprobs=None) for _ in range(n)]
 
     def first_turn_index(self, ids) -> int:
         """Which test prompt this is: the digit its question ends with."""
@@ -69,12 +79,21 @@ class RecordingLLM:
         return int(text.split("question ")[1][0])
 
 
-@pytest.fixture
-def fake_vllm(monkeypatch):
+def fake_vllm_module() -> types.ModuleType:
+    """``vllm`` with `RecordingLLM` as its ``LLM`` and the names `VLLMColocated` imports."""
     module = types.ModuleType("vllm")
     module.LLM = RecordingLLM
     module.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    module.sampling_params = types.ModuleType("vllm.sampling_params")
+    module.sampling_params.RequestOutputKind = SimpleNamespace(FINAL_ONLY="FINAL_ONLY")
+    return module
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = fake_vllm_module()
     monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", module.sampling_params)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     return module
 
@@ -100,8 +119,9 @@ def test_one_wake_per_multi_turn_batch_and_no_weight_push_between_turns(fake_vll
     assert llm.events[before:] == [("wake_up", ("kv_cache",)), ("generate", 1), ("sleep", 2)]
 
     # a multi-turn batch: the level-2 sleep dropped the weights, so the first turn (which every rank runs) pushes
-    # them; then one wake of the KV cache, two generate calls (4 prompts, then the 2 that ran code) and one sleep
-    # at the end: no weight push and no prefix-cache reset between the turns
+    # them; then one wake of the KV cache, each trajectory's turn its own request to the engine (4 first turns,
+    # then the 2 that ran code, each added when its code run returned) and one sleep at the end: no weight push
+    # and no prefix-cache reset between the turns
     agent = MultiTurnRollout.from_config(cfg, engine, tok)
     before = len(llm.events)
     try:
@@ -111,6 +131,6 @@ def test_one_wake_per_multi_turn_batch_and_no_weight_push_between_turns(fake_vll
     turns = [int(t) for t in batch.env_columns["turns"]]
     assert turns == [2, 1, 2, 1]  # uneven: the code-writing trajectories take a second turn
     assert llm.events[before:] == [("wake_up", ("weights",)), *[("load_weights",)] * params, ("reset_prefix_cache",),
-                                   ("wake_up", ("kv_cache",)), ("generate", 4), ("generate", 2), ("sleep", 2)]
+                                   ("wake_up", ("kv_cache",)), *[("add_request", 1)] * 6, ("sleep", 2)]
     assert llm.loaded == 2 * params
     assert "<Execute>\n42\n" in tok.decode(batch.completion_ids[0])  # the sandbox really ran the code

@@ -81,9 +81,9 @@ def sampling_from_config(rollout_cfg, n: Optional[int] = None) -> SamplingParams
 class RolloutTiming:
     """Where the multi-turn loop's time went in one ``generate`` call."""
 
-    generate_s: float  # seconds in the backend's generate calls
-    env_s: float  # seconds in the environments' steps (code runs)
-    turns: int  # backend generate calls (one per turn)
+    generate_s: float  # seconds with generation running (lockstep: in generate calls; streaming: a turn in flight)
+    env_s: float  # seconds generation stood still waiting for code runs (lockstep: every env step)
+    turns: int  # generation calls: one per turn of the batch (lockstep) or one per trajectory turn (streaming)
 
 
 @dataclass

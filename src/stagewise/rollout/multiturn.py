@@ -8,14 +8,25 @@ One trajectory is ONE assistant message: the policy's turns and the environment'
 token by token after the prompt, and ``loss_mask`` says which tokens the policy wrote (1) and which the environment
 inserted (0: the ``\\n<Execute>\\n…\\n</Execute>\\n`` spans, both tags included, as in SFT).
 
-The loop, over a batch of prompts x ``n`` samples (one env per trajectory, `stagewise.envs.build_env`):
-  1. one ``backend.generate`` call per turn over every unfinished trajectory (turn 0: the prompts with ``n``
-     samples each, so the backend prefills each prompt once; later turns: each trajectory's whole context, n=1).
-     Generation stops on token ids: the env's stop tags (``</Code>``, ``</Answer>``; single tokens, checked at
-     construction) are added to the backend's own stop ids (EOS) for the call. The stop token is kept.
-  2. a turn that ends with a stop tag goes to ``env.step``; the steps of all trajectories run in parallel on a
-     thread pool (``env.num_workers``), each trajectory in its own sandbox process (started ahead, while turn 0
-     is generated: as many as ran code in the previous batch);
+The loop, over a batch of prompts x ``n`` samples (one env per trajectory, `stagewise.envs.build_env`), runs in one
+of two ways, chosen by the backend:
+
+* **streaming** (``rollout=vllm``, ``vllm_server``: engines that batch requests as they arrive), SkyRL style: each
+  trajectory is its own loop. Its turn is one request to the engine (turn 0: each prompt once with its ``n``
+  samples, so the engine prefills it once), sent the moment its previous code run returned; its code runs on the
+  env pool while the engine generates the other trajectories' turns. Nobody waits for the slowest program or the
+  longest turn of the batch.
+* **lockstep** (``rollout=hf``, a batch ``generate``): one ``generate`` call per turn over every unfinished
+  trajectory, once all code runs of the turn before returned. Which trajectories share a call never depends on how
+  long a program ran, so a seeded run is reproducible (the streaming order is not; vLLM sampling on GPU is not
+  bit-reproducible either).
+
+Per turn:
+  1. Generation stops on token ids: the env's stop tags (``</Code>``, ``</Answer>``; single tokens, checked at
+     construction) are added to the backend's own stop ids (EOS) for the batch. The stop token is kept.
+  2. a turn that ends with a stop tag goes to ``env.step`` on a thread pool (``env.num_workers`` code runs at once),
+     each trajectory in its own sandbox process (started ahead, while turn 0 is generated: as many as ran code in
+     the previous batch);
   3. the observation is tokenised (tags as their single ids, the program's text with special tokens split, so a
      printed ``<|im_end|>`` is plain text) and appended with mask 0;
   4. a trajectory ends when the env says done (``</Answer>``, or ``env.max_turns`` steps), when a turn ends with
@@ -25,8 +36,8 @@ The loop, over a batch of prompts x ``n`` samples (one env per trajectory, `stag
 ``finish_reason``: ``answer`` | ``eos`` | ``max_turns`` | ``context`` | ``turn_length`` | ``env_error``. All but
 the first two set ``truncated`` (the policy did not end the trajectory itself), which GRPO reports as the clipped
 ratio and masks out of the loss under ``algorithm.mask_truncated``. An env whose ``step`` raises ends only its own
-trajectory (``env_error``, counted as a failed code call, logged once per error type); the batch goes on. An observation that would not fit in the context is not
-appended (the trajectory ends with ``context``); a generated turn that would not fit is cut at the limit.
+trajectory (``env_error``, counted as a failed code call, logged once per error type); the batch goes on. An
+observation that would not fit in the context is not appended (the trajectory ends with ``context``); a generated turn that would not fit is cut at the limit.
 
 Per-trajectory facts go to ``batch.env_columns`` (``turns``, ``code_calls``, ``code_errors``,
 ``code_timeouts``, ``answered``, ``finish_reason``), which GRPO passes to the rewards as columns
@@ -37,9 +48,9 @@ Where we depart from DeepAnalyze's SkyRL generator (skyrl_train/generators/skyrl
 https://github.com/ruc-datalab/DeepAnalyze):
   * Their generator re-tokenised each model turn's text; we keep the sampled token ids, so the trained tokens are
     exactly the sampled ones (no re-tokenisation drift at turn boundaries).
-  * Batched: one generate call per turn over all live trajectories (theirs: ``batched=false``, one agent loop per
-    trajectory on an async engine). The hf backend re-prefills each context every turn (no cross-turn KV cache);
-    vLLM's prefix cache makes that cheap on GPU.
+  * Streaming as theirs (``batched=false``, one agent loop per trajectory on an async engine) on vLLM; lockstep on
+    the hf backend, which re-prefills each context every turn (no cross-turn KV cache); vLLM's prefix cache makes
+    that cheap on GPU.
   * EOS ends a trajectory (theirs answered a turn without code by a "no code" error and went on, inside a message
     that had already ended). No EOS is appended to a trajectory that did not produce one.
   * ``max_new_tokens`` bounds each turn (theirs: 32768 per turn, i.e. only the context bound); set
@@ -51,10 +62,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from stagewise.config import DEEPANALYZE_TAGS
 from stagewise.envs import Env, Step, build_env
@@ -244,46 +256,142 @@ class MultiTurnRollout:
         envs = [self.env_factory() for _ in trajs]
         if self.prewarm is not None:  # sandbox processes start importing while the first turn is generated
             self.prewarm(self._prewarm_count(len(trajs)))
-        generate_s, env_s, turns = 0.0, 0.0, 0
-        with_logprobs = True  # engine log-probs on every turn (vLLM with TIS), else none at all
         try:
             first = [env.reset(t.task) for env, t in zip(envs, trajs)]
             for t, ids in zip(trajs, encode_observations(self.tokenizer, first)):
                 t.append(ids, policy=False)
             shared_first_turn = not any(first)
             with self._stopping_at_tags(), self.backend.staying_awake():  # one wake (and weight push) per batch
-                while True:
-                    for t in trajs:
-                        if not t.done and self._budget(t) <= 0:
-                            t.finish_reason = "context"
-                    live = [i for i, t in enumerate(trajs) if not t.done]
-                    if not live:
-                        break
-                    budgets = {i: self._budget(trajs[i]) for i in live}
-                    turn_sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens,
-                                                                         max(budgets.values())))
-                    start = time.perf_counter()
-                    if shared_first_turn and turns == 0 and len(live) == len(trajs):
-                        out = self.backend.generate([list(p) for p in prompts], turn_sampling)
-                    else:
-                        out = self.backend.generate([trajs[i].prompt_ids + trajs[i].completion_ids for i in live],
-                                                    replace(turn_sampling, n=1))
-                    generate_s += time.perf_counter() - start
-                    turns += 1
-                    with_logprobs = with_logprobs and out.logprobs is not None
-                    pending = []
-                    for j, i in enumerate(live):
-                        lp = out.logprobs[j] if out.logprobs is not None else None
-                        if self._take_turn(trajs[i], out.completion_ids[j], lp, budgets[i]):
-                            pending.append((i, len(out.completion_ids[j])))
-                    start = time.perf_counter()
-                    self._step_envs(envs, trajs, pending)
-                    env_s += time.perf_counter() - start
+                drive = self._streaming if hasattr(self.backend, "submit_turn") else self._lockstep
+                timing, with_logprobs = drive(prompts, trajs, envs, sampling, shared_first_turn)
         finally:
             list(self.pool.map(lambda env: env.close(), envs))
-        timing = RolloutTiming(generate_s=generate_s, env_s=env_s, turns=turns)
         self._code_trajectories = sum(t.code_calls > 0 for t in trajs)
         return self._batch(trajs, n, timing, with_logprobs)
+
+    def _lockstep(self, prompts, trajs: List[Trajectory], envs: List[Env], sampling: SamplingParams,
+                  shared_first_turn: bool) -> Tuple[RolloutTiming, bool]:
+        """Batch backends (``rollout=hf``): one ``generate`` call per turn over every live trajectory, once every
+        code run of the turn before has returned. Deterministic for a seed: which trajectories share a call never
+        depends on how long a code run took."""
+        generate_s, env_s, turns = 0.0, 0.0, 0
+        with_logprobs = True  # engine log-probs on every turn (vLLM with TIS), else none at all
+        while True:
+            for t in trajs:
+                if not t.done and self._budget(t) <= 0:
+                    t.finish_reason = "context"
+            live = [i for i, t in enumerate(trajs) if not t.done]
+            if not live:
+                break
+            budgets = {i: self._budget(trajs[i]) for i in live}
+            turn_sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, max(budgets.values())))
+            start = time.perf_counter()
+            if shared_first_turn and turns == 0 and len(live) == len(trajs):
+                out = self.backend.generate([list(p) for p in prompts], turn_sampling)
+            else:
+                out = self.backend.generate([trajs[i].prompt_ids + trajs[i].completion_ids for i in live],
+                                            replace(turn_sampling, n=1))
+            generate_s += time.perf_counter() - start
+            turns += 1
+            with_logprobs = with_logprobs and out.logprobs is not None
+            pending = []
+            for j, i in enumerate(live):
+                lp = out.logprobs[j] if out.logprobs is not None else None
+                if self._take_turn(trajs[i], out.completion_ids[j], lp, budgets[i]):
+                    pending.append((i, len(out.completion_ids[j])))
+            start = time.perf_counter()
+            self._step_envs(envs, trajs, pending)
+            env_s += time.perf_counter() - start
+        return RolloutTiming(generate_s=generate_s, env_s=env_s, turns=turns), with_logprobs
+
+    def _streaming(self, prompts, trajs: List[Trajectory], envs: List[Env], sampling: SamplingParams,
+                   shared_first_turn: bool) -> Tuple[RolloutTiming, bool]:
+        """Engines that batch requests as they arrive (``rollout=vllm``, ``vllm_server``), SkyRL style: every
+        trajectory is its own loop (turn -> code run -> turn). A turn goes to the engine the moment the trajectory's
+        code run returns, and the code runs on the env pool while the engine generates the other trajectories'
+        turns: no trajectory waits for the slowest program or the longest turn of the batch.
+
+        The backend's ``submit_turn(context, sampling, on_done)`` queues one request (``on_done(future)`` is called
+        with a finished `concurrent.futures.Future` of its `RolloutBatch`, from any thread); ``step()`` advances an
+        engine that runs in this thread (colocated vLLM) and returns False when it has nothing to do (a server works
+        on its own, so this loop just waits for the next finished turn or code run).
+
+        Timing: ``generate_s`` is the time with at least one turn in flight, ``env_s`` the time generation stood
+        still waiting for code, so ``generate_s + env_s`` is the rollout's wall time."""
+        events: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
+        in_flight = {"turn": 0, "env": 0}
+        with_logprobs = [True]
+        requests = 0
+
+        def ask(rows: List[int], context: List[int], n: int) -> None:
+            nonlocal requests
+            budget = self._budget(trajs[rows[0]])
+            turn = replace(sampling, n=n, max_new_tokens=min(sampling.max_new_tokens, budget))
+            in_flight["turn"] += 1
+            requests += 1
+            self.backend.submit_turn(context, turn, lambda f: events.put(("turn", rows, budget, f)))
+
+        def run_code(i: int, k: int) -> None:
+            text = self.tokenizer.decode(trajs[i].completion_ids[-k:], skip_special_tokens=False,
+                                         clean_up_tokenization_spaces=False)
+            in_flight["env"] += 1
+            self.pool.submit(self._safe_step, envs[i], text).add_done_callback(
+                lambda f: events.put(("env", [i], None, f)))
+
+        def next_turn_or_finish(i: int) -> None:
+            t = trajs[i]
+            if not t.done and self._budget(t) <= 0:
+                t.finish_reason = "context"
+            if t.done:
+                envs[i].close()  # free its sandbox now, not at the end of the batch
+            else:
+                ask([i], t.prompt_ids + t.completion_ids, 1)
+
+        def handle(kind: str, rows: List[int], budget: Optional[int], future) -> None:
+            in_flight[kind] -= 1
+            if kind == "turn":
+                out = future.result()  # a failed request fails the batch, as a failed generate call does
+                with_logprobs[0] = with_logprobs[0] and out.logprobs is not None
+                for j, i in enumerate(rows):
+                    lp = out.logprobs[j] if out.logprobs is not None else None
+                    if self._take_turn(trajs[i], out.completion_ids[j], lp, budget):
+                        run_code(i, len(out.completion_ids[j]))
+                    else:
+                        next_turn_or_finish(i)
+            else:
+                i = rows[0]
+                step = future.result()
+                obs_ids = encode_observations(self.tokenizer, [step.observation if step is not None else ""])[0]
+                self._apply_step(trajs[i], step, obs_ids)
+                next_turn_or_finish(i)
+
+        n = sampling.n
+        for k, prompt in enumerate(prompts):
+            rows = list(range(k * n, (k + 1) * n))
+            if shared_first_turn and self._budget(trajs[rows[0]]) > 0:  # the prompt once: the engine prefills it once
+                ask(rows, [int(x) for x in prompt], n)
+            else:
+                for i in rows:
+                    next_turn_or_finish(i)
+        generate_s = env_s = 0.0
+        clock = time.perf_counter()
+        while in_flight["turn"] or in_flight["env"]:
+            generating = in_flight["turn"] > 0
+            if not self.backend.step():
+                handle(*events.get())
+            while True:
+                try:
+                    event = events.get_nowait()
+                except queue.Empty:
+                    break
+                handle(*event)
+            now = time.perf_counter()
+            if generating:
+                generate_s += now - clock
+            else:
+                env_s += now - clock
+            clock = now
+        return RolloutTiming(generate_s=generate_s, env_s=env_s, turns=requests), with_logprobs[0]
 
     def _prewarm_count(self, trajectories: int) -> int:
         """How many sandbox processes to start ahead: as many trajectories as ran code in the last batch (each holds
@@ -323,24 +431,27 @@ class MultiTurnRollout:
         steps = list(self.pool.map(lambda i, text: self._safe_step(envs[i], text), [i for i, _ in pending], texts))
         obs_ids = encode_observations(self.tokenizer, [s.observation if s is not None else "" for s in steps])
         for (i, _), step, ids in zip(pending, steps, obs_ids):
-            t = trajs[i]
-            if step is None:  # the env itself failed: this trajectory ends, the others go on
-                t.code_calls, t.code_errors, t.finish_reason = t.code_calls + 1, t.code_errors + 1, "env_error"
-                continue
-            info = step.info
-            if info.get("executed") or info.get("no_code"):
-                t.code_calls += 1
-                t.code_errors += int(bool(info.get("error")))
-                t.code_timeouts += int(bool(info.get("timed_out")))
-            if ids and t.length + len(ids) > self.max_context_tokens:
-                t.finish_reason = "context"
-                continue
-            t.append(ids, policy=False)
-            if step.done:
-                t.finish_reason = "answer" if info.get("answered") else "max_turns"
+            self._apply_step(trajs[i], step, ids)
         # free the sandboxes of finished trajectories now, not at the end of the batch
         finished = [envs[i] for i, _ in pending if trajs[i].done]
         list(self.pool.map(lambda env: env.close(), finished))
+
+    def _apply_step(self, t: Trajectory, step: Optional[Step], obs_ids: List[int]) -> None:
+        """Count one env step of ``t`` and append its observation (or end ``t``: env failure, answer, context)."""
+        if step is None:  # the env itself failed: this trajectory ends, the others go on
+            t.code_calls, t.code_errors, t.finish_reason = t.code_calls + 1, t.code_errors + 1, "env_error"
+            return
+        info = step.info
+        if info.get("executed") or info.get("no_code"):
+            t.code_calls += 1
+            t.code_errors += int(bool(info.get("error")))
+            t.code_timeouts += int(bool(info.get("timed_out")))
+        if obs_ids and t.length + len(obs_ids) > self.max_context_tokens:
+            t.finish_reason = "context"
+            return
+        t.append(obs_ids, policy=False)
+        if step.done:
+            t.finish_reason = "answer" if info.get("answered") else "max_turns"
 
     _env_errors_seen: set = set()
 

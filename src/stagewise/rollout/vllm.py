@@ -7,17 +7,20 @@ Colocated (TRL's "colocate", verl's hybrid engine)
     and generates its own prompts. With ``rollout.enable_sleep_mode`` the engine sleeps at level 2 between
     generations (weights and KV cache released: the GPU belongs to training), and wakes the weights, then the KV
     cache, for the next generation; the turns of a multi-turn batch are one generation (`staying_awake`: one wake,
-    the prefix cache kept across turns, no weight push between them). After each step's optimizer updates the
-    policy's weights are pushed into the engine parameter by parameter (``load_weights``; ZeRO-3 shards gathered
-    one parameter at a time); a LoRA policy is merged for the push and unmerged after (``rollout.lora_sync:
-    merged``, the default), or its adapter is saved and given to vLLM's own LoRA support (``adapter``: only the
-    adapter moves, vLLM needs ``enable_lora``).
+    the prefix cache kept across turns, no weight push between them), and each turn is its own engine request
+    (`submit_turn` adds it with ``LLMEngine.add_request``, `step` runs the engine: ``LLM.generate``'s loop, opened
+    so that a trajectory's next turn joins the running batch as soon as its code returned). After each step's
+    optimizer updates the policy's weights are pushed into the engine parameter by parameter (``load_weights``;
+    ZeRO-3 shards gathered one parameter at a time); a LoRA policy is merged for the push and unmerged after
+    (``rollout.lora_sync: merged``, the default), or its adapter is saved and given to vLLM's own LoRA support
+    (``adapter``: only the adapter moves, vLLM needs ``enable_lora``).
     Engine log-probs are ``processed_logprobs`` (after temperature), so they compare with the trainer's for TIS.
 
 Server
     ``rollout.server_url`` points at a running ``vllm serve`` (OpenAI-compatible). Completions come from
     ``/v1/completions`` with token-id prompts and ``return_tokens_as_token_ids``, so ids and log-probs are exact.
-    Weights reach the server in one of two ways, both loud on failure (never a silent hang):
+    Each turn of a multi-turn batch is its own request (`submit_turn`, a thread each), so the server batches the
+    turns in flight. Weights reach the server in one of two ways, both loud on failure (never a silent hang):
       * LoRA: the adapter is saved under ``<run>/rollout_adapters/step_<N>`` (a filesystem the server can read) and
         hot-loaded with ``/v1/load_lora_adapter`` (server: ``--enable-lora``, ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``);
       * full weights: broadcast from the main process to the server's workers over a process group of their own
@@ -33,6 +36,7 @@ import contextlib
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
@@ -43,6 +47,7 @@ from stagewise.rollout.base import RolloutBatch, SamplingParams, decode_completi
 log = logging.getLogger(__name__)
 
 LORA_SYNC_MODES = ("merged", "adapter")
+TURNS_IN_FLIGHT = 256  # multi-turn requests a server client keeps open at once (one thread each)
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -170,6 +175,8 @@ class VLLMColocated:
         self._asleep = False
         self._awake_hold = False  # inside `staying_awake`: generate() leaves the engine awake
         self._weights_current = self.lora_mode != "adapter"  # the engine starts from the policy's initial weights
+        self._turns: Dict[str, tuple] = {}  # request id -> (context, sampling, want_lp, on_done), see submit_turn
+        self._requests = 0
         self._sleep()
 
     # -- weights
@@ -219,17 +226,56 @@ class VLLMColocated:
             self._weights_current = False
 
     # -- generation
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: Optional[SamplingParams] = None) -> RolloutBatch:
-        sampling = sampling or self.sampling
+    def _wake(self) -> None:
         if self.sleep_mode and self._asleep:
             if not self._weights_current:
                 self.sync_weights()
             self.llm.wake_up(tags=["kv_cache"])
             self._asleep = False
+
+    def _params(self, sampling: SamplingParams):
         want_lp = self.return_logprobs and sampling.temperature > 0
-        params = vllm_sampling_params(sampling, [] if sampling.ignore_eos else self.stop_ids, want_lp)
+        return vllm_sampling_params(sampling, [] if sampling.ignore_eos else self.stop_ids, want_lp), want_lp
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Optional[SamplingParams] = None) -> RolloutBatch:
+        sampling = sampling or self.sampling
+        self._wake()
+        params, want_lp = self._params(sampling)
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling_params=params,
                                     use_tqdm=False, lora_request=self._lora_request())
+        if not self._awake_hold:
+            self._sleep()
+        return self._batch(prompts, outputs, sampling, want_lp)
+
+    # -- turns of a multi-turn batch, each its own request (`stagewise.rollout.multiturn`'s streaming loop)
+    def submit_turn(self, context: Sequence[int], sampling: SamplingParams, on_done) -> None:
+        """Queue one turn in the engine (``LLMEngine.add_request``, what ``LLM.generate`` does for each prompt);
+        `step` runs the engine and calls ``on_done`` with a finished future of the turn's `RolloutBatch`."""
+        from vllm.sampling_params import RequestOutputKind
+
+        self._wake()
+        params, want_lp = self._params(sampling)
+        params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate: one output, when the turn is done
+        self._requests += 1
+        request_id = f"turn-{self._requests}"
+        self._turns[request_id] = (list(context), sampling, want_lp, on_done)
+        self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": list(context)}, params,
+                                        lora_request=self._lora_request())
+
+    def step(self) -> bool:
+        """One engine step over every queued turn (continuous batching: turns submitted since the last step join
+        it); False when no turn is queued."""
+        if not self._turns:
+            return False
+        for out in self.llm.llm_engine.step():
+            if out.finished:
+                context, sampling, want_lp, on_done = self._turns.pop(out.request_id)
+                done: Future = Future()
+                done.set_result(self._batch([context], [out], sampling, want_lp))
+                on_done(done)
+        return True
+
+    def _batch(self, prompts, outputs, sampling: SamplingParams, want_lp: bool) -> RolloutBatch:
         completion_ids, truncated, logprobs = [], [], []
         for out in outputs:
             for o in out.outputs:
@@ -238,8 +284,6 @@ class VLLMColocated:
                 truncated.append(o.finish_reason == "length")
                 if want_lp:
                     logprobs.append([step[t].logprob for step, t in zip(o.logprobs, ids)])
-        if not self._awake_hold:
-            self._sleep()
         return RolloutBatch(
             prompt_ids=[list(p) for p in prompts for _ in range(sampling.n)], completion_ids=completion_ids,
             texts=decode_completions(self.tokenizer, completion_ids, self.stop_ids + [self.pad_id]),
@@ -280,6 +324,7 @@ class VLLMServerClient:
         self.model_name = self.served_model
         self.weight_sync_host = cfg.rollout.weight_sync_host or _weight_sync_host(self.base)
         self._sender = None  # the weight group, joined at the first full-weight sync
+        self._turn_pool: Optional[ThreadPoolExecutor] = None  # HTTP requests of multi-turn turns, see submit_turn
 
     # -- HTTP
     def _request(self, method: str, path: str, payload: Optional[dict] = None, timeout: Optional[float] = None):
@@ -383,12 +428,26 @@ class VLLMServerClient:
             texts=decode_completions(self.tokenizer, completion_ids, self.stop_ids + [self.pad_id]),
             truncated=truncated, logprobs=logprobs if want_lp else None, n=sampling.n)
 
+    def submit_turn(self, context: Sequence[int], sampling: SamplingParams, on_done) -> None:
+        """Send one turn of a multi-turn batch as its own request (`stagewise.rollout.multiturn`'s streaming loop);
+        the server batches the requests in flight. ``on_done`` gets the finished future of its `RolloutBatch`."""
+        if self._turn_pool is None:
+            self._turn_pool = ThreadPoolExecutor(max_workers=TURNS_IN_FLIGHT, thread_name_prefix="vllm-turn")
+        self._turn_pool.submit(self.generate, [list(context)], sampling).add_done_callback(on_done)
+
+    def step(self) -> bool:
+        """The server generates on its own: nothing to advance in this process."""
+        return False
+
     def staying_awake(self):
         """The server never sleeps."""
         return contextlib.nullcontext()
 
     def close(self) -> None:
-        """The server outlives the run; nothing to release."""
+        """The server outlives the run; only the request threads are released."""
+        if self._turn_pool is not None:
+            self._turn_pool.shutdown(wait=True)
+            self._turn_pool = None
 
 
 def _weight_sync_host(base_url: str) -> str:

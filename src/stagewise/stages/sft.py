@@ -32,7 +32,6 @@ import time
 import numpy as np
 import torch
 
-from stagewise.algorithms import sft_loss
 from stagewise.config import TrainConfig
 from stagewise.data import IGNORE_INDEX, PackedDataset, SFTCollator, load_sources, tokenize_sft
 from stagewise.evaluation import GenerativeEval
@@ -56,7 +55,7 @@ from stagewise.training import (
 )
 from stagewise.training.early_stopping import EarlyStopping
 from stagewise.training.preemption import install_preemption_handler
-from stagewise.training.modeling import sequence_token_logprobs
+from stagewise.training.modeling import liger_usable, sequence_nll_sum, sequence_token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +94,16 @@ def trained_targets(batch: dict) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).to(torch.float32)
 
 
+def micro_batch_loss(model, batch: dict, step_tokens: int, chunk_size: int, fused_ce: bool) -> torch.Tensor:
+    """A micro-batch's share of the step loss: its summed NLL over trained tokens divided by the trained tokens of
+    the whole optimizer step (all micro-batches, all ranks), so the shares add up to the step's token mean
+    (`stagewise.algorithms.sft_loss` explains the normaliser)."""
+    nll_sum = sequence_nll_sum(model, batch["input_ids"], trained_targets(batch), position_ids=batch.get("position_ids"),
+                               attention_mask=batch.get("attention_mask"), cu_seq_lens=batch.get("cu_seq_lens"),
+                               chunk_size=chunk_size, fused_ce=fused_ce)
+    return nll_sum / max(step_tokens, 1)
+
+
 def run(cfg: TrainConfig) -> dict:
     # ------------------------------------------------------------------ setup
     set_seed(cfg.seed)
@@ -106,6 +115,9 @@ def run(cfg: TrainConfig) -> dict:
     with acc.main_process_first():
         train_ds, eval_ds, data_report = build_sft_datasets(cfg, tokenizer)
     collate = SFTCollator.for_model(model, tokenizer.pad_token_id)  # one unpadded row (flash, sdpa_varlen)
+    fused_ce = hw.use_liger and liger_usable()  # Liger's fused linear cross-entropy for the loss
+    if fused_ce:
+        log.info("sft: loss through Liger's fused linear cross-entropy (hardware.use_liger)")
 
     world = acc.num_processes
     global_batch = world * hw.per_device_batch_size * hw.grad_accum_steps
@@ -154,12 +166,7 @@ def run(cfg: TrainConfig) -> dict:
         step_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum"))
         step_loss = torch.zeros((), device=acc.device)
         for k, batch in enumerate(batches):
-            targets = trained_targets(batch)
-            logprobs, _ = sequence_token_logprobs(model, batch["input_ids"], position_ids=batch.get("position_ids"),
-                                                  attention_mask=batch.get("attention_mask"),
-                                                  cu_seq_lens=batch.get("cu_seq_lens"),
-                                                  chunk_size=hw.logprob_chunk_size, mask=targets)
-            loss, _ = sft_loss(logprobs, targets, normalizer=max(step_tokens, 1))
+            loss = micro_batch_loss(model, batch, step_tokens, hw.logprob_chunk_size, fused_ce)
             backward_micro_batch(acc, model, loss * world, last=k == len(batches) - 1)
             step_loss += loss.detach()
         step_loss = float(acc.reduce(step_loss, reduction="sum"))

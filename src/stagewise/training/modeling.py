@@ -18,9 +18,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def liger_usable() -> bool:
+    """liger-kernel is installed and a GPU is present (its kernels are Triton: CUDA only)."""
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
 def apply_liger(model) -> bool:
-    """Patch the model with Liger kernels (fused RMSNorm/SwiGLU/RoPE) when liger-kernel and a GPU are present."""
-    if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
+    """Patch the model with Liger kernels (fused RMSNorm/SwiGLU/RoPE) when liger-kernel and a GPU are present. The
+    fused linear cross-entropy is not patched into the model's forward (we never ask the model for a loss): SFT
+    calls it itself (`sequence_nll_sum`)."""
+    if not liger_usable():
         return False
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
@@ -78,6 +85,18 @@ def head_is_partitioned(head) -> bool:
     return hasattr(head.weight, "ds_id") or head.weight.numel() == 0
 
 
+def _in_head_call(head, compute, *args):
+    """``compute(*args)`` run as one call of the head module when ZeRO-3 partitions its weight (its hooks gather the
+    weight once for forward and once for backward: see the note above), else called directly."""
+    if not head_is_partitioned(head):
+        return compute(*args)
+    head.forward = compute  # an instance attribute shadows the class's forward for this one call
+    try:
+        return head(*args)
+    finally:
+        del head.forward
+
+
 def head_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, temperature: float,
                   with_entropy: bool = False, entropy_grad: bool = True, mask: torch.Tensor | None = None):
     """``log softmax(head(hidden) / temperature)[targets]`` (and the entropy), ``hidden [B, T, H]`` -> ``[B, T]`` each,
@@ -94,13 +113,7 @@ def head_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size:
             return token_logprobs_from_logits(torch.nn.functional.linear(hidden, weight), targets, **kw)
         return chunked_token_logprobs(hidden, weight, targets, chunk_size, mask=mask, **kw)
 
-    if not head_is_partitioned(head):
-        return compute(hidden, targets, mask)
-    head.forward = compute  # an instance attribute shadows the class's forward for this one call
-    try:
-        return head(hidden, targets, mask)
-    finally:
-        del head.forward
+    return _in_head_call(head, compute, hidden, targets, mask)
 
 
 def vocab_size(head) -> int:
@@ -146,6 +159,36 @@ def sequence_token_logprobs(model, input_ids: torch.Tensor, *, position_ids: tor
                           cu_seq_lens=cu_seq_lens)[:, :-1]
     return head_logprobs(_output_head(model), hidden, input_ids[:, 1:], chunk_size, temperature,
                          with_entropy=with_entropy, mask=mask)
+
+
+def sequence_nll_sum(model, input_ids: torch.Tensor, mask: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                     attention_mask: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
+                     chunk_size: int = 1024, fused_ce: bool = False) -> torch.Tensor:
+    """SFT's summed loss ``-sum log p(x_{t+1} | x_<=t)`` over the positions in ``mask [B, T-1]``, a scalar.
+
+    ``fused_ce`` (``hardware.use_liger`` with liger-kernel on a GPU): Liger's fused linear cross-entropy over the
+    trained tokens' hidden states (no logits kept: the head's gradient is computed chunk by chunk during forward, in
+    Triton). Its ``reduction="sum"`` is used, never ``"none"``: Liger's backward scales its stored gradient by a
+    scalar upstream gradient, which a sum divided by SFT's fixed normaliser is. Otherwise `sequence_token_logprobs`
+    (our chunked head) summed over the mask; both give the same value and gradients (the GPU test)."""
+    if not fused_ce:
+        logprobs, _ = sequence_token_logprobs(model, input_ids, position_ids=position_ids,
+                                              attention_mask=attention_mask, cu_seq_lens=cu_seq_lens,
+                                              chunk_size=chunk_size, mask=mask)
+        return -(logprobs * mask).sum()
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    hidden = final_hidden(model, input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          cu_seq_lens=cu_seq_lens)[:, :-1]
+    trained = mask.bool()
+    head = _output_head(model)
+    fused = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+    def compute(hidden: torch.Tensor, targets: torch.Tensor):
+        out = fused(head.weight, hidden, targets, getattr(head, "bias", None))
+        return out[0] if isinstance(out, tuple) else out
+
+    return _in_head_call(head, compute, hidden[trained], input_ids[:, 1:][trained])
 
 
 @dataclass
