@@ -54,8 +54,8 @@ lacks and this check needs, with the versions this checkout is tested with:
     datasets==5.2.0 pyarrow==26.0.1 pandas hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
     trl==1.16.0 math-verify==0.9.0 sympy==1.14.0 tqdm pyyaml regex requests dill xxhash multiprocess fsspec
     (the rest of trl's/datasets' own dependencies come with them), deepspeed==0.19.8 (imported by our accelerator
-    module), and optionally liger-kernel>=0.6 (the Liger row), flash-attn>=2.7 (flash-attention; else sdpa),
-    vllm>=0.30,<0.34 (the vLLM pair; large, with its own torch pin: only if the image's torch matches).
+    module), and optionally liger-kernel>=0.6 (the Liger row), flash-attn>=2.7 (its varlen kernel in our packed
+    rows, TRL's flash_attention_2; else sdpa), vllm>=0.30,<0.34 (the vLLM pair; large, with its own torch pin: only if the image's torch matches).
 Carry them as a wheels folder, downloaded where there is network for the image's Python and platform:
     pip download -d wheels/ --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64 \\
         -r <(python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml','rb'))['project']\\
@@ -140,7 +140,7 @@ def build_model(root: Path, shape: dict, dtype: str, max_positions: int, device:
 def attn_implementation() -> str:
     from stagewise.models.loading import resolve_attn_implementation
 
-    return resolve_attn_implementation("auto")  # flash_attention_2 when flash-attn imports on a GPU, else sdpa
+    return resolve_attn_implementation("auto")  # sdpa_varlen
 
 
 def cuda_peak_gib(dry_run: bool) -> float | None:
@@ -317,7 +317,7 @@ def grpo_trl(spec: dict) -> dict:
         dataloader_num_workers=0, disable_tqdm=True, log_completions=False,
         gradient_checkpointing=spec["gradient_checkpointing"], use_liger_kernel=False,
         model_init_kwargs={"dtype": "float32" if dry else "bfloat16",  # TRL's default is float32
-                           "attn_implementation": spec["attn"]}, **vllm)
+                           "attn_implementation": spec["attn_trl"]}, **vllm)
     tok = AutoTokenizer.from_pretrained(spec["model_dir"])
     trainer = GRPOTrainer(model=spec["model_dir"], reward_funcs=[digit_fraction], args=args,
                           train_dataset=Dataset.from_dict({"prompt": list(spec["texts"])}), processing_class=tok)
@@ -419,8 +419,13 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if cuda else "CPU"
     peak = (a.peak_tflops * 1e12 if a.peak_tflops else peak_flops(device)) if cuda else None
     have = {m: importlib.util.find_spec(m) is not None for m in ("liger_kernel", "vllm", "flash_attn", "trl")}
-    attn = "flash_attention_2" if cuda and have["flash_attn"] else "sdpa"
-    common = {"dry_run": dry, "attn": attn, "gradient_checkpointing": a.gradient_checkpointing,
+    # ours: our default (sdpa_varlen: packed rows through flash-attention's varlen kernel where it runs, GRPO
+    # prompts shared); TRL: flash-attention 2 where installed, else sdpa
+    attn_trl = "flash_attention_2" if cuda and have["flash_attn"] else "sdpa"
+    attn = f"ours {attn_implementation()}" + (" (flash varlen kernel)" if cuda and have["flash_attn"] else "") + \
+        f", TRL {attn_trl}"
+    common = {"dry_run": dry, "attn": attn_implementation(), "attn_trl": attn_trl,
+              "gradient_checkpointing": a.gradient_checkpointing,
               "threads": a.threads}
 
     rows: list[dict] = []

@@ -78,8 +78,8 @@ class ModelConfig:
     name_or_path: str = "stagewise-tiny"
     revision: Optional[str] = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    # auto picks flash_attention_2 when installed on a GPU, else sdpa_varlen (sdpa that runs a packed row one
-    # document at a time: stagewise.models.attention)
+    # auto = sdpa_varlen: sdpa, with packed rows run one document at a time (flash-attention's varlen kernel on a
+    # GPU where flash-attn is installed) and GRPO prompts shared across samples (stagewise.models.attention)
     attn_implementation: str = "auto"  # auto | eager | sdpa | sdpa_varlen | flash_attention_2
     trust_remote_code: bool = False
     tokenizer: Optional[str] = None  # defaults to name_or_path

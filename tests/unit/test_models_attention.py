@@ -1,12 +1,13 @@
-"""``sdpa_varlen`` (the CPU / no-flash-attn default): a packed row runs one document at a time and equals each
-sequence run alone; every other forward is transformers' sdpa, bit for bit."""
+"""``sdpa_varlen`` (``auto``): a packed row runs one document at a time and equals each sequence run alone; every
+other forward is transformers' sdpa, bit for bit. On a GPU with flash-attn the packed rows go through its varlen
+kernel (the ``gpu`` tests)."""
 
 import pytest
 import torch
 
 from stagewise.config import ModelConfig
 from stagewise.models import load_model_and_tokenizer
-from stagewise.models.attention import NAME, packed_forward_kwargs
+from stagewise.models.attention import NAME, packed_forward_kwargs, shared_prefix_plan
 from stagewise.models.loading import resolve_attn_implementation
 from stagewise.training.modeling import pack_rows
 
@@ -114,6 +115,17 @@ def test_pack_rows_with_shared_prefix_lays_each_prompt_once():
     assert packed.shared_prefix.num_tokens == 9
 
 
+def test_shared_prefix_plan_gathers_the_prompt_keys_for_each_completion():
+    packed = pack_rows([([5, 6, 7], [11, 12]), ([5, 6, 7], [13]), ([5, 6, 7], []), ([9], [14, 15])], "cpu",
+                       share_prefix=True)
+    cu_q, cu_k, index = shared_prefix_plan(packed.shared_prefix)
+    # query segments in row order: prompt [0, 3), completion [3, 5), completion [5, 6) (the empty one has none),
+    # prompt [6, 7), completion [7, 9); each completion's keys are its prompt's, then its own
+    assert cu_q == (0, 3, 5, 6, 7, 9)
+    assert index.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 6, 7, 8]
+    assert cu_k == (0, 3, 8, 12, 13, 16)
+
+
 def test_shared_prefix_row_equals_each_prompt_and_completion_alone(model):
     """Values and gradients of a row with prompts laid down once equal running each prompt + completion alone;
     a completion never sees its siblings (changing one leaves the others' hidden states as they were)."""
@@ -164,3 +176,30 @@ def test_shared_prefix_layout_needs_sdpa_varlen():
     packed = pack_rows([([5, 6], [7]), ([5, 6], [8])], "cpu", share_prefix=True)
     with pytest.raises(ValueError, match="sdpa_varlen"):
         packed_forward_kwargs(Plain(), packed.cu_seq_lens, packed.shared_prefix)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_flash_varlen_kernel_runs_packed_rows_as_each_sequence_alone(share_prefix):
+    """On a GPU with flash-attn, bf16: ``sdpa_varlen``'s packed rows (plain and with shared prompts) go through
+    flash-attention's varlen kernel and equal each prompt + completion run alone with transformers' sdpa."""
+    pytest.importorskip("flash_attn")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from stagewise.models import attention
+
+    m, _ = load_model_and_tokenizer(ModelConfig(), dtype=torch.bfloat16)
+    m = m.cuda().eval()
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(10, 900, (9,), generator=g).tolist()
+    pairs = [(prompt, torch.randint(10, 900, (n,), generator=g).tolist()) for n in (5, 30, 1)]
+    packed = pack_rows(pairs, "cuda", share_prefix=share_prefix)
+    assert attention._flash_runs(torch.zeros(1, device="cuda", dtype=torch.bfloat16))
+    with torch.no_grad():
+        row = m(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                output_hidden_states=True, **packed_forward_kwargs(m, packed.cu_seq_lens, packed.shared_prefix)
+                ).hidden_states[-1][0]
+        alone = [m(input_ids=torch.tensor([p + c], device="cuda"), use_cache=False, output_hidden_states=True)
+                 .hidden_states[-1][0, len(p) - 1:len(p) + len(c) - 1] for p, c in pairs]
+    got = row.index_select(0, packed.predict_index)
+    torch.testing.assert_close(got.float(), torch.cat(alone).float(), atol=3e-2, rtol=3e-2)

@@ -1,21 +1,26 @@
-"""``sdpa_varlen``: PyTorch sdpa that runs a packed row one document at a time (the CPU/no-flash-attn default).
+"""``sdpa_varlen`` (``model.attn_implementation=auto``): transformers' sdpa, except that a packed row runs one
+document at a time, through flash-attention's varlen kernel where it runs (flash-attn installed, CUDA, half
+precision) and one PyTorch sdpa per document elsewhere.
 
-A packed row (GRPO's ``hardware.max_tokens_per_micro_batch``) holds several sequences end to end. flash-attention
-runs it as variable-length batches (``cu_seq_lens``) and never computes attention across documents. Plain sdpa
-cannot: transformers gives it a dense block-diagonal ``[nnz, nnz]`` mask, so a 2,048-token row of eight 256-token
-sequences costs the attention of one 2,048-token sequence (8x that of the documents) and a mask that large; on CPU
-that made the packed update slower than the padded one. This implementation takes the same ``cu_seq_lens_q``
-keyword flash-attention takes and calls sdpa causally on each document's slice (sum of L_i^2, no mask at all).
-Without ``cu_seq_lens_q`` (every ordinary forward and generation) it *is* transformers' sdpa, unchanged.
+A packed row (SFT, GRPO's ``hardware.max_tokens_per_micro_batch``) holds several sequences end to end. Plain sdpa
+cannot run it without attending across documents: transformers gives it a dense block-diagonal ``[nnz, nnz]``
+mask, so a 2,048-token row of eight 256-token sequences costs the attention of one 2,048-token sequence (8x that of
+the documents) and a mask that large; on CPU that made the packed update slower than the padded one. This
+implementation takes the same ``cu_seq_lens_q`` keyword flash-attention takes and attends within each document
+(sum of L_i^2, no mask at all). Without ``cu_seq_lens_q`` (every ordinary forward and generation) it *is*
+transformers' sdpa, unchanged.
 
 Shared prompts (verl's "prefix grouper"). GRPO's ``n`` samples of a prompt share it, and a packed row can carry
 it once: ``[prompt, completion_1, ..., completion_n]`` with each completion's positions continuing from the prompt's
 length. `SharedPrefixLayout` describes such a row; given as ``shared_prefix_layout``, each group's prompt attends
 causally to itself and each completion to the whole prompt plus its own earlier tokens, never to a sibling
 completion: every value and gradient equals running ``prompt + completion_i`` as ``n`` separate sequences, while the
-prompt's layers run once instead of ``n`` times. Unlike sharing the prompt's KV cache (GRPO's padded path) this is a
-single forward, so it works under gradient checkpointing. flash-attention is not used for this layout (a model
-loaded with ``flash_attention_2`` packs without sharing; see `shares_prefix_in_packed_rows`).
+prompt's layers run once instead of ``n`` times. It is one variable-length attention over gathered keys (each
+completion's keys are the prompt's, repeated, then its own: `shared_prefix_plan`), causal from the bottom right,
+the rule flash-attention applies when a sequence has more keys than queries; only the prompt's keys and values are
+copied, never its layers re-run. Unlike sharing the prompt's KV cache (GRPO's padded path) this is a single
+forward, so it works under gradient checkpointing. transformers' own ``flash_attention_2`` has no such layout (a
+model loaded with it by name packs without sharing; see `shares_prefix_in_packed_rows`).
 
 The caller must pass ``cu_seq_lens_q`` or ``shared_prefix_layout`` only together with the "no mask" mapping from
 `packed_forward_kwargs`; `stagewise.training.modeling.final_hidden` does.
@@ -23,7 +28,9 @@ The caller must pass ``cu_seq_lens_q`` or ``shared_prefix_layout`` only together
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -64,31 +71,69 @@ class SharedPrefixLayout:
         return sum(g.prompt_len + sum(g.completion_lens) for g in self.groups)
 
 
-def _shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: SharedPrefixLayout,
-                             dropout: float, scaling: Optional[float]) -> torch.Tensor:
-    """``query``/``key``/``value`` ``[1, H, nnz, D]`` (heads already repeated) -> ``[1, H, nnz, D]``: per group one
-    causal sdpa over the prompt, then per completion one sdpa of its queries over the prompt's keys and its own,
-    causal from the bottom right (query ``i`` sees the whole prompt and completion tokens ``0..i``). No padding:
-    the attention costs ``p^2 / 2 + sum(c_i * (p + c_i))`` per group, against ``sum((p + c_i)^2) / 2`` unshared."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    parts = []
+@lru_cache(maxsize=32)
+def shared_prefix_plan(layout: SharedPrefixLayout) -> Tuple[Tuple[int, ...], Tuple[int, ...], torch.Tensor]:
+    """The layout as variable-length attention over gathered keys: ``(cu_q, cu_k, key_index)``. Query sequences
+    are the row's segments in order (each prompt, then each of its non-empty completions); the keys of a prompt are
+    its own tokens, those of a completion the prompt's then its own (``key_index``: packed positions, the prompt's
+    repeated for each completion). With the causal mask aligned to the bottom right (flash-attention's rule when a
+    sequence has more keys than queries) each completion token sees the whole prompt and its own earlier tokens."""
+    cu_q, cu_k, index = [0], [0], []
     for g in layout.groups:
-        s, p = g.start, g.prompt_len
-        kp, vp = key[:, :, s:s + p], value[:, :, s:s + p]
-        parts.append(F.scaled_dot_product_attention(query[:, :, s:s + p], kp, vp, is_causal=True, dropout_p=dropout,
-                                                    scale=scaling))
-        offset = s + p
+        prompt = list(range(g.start, g.start + g.prompt_len))
+        segments = [(g.start, g.prompt_len, prompt)]
+        offset = g.start + g.prompt_len
         for c in g.completion_lens:
-            if c == 0:
-                continue
-            end = offset + c
-            parts.append(F.scaled_dot_product_attention(
-                query[:, :, offset:end], torch.cat([kp, key[:, :, offset:end]], dim=2),
-                torch.cat([vp, value[:, :, offset:end]], dim=2), attn_mask=causal_lower_right(c, p + c),
-                dropout_p=dropout, scale=scaling))
-            offset = end
-    return torch.cat(parts, dim=2)
+            if c:
+                segments.append((offset, c, prompt + list(range(offset, offset + c))))
+            offset += c
+        for _, q_len, keys in segments:
+            cu_q.append(cu_q[-1] + q_len)
+            cu_k.append(cu_k[-1] + len(keys))
+            index += keys
+    return tuple(cu_q), tuple(cu_k), torch.tensor(index, dtype=torch.long)
+
+
+def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_q: Sequence[int],
+                     cu_k: Sequence[int], dropout: float, scaling: Optional[float]) -> torch.Tensor:
+    """``query [1, H, Tq, D]``, ``key``/``value`` ``[1, Hkv, Tk, D]`` -> ``[1, Tq, H, D]``: queries
+    ``cu_q[i]:cu_q[i+1]`` attend keys ``cu_k[i]:cu_k[i+1]``, causal from the bottom right. flash-attention's varlen
+    kernel where it runs (installed, CUDA, half precision), else one sdpa per sequence (no mask when a sequence has
+    as many keys as queries, ``causal_lower_right`` otherwise)."""
+    if _flash_runs(query):
+        from flash_attn import flash_attn_varlen_func
+
+        device = query.device
+        out = flash_attn_varlen_func(
+            query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+            torch.tensor(cu_q, dtype=torch.int32, device=device), torch.tensor(cu_k, dtype=torch.int32, device=device),
+            max(b - a for a, b in zip(cu_q[:-1], cu_q[1:])), max(b - a for a, b in zip(cu_k[:-1], cu_k[1:])),
+            dropout_p=dropout, softmax_scale=scaling, causal=True)
+        return out.unsqueeze(0)
+    from torch.nn.attention.bias import causal_lower_right
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    parts = []
+    for qs, qe, ks, ke in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
+        if qe == qs:
+            continue
+        mask = None if qe - qs == ke - ks else causal_lower_right(qe - qs, ke - ks)
+        parts.append(F.scaled_dot_product_attention(query[:, :, qs:qe], key[:, :, ks:ke], value[:, :, ks:ke],
+                                                    attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
+                                                    scale=scaling))
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous()
+
+
+def _flash_runs(query: torch.Tensor) -> bool:
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _flash_installed()
+
+
+@lru_cache(maxsize=1)
+def _flash_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 def sdpa_varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -97,7 +142,7 @@ def sdpa_varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value:
                           shared_prefix_layout: Optional[SharedPrefixLayout] = None, **kwargs: Any):
     """transformers' attention-function signature: ``query [B, H, T, D]``, ``key``/``value`` ``[B, Hkv, T, D]``
     -> ``([B, T, H, D], None)``."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if cu_seq_lens_q is None and shared_prefix_layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -105,21 +150,16 @@ def sdpa_varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     if query.shape[0] != 1 or attention_mask is not None:
         raise ValueError("sdpa_varlen: a packed row (cu_seq_lens_q / shared_prefix_layout) needs one row and no "
                          "attention mask")
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     dropout = dropout if module.training else 0.0
-    if shared_prefix_layout is not None:
-        if shared_prefix_layout.num_tokens != query.shape[2]:
-            raise ValueError(f"shared_prefix_layout covers {shared_prefix_layout.num_tokens} tokens, the row has "
-                             f"{query.shape[2]}")
-        out = _shared_prefix_attention(query, key, value, shared_prefix_layout, dropout, scaling)
-        return out.transpose(1, 2).contiguous(), None
-    bounds = cu_seq_lens_q.tolist()
-    parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                            dropout_p=dropout, scale=scaling)
-             for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
-    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+    if shared_prefix_layout is None:
+        bounds = tuple(cu_seq_lens_q.tolist())
+        return varlen_attention(query, key, value, bounds, bounds, dropout, scaling), None
+    if shared_prefix_layout.num_tokens != query.shape[2]:
+        raise ValueError(f"shared_prefix_layout covers {shared_prefix_layout.num_tokens} tokens, the row has "
+                         f"{query.shape[2]}")
+    cu_q, cu_k, index = shared_prefix_plan(shared_prefix_layout)
+    index = index.to(key.device, non_blocking=True)
+    return varlen_attention(query, key[:, :, index], value[:, :, index], cu_q, cu_k, dropout, scaling), None
 
 
 def register() -> None:

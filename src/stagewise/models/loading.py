@@ -34,16 +34,14 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def resolve_attn_implementation(name: str) -> str:
-    """``auto``: flash-attention 2 on a GPU where it is installed, else ``sdpa_varlen`` (transformers' sdpa, which
-    also runs packed rows one document at a time: `stagewise.models.attention`)."""
+    """``auto`` is ``sdpa_varlen``: transformers' sdpa for ordinary forwards and generation, and packed rows (SFT,
+    GRPO's token budget, shared prompts) one document at a time, through flash-attention's varlen kernel on a GPU
+    where flash-attn is installed (`stagewise.models.attention`). ``flash_attention_2`` stays available by name
+    (packed rows then carry each sample's prompt: transformers' flash path has no shared-prefix layout)."""
     register_sdpa_varlen()
-    if name != "auto":
-        if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise ImportError("model.attn_implementation=flash_attention_2 needs flash-attn: pip install 'stagewise[gpu]'")
-        return name
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return SDPA_VARLEN
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ImportError("model.attn_implementation=flash_attention_2 needs flash-attn: pip install 'stagewise[gpu]'")
+    return SDPA_VARLEN if name == "auto" else name
 
 
 def _looks_like_path(name: str) -> bool:
