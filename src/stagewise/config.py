@@ -331,8 +331,10 @@ class HardwareConfig:
     cpu: bool = False  # force CPU even when a GPU is present
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logprob_chunk_size: int = 1024  # tokens per chunk when computing log-probs without full-vocab logits
-    # GRPO: > 0 packs each micro-batch into one unpadded row of at most this many prompt + completion tokens
-    # (restarting position_ids, no pad token through any layer); 0 = per_device_batch_size padded rows
+    # > 0: micro-batches of at most this many tokens instead of per_device_batch_size rows (a longer sequence goes
+    # alone). GRPO: each packed into one unpadded row of prompt + completion tokens (restarting position_ids, no pad
+    # token through any layer; 0 = padded rows). SFT: out of the rank's per_device_batch_size x grad_accum_steps
+    # rows of the step (the step, its loss and normaliser unchanged; only the number of forwards varies)
     max_tokens_per_micro_batch: int = 0
 
 

@@ -49,22 +49,31 @@ def test_tiny_model_learns_arithmetic_traces(tmp_path):
     assert first["data/rows"] == 1000 and first["data/overlong_dropped"] == 0
 
 
-def test_grad_accumulation_4x1_equals_1x4(tmp_path):
+def test_grad_accumulation_4x1_equals_1x4_and_a_token_budget(tmp_path):
+    """The same 4 rows per step as one micro-batch, as 4 accumulated ones, and as micro-batches of at most 150
+    tokens (``hardware.max_tokens_per_micro_batch``: two or three forwards of uneven row counts) give the same
+    step losses and gradient norms."""
     common = ["stage=sft", ARITH, "stage.max_steps=3", "stage.logging_steps=1", "stage.learning_rate=1e-3",
               "stage.warmup_ratio=0"]
     a = run_train([*common, "hardware.per_device_batch_size=4", "hardware.grad_accum_steps=1", "task_name=a"], tmp_path)
     b = run_train([*common, "hardware.per_device_batch_size=1", "hardware.grad_accum_steps=4", "task_name=b"], tmp_path)
-    assert a.returncode == 0 and b.returncode == 0, (a.stderr + b.stderr)[-3000:]
-    run_a, run_b = only_run_dir(tmp_path, "a"), only_run_dir(tmp_path, "b")
-    la, lb = _losses(run_a), _losses(run_b)
+    c = run_train([*common, "hardware.per_device_batch_size=4", "hardware.max_tokens_per_micro_batch=150",
+                   "task_name=c"], tmp_path)
+    assert a.returncode == b.returncode == c.returncode == 0, (a.stderr + b.stderr + c.stderr)[-3000:]
+    runs = [only_run_dir(tmp_path, name) for name in "abc"]
+    la = _losses(runs[0])
     assert sorted(la) == [1, 2, 3]
+    assert set(_metric(runs[2], "micro_batches").values()) <= {2, 3} and "micro_batches" not in _metric(runs[0], "loss")
+    assert set(_metric(runs[2], "micro_batches_idle").values()) == {0}  # one process: nothing to keep in step
     # the loss of each step and the norm of its accumulated gradient agree; steps 2-3 also check the updates.
     # (Weights are not compared element-wise: Adam's first steps are ~lr*sign(g), so float-rounding noise in
     # near-zero gradient entries flips signs without meaning anything.)
-    ga, gb = _metric(run_a, "grad_norm"), _metric(run_b, "grad_norm")
-    for step in la:
-        assert la[step] == pytest.approx(lb[step], abs=2e-5), (la, lb)
-        assert ga[step] == pytest.approx(gb[step], rel=1e-4), (ga, gb)
+    ga = _metric(runs[0], "grad_norm")
+    for run in runs[1:]:
+        lb, gb = _losses(run), _metric(run, "grad_norm")
+        for step in la:
+            assert la[step] == pytest.approx(lb[step], abs=2e-5), (la, lb)
+            assert ga[step] == pytest.approx(gb[step], rel=1e-4), (ga, gb)
 
 
 def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
@@ -105,12 +114,18 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
 
 @pytest.mark.slow
 def test_zero3_two_cpu_processes_train_and_save_a_plain_hf_model(tmp_path):
+    """ZeRO-3 on 2 CPU processes, 8 rows per rank per step in micro-batches of at most 142 tokens (rows of 45-51
+    tokens: two or three fit): the ranks need different numbers of forwards, and the one with fewer runs weight-0
+    ones so that ZeRO's per-micro-batch collectives line up (a mismatch hangs), and the losses still equal one
+    process's (below)."""
     proc = run_train(["stage=sft", ARITH, "hardware=cpu_2proc", "stage.max_steps=12", "stage.learning_rate=3e-3",
-                      "stage.logging_steps=1", "hardware.per_device_batch_size=8"], cwd=tmp_path, timeout=900)
+                      "stage.logging_steps=1", "hardware.per_device_batch_size=8",
+                      "hardware.max_tokens_per_micro_batch=142"], cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     run = only_run_dir(tmp_path)
     losses = _losses(run)
     assert sorted(losses) == list(range(1, 13))
+    assert sum(_metric(run, "micro_batches_idle").values()) > 0  # some step had uneven ranks
     assert losses[12] < losses[1] - 1.0, losses
     assert (run / "train.rank1.log").exists()  # both ranks wrote into the same run folder
     # DeepSpeed really ran (Accelerator(cpu=True) would silently have fallen back to DDP)

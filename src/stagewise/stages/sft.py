@@ -9,7 +9,10 @@ Features (flag):
   * best-fit-decreasing packing with per-document position ids and no cross-document attention (``data.packing``)
   * exact gradient accumulation: each micro-batch loss is divided by the number of trained tokens of the whole
     optimizer step, summed over micro-batches *and ranks* (``hardware.grad_accum_steps``); this is the 2024
-    transformers/TRL bug class where per-micro-batch means over-weight short batches
+    transformers/TRL bug class where per-micro-batch means over-weight short batches; micro-batches of
+    ``per_device_batch_size`` rows, or of at most ``hardware.max_tokens_per_micro_batch`` tokens
+  * padding-free micro-batches: one unpadded row with ``cu_seq_lens`` under ``sdpa_varlen`` / flash-attention;
+    Liger's fused linear cross-entropy for the loss with ``hardware.use_liger`` on a GPU
   * AdamW with weight decay, warmup + cosine/linear/constant schedule, gradient clipping (``stage.*``)
   * bf16, gradient checkpointing, LoRA, Liger, DeepSpeed ZeRO-2/3 with offload (``hardware=``, ``model.lora``)
   * periodic eval loss (``stage.eval_steps``), checkpoints every N steps keeping the last K (``stage.save_steps``,
@@ -28,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import List, Sequence
 
 import numpy as np
 import torch
@@ -94,6 +98,30 @@ def trained_targets(batch: dict) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).to(torch.float32)
 
 
+def micro_batch_rows(lengths: Sequence[int], per_device: int, max_tokens: int) -> List[List[int]]:
+    """A rank's rows of one step (their token counts) -> micro-batches of row positions: ``per_device`` rows each,
+    or with a token budget (``max_tokens`` > 0) consecutive runs of at most ``max_tokens`` tokens, a longer row
+    alone (verl's dynamic batch size). Order is kept, so the step trains the same rows either way."""
+    if max_tokens <= 0:
+        return [list(range(i, min(i + per_device, len(lengths)))) for i in range(0, len(lengths), per_device)]
+    out: List[List[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if not out or used + n > max_tokens:
+            out.append([])
+            used = 0
+        out[-1].append(i)
+        used += n
+    return out
+
+
+def micro_batch_counts(acc, count: int) -> List[int]:
+    """Every rank's micro-batch count this step (this rank's ``count`` on one process)."""
+    if acc.num_processes == 1:
+        return [count]
+    return [int(c) for c in acc.gather(torch.tensor([count], device=acc.device)).tolist()]
+
+
 def micro_batch_loss(model, batch: dict, step_tokens: int, chunk_size: int, fused_ce: bool) -> torch.Tensor:
     """A micro-batch's share of the step loss: its summed NLL over trained tokens divided by the trained tokens of
     the whole optimizer step (all micro-batches, all ranks), so the shares add up to the step's token mean
@@ -157,18 +185,24 @@ def run(cfg: TrainConfig) -> dict:
     while state.step < total_steps:
         order = state.epoch_order(len(train_ds), cfg.seed)
         rows = step_rows(order, state.batch_in_epoch, global_batch)
-        mine = rows[acc.process_index::world]  # this rank's rows, split into micro-batches below
-        micro = [mine[i:i + hw.per_device_batch_size] for i in range(0, len(mine), hw.per_device_batch_size)]
-        batches = [acc_to_device(collate([train_ds[int(i)] for i in m]), acc.device) for m in micro]
+        mine = [train_ds[int(i)] for i in rows[acc.process_index::world]]  # this rank's rows of the step
+        micro = micro_batch_rows([len(r["input_ids"]) for r in mine], hw.per_device_batch_size,
+                                 hw.max_tokens_per_micro_batch)
+        batches = [acc_to_device(collate([mine[i] for i in m]), acc.device) for m in micro]
 
         # the normaliser: trained tokens of the whole optimizer step, over all micro-batches and ranks
         local_tokens = sum(int(trained_targets(b).sum()) for b in batches)
         step_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum"))
+        # every rank runs as many micro-batches as the busiest (ZeRO reduces gradients at each one): a rank short
+        # of them repeats its first with weight 0, which trains nothing
+        counts = micro_batch_counts(acc, len(batches)) if hw.max_tokens_per_micro_batch > 0 else [len(batches)]
+        forwards = max(counts)
+        weights = [1.0] * len(batches) + [0.0] * (forwards - len(batches))
         step_loss = torch.zeros((), device=acc.device)
-        for k, batch in enumerate(batches):
-            loss = micro_batch_loss(model, batch, step_tokens, hw.logprob_chunk_size, fused_ce)
-            backward_micro_batch(acc, model, loss * world, last=k == len(batches) - 1)
-            step_loss += loss.detach()
+        for k, weight in enumerate(weights):
+            loss = micro_batch_loss(model, batches[k if weight else 0], step_tokens, hw.logprob_chunk_size, fused_ce)
+            backward_micro_batch(acc, model, loss * (world * weight), last=k == forwards - 1)
+            step_loss += loss.detach() * weight
         step_loss = float(acc.reduce(step_loss, reduction="sum"))
         action = nan_guard.observe(step_loss)  # a NaN/inf loss skips its update (DeepSpeed has already stepped)
         if action == UPDATE or uses_deepspeed(acc):
@@ -194,6 +228,9 @@ def run(cfg: TrainConfig) -> dict:
                 "epoch": state.epoch + state.batch_in_epoch / steps_per_epoch,
                 "tokens_per_s": window["tokens"] / max(dt, 1e-9),
                 "trained_tokens": step_tokens,
+                # with a token budget: forwards per rank, and the weight-0 ones all ranks ran to keep in step
+                **({"micro_batches": forwards, "micro_batches_idle": sum(forwards - c for c in counts)}
+                   if hw.max_tokens_per_micro_batch > 0 else {}),
             }
             tracker.log(metrics, step=state.step)
             bar.set_postfix(loss=f"{step_loss:.4f}")
