@@ -33,7 +33,7 @@ from stagewise.config import EnvConfig, ModelConfig, RolloutConfig
 from stagewise.envs import build_env
 from stagewise.models import load_model_and_tokenizer
 from stagewise.rollout import SamplingParams
-from stagewise.rollout.multiturn import STOP_TAGS, MultiTurnRollout
+from stagewise.rollout.multiturn import STOP_TAGS, InLockstep, MultiTurnRollout
 from stagewise.rollout.vllm import VLLMServerClient
 
 
@@ -83,21 +83,6 @@ def scripted_server(tok, code_turns: int, slow: float, fast: float, s_per_token:
     return server
 
 
-class AsBatchBackend:
-    """The client without ``submit_turn``: the multi-turn loop runs it in lockstep, as it runs rollout=hf."""
-
-    def __init__(self, client):
-        object.__setattr__(self, "client", client)
-
-    def __getattr__(self, name):
-        if name in ("submit_turn", "step"):
-            raise AttributeError(name)
-        return getattr(self.client, name)
-
-    def __setattr__(self, name, value):
-        setattr(self.client, name, value)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--trajectories", type=int, default=16)
@@ -121,7 +106,7 @@ def main() -> None:
         for repeat in range(a.repeats + 1):  # the first round warms the sandbox processes up and is not timed
             for mode in ("lockstep", "streaming"):
                 client = VLLMServerClient(cfg, policy, tok, SamplingParams(n=1))
-                agent = MultiTurnRollout(client if mode == "streaming" else AsBatchBackend(client), tok,
+                agent = MultiTurnRollout(client if mode == "streaming" else InLockstep(client), tok,
                                          lambda: build_env(env_cfg), max_context_tokens=2048,
                                          stop_tags=STOP_TAGS["code_sandbox"], num_workers=a.trajectories,
                                          sampling=SamplingParams(n=1, max_new_tokens=128))

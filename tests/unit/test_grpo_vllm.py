@@ -226,21 +226,6 @@ class ScriptedServer:
         self.server.server_close()
 
 
-class AsBatchBackend:
-    """The same client without ``submit_turn``: the multi-turn loop runs it in lockstep, as it runs rollout=hf."""
-
-    def __init__(self, client):
-        object.__setattr__(self, "client", client)
-
-    def __getattr__(self, name):
-        if name in ("submit_turn", "step"):
-            raise AttributeError(name)
-        return getattr(self.client, name)
-
-    def __setattr__(self, name, value):
-        setattr(self.client, name, value)
-
-
 def test_server_turns_stream_so_code_runs_overlap_other_trajectories_turns(tmp_path):
     """rollout=vllm_server with env=code_sandbox: each trajectory's turn is its own request, sent the moment its code
     run returns. A trajectory whose code sleeps 1.5 s does not hold back the other one, which finishes its three
@@ -248,7 +233,7 @@ def test_server_turns_stream_so_code_runs_overlap_other_trajectories_turns(tmp_p
     fast trajectory waits for the slow program at every turn. Both give the same trajectories, token for token."""
     from stagewise.config import EnvConfig
     from stagewise.envs import build_env
-    from stagewise.rollout.multiturn import STOP_TAGS, MultiTurnRollout
+    from stagewise.rollout.multiturn import STOP_TAGS, InLockstep, MultiTurnRollout
 
     policy, tok = load_model_and_tokenizer(ModelConfig())
     prompts = [tok(f"{name} task", add_special_tokens=False)["input_ids"] for name in ("slow", "fast")]
@@ -261,7 +246,7 @@ def test_server_turns_stream_so_code_runs_overlap_other_trajectories_turns(tmp_p
     try:
         for mode in ("streaming", "lockstep"):
             client = VLLMServerClient(client_cfg(server.url), policy, tok, SamplingParams(n=1), run_dir=tmp_path)
-            backend = client if mode == "streaming" else AsBatchBackend(client)
+            backend = client if mode == "streaming" else InLockstep(client)
             agent = MultiTurnRollout(backend, tok, lambda: build_env(env_cfg), max_context_tokens=1024,
                                      stop_tags=STOP_TAGS["code_sandbox"], num_workers=2,
                                      sampling=SamplingParams(n=1, max_new_tokens=64))

@@ -19,7 +19,7 @@ of two ways, chosen by the backend:
 * **lockstep** (``rollout=hf``, a batch ``generate``): one ``generate`` call per turn over every unfinished
   trajectory, once all code runs of the turn before returned. Which trajectories share a call never depends on how
   long a program ran, so a seeded run is reproducible (the streaming order is not; vLLM sampling on GPU is not
-  bit-reproducible either).
+  bit-reproducible either). `InLockstep(backend)` runs a vLLM backend this way.
 
 Per turn:
   1. Generation stops on token ids: the env's stop tags (``</Code>``, ``</Answer>``; single tokens, checked at
@@ -157,6 +157,23 @@ def task_rows(tasks: Any, num_prompts: int) -> List[Mapping[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------ the loop
+class InLockstep:
+    """A streaming backend seen as a batch one: the agent loop runs its turns in lockstep, as it runs
+    ``rollout=hf`` (turn batches that never depend on how long a program ran: for debugging, or to measure what
+    streaming buys, ``benchmarks/multiturn_overlap.py``). Everything else goes to ``backend``."""
+
+    def __init__(self, backend):
+        object.__setattr__(self, "backend", backend)
+
+    def __getattr__(self, name):
+        if name in ("submit_turn", "step"):
+            raise AttributeError(name)
+        return getattr(self.backend, name)
+
+    def __setattr__(self, name, value):  # the loop sets ``stop_ids`` on the backend it drives
+        setattr(self.backend, name, value)
+
+
 class MultiTurnRollout:
     """Drives a generation backend through an environment; see the module docstring. A `Generator` itself.
 
@@ -488,5 +505,5 @@ class MultiTurnRollout:
         )
 
 
-__all__ = ["FINISH_REASONS", "MultiTurnRollout", "STOP_TAGS", "Trajectory", "encode_observations",
+__all__ = ["FINISH_REASONS", "InLockstep", "MultiTurnRollout", "STOP_TAGS", "Trajectory", "encode_observations",
            "single_token_id", "task_rows"]
