@@ -34,9 +34,18 @@ def records(path, key):
     return out
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The same pipeline never interrupted (run once for both signals): its run folder."""
+    root = tmp_path_factory.mktemp("straight")
+    proc = run_train([*ARGS, "run_id=straight"], cwd=root, env={"OMP_NUM_THREADS": "1"}, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return root / "outputs" / "train" / "straight"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_signal_pipeline_mid_stage_then_rerun_equals_uninterrupted(tmp_path, sig):
+def test_signal_pipeline_mid_stage_then_rerun_equals_uninterrupted(tmp_path, sig, straight):
     env = {**os.environ, "PROJECT_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     env.pop("STAGEWISE_RUN_ID", None)
     cut = tmp_path / "outputs" / "train" / "cut"
@@ -70,9 +79,7 @@ def test_signal_pipeline_mid_stage_then_rerun_equals_uninterrupted(tmp_path, sig
     state = json.loads((cut / "pipeline_state.json").read_text())
     assert [r["name"] for r in state["finished"]] == ["sft1", "sft2"] and state["interrupted"] is None
 
-    straight = run_train([*ARGS, "run_id=straight"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=900)
-    assert straight.returncode == 0, (straight.stdout + straight.stderr)[-3000:]
-    other = tmp_path / "outputs" / "train" / "straight"
+    other = straight
     for stage in ("00_sft1", "01_sft2"):
         got, want = records(cut / stage / "metrics.jsonl", "loss"), records(other / stage / "metrics.jsonl", "loss")
         assert sorted(got) == sorted(want) and got == want, stage
