@@ -195,8 +195,9 @@ class ScriptedServer:
     def __init__(self, tok, prompts, scripts):
         from scripted_policy import ScriptedPolicy
 
-        policy, self.requests, lock = ScriptedPolicy(tok, scripts), [], threading.Lock()
+        policy, requests, lock = ScriptedPolicy(tok, scripts), [], threading.Lock()
         close_execute = policy.close_execute
+        self.requests = requests
 
         class Handler(JSONHandler):
             def do_GET(self):
@@ -208,7 +209,7 @@ class ScriptedServer:
                 with lock:
                     for context in body["prompt"]:
                         k = next(k for k, p in enumerate(prompts) if context[:len(p)] == p)
-                        self_requests.append((k, context.count(close_execute)))
+                        requests.append((k, context.count(close_execute)))
                     policy.stop_ids = body["stop_token_ids"]
                     batch = policy.generate(body["prompt"], sampling)
                 self.reply({"choices": [
@@ -216,7 +217,6 @@ class ScriptedServer:
                      "logprobs": {"tokens": [f"token_id:{t}" for t in ids], "token_logprobs": [-1.0] * len(ids)}}
                     for i, ids in enumerate(batch.completion_ids)]})
 
-        self_requests = self.requests
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

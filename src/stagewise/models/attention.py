@@ -72,7 +72,8 @@ class SharedPrefixLayout:
 
 
 @lru_cache(maxsize=32)
-def shared_prefix_plan(layout: SharedPrefixLayout) -> Tuple[Tuple[int, ...], Tuple[int, ...], torch.Tensor]:
+def shared_prefix_plan(layout: SharedPrefixLayout, device: str = "cpu"
+                       ) -> Tuple[Tuple[int, ...], Tuple[int, ...], torch.Tensor]:
     """The layout as variable-length attention over gathered keys: ``(cu_q, cu_k, key_index)``. Query sequences
     are the row's segments in order (each prompt, then each of its non-empty completions); the keys of a prompt are
     its own tokens, those of a completion the prompt's then its own (``key_index``: packed positions, the prompt's
@@ -91,7 +92,7 @@ def shared_prefix_plan(layout: SharedPrefixLayout) -> Tuple[Tuple[int, ...], Tup
             cu_q.append(cu_q[-1] + q_len)
             cu_k.append(cu_k[-1] + len(keys))
             index += keys
-    return tuple(cu_q), tuple(cu_k), torch.tensor(index, dtype=torch.long)
+    return tuple(cu_q), tuple(cu_k), torch.tensor(index, dtype=torch.long, device=device)  # once per layout
 
 
 def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_q: Sequence[int],
@@ -103,10 +104,10 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if _flash_runs(query):
         from flash_attn import flash_attn_varlen_func
 
-        device = query.device
+        device = str(query.device)
         out = flash_attn_varlen_func(
             query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-            torch.tensor(cu_q, dtype=torch.int32, device=device), torch.tensor(cu_k, dtype=torch.int32, device=device),
+            _on_device(tuple(cu_q), torch.int32, device), _on_device(tuple(cu_k), torch.int32, device),
             max(b - a for a, b in zip(cu_q[:-1], cu_q[1:])), max(b - a for a, b in zip(cu_k[:-1], cu_k[1:])),
             dropout_p=dropout, softmax_scale=scaling, causal=True)
         return out.unsqueeze(0)
@@ -125,6 +126,12 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                                                     attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
                                                     scale=scaling))
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous()
+
+
+@lru_cache(maxsize=64)
+def _on_device(values: Tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    """``values`` as a tensor on ``device``, made once per row layout (every layer of a forward reuses it)."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _flash_runs(query: torch.Tensor) -> bool:
@@ -157,8 +164,7 @@ def sdpa_varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     if shared_prefix_layout.num_tokens != query.shape[2]:
         raise ValueError(f"shared_prefix_layout covers {shared_prefix_layout.num_tokens} tokens, the row has "
                          f"{query.shape[2]}")
-    cu_q, cu_k, index = shared_prefix_plan(shared_prefix_layout)
-    index = index.to(key.device, non_blocking=True)
+    cu_q, cu_k, index = shared_prefix_plan(shared_prefix_layout, str(key.device))
     return varlen_attention(query, key[:, :, index], value[:, :, index], cu_q, cu_k, dropout, scaling), None
 
 

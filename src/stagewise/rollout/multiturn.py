@@ -337,7 +337,7 @@ class MultiTurnRollout:
         still waiting for code, so ``generate_s + env_s`` is the rollout's wall time."""
         events: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
         in_flight = {"turn": 0, "env": 0}
-        with_logprobs = [True]
+        with_logprobs = True  # engine log-probs on every turn, else none at all
         requests = 0
 
         def ask(rows: List[int], context: List[int], n: int) -> None:
@@ -365,10 +365,11 @@ class MultiTurnRollout:
                 ask([i], t.prompt_ids + t.completion_ids, 1)
 
         def handle(kind: str, rows: List[int], budget: Optional[int], future) -> None:
+            nonlocal with_logprobs
             in_flight[kind] -= 1
             if kind == "turn":
                 out = future.result()  # a failed request fails the batch, as a failed generate call does
-                with_logprobs[0] = with_logprobs[0] and out.logprobs is not None
+                with_logprobs = with_logprobs and out.logprobs is not None
                 for j, i in enumerate(rows):
                     lp = out.logprobs[j] if out.logprobs is not None else None
                     if self._take_turn(trajs[i], out.completion_ids[j], lp, budget):
@@ -408,7 +409,7 @@ class MultiTurnRollout:
             else:
                 env_s += now - clock
             clock = now
-        return RolloutTiming(generate_s=generate_s, env_s=env_s, turns=requests), with_logprobs[0]
+        return RolloutTiming(generate_s=generate_s, env_s=env_s, turns=requests), with_logprobs
 
     def _prewarm_count(self, trajectories: int) -> int:
         """How many sandbox processes to start ahead: as many trajectories as ran code in the last batch (each holds

@@ -59,7 +59,7 @@ from stagewise.training import (
 )
 from stagewise.training.early_stopping import EarlyStopping
 from stagewise.training.preemption import install_preemption_handler
-from stagewise.training.modeling import liger_usable, sequence_nll_sum, sequence_token_logprobs
+from stagewise.training.modeling import liger_usable, sequence_nll_sum
 
 log = logging.getLogger(__name__)
 
@@ -276,11 +276,9 @@ def evaluate_loss(acc, model, eval_ds, collate, hw) -> float:
     for i in range(0, len(idx), hw.per_device_batch_size):
         batch = acc_to_device(collate([eval_ds[j] for j in idx[i:i + hw.per_device_batch_size]]), acc.device)
         mask = trained_targets(batch)
-        logprobs, _ = sequence_token_logprobs(model, batch["input_ids"], position_ids=batch.get("position_ids"),
-                                              attention_mask=batch.get("attention_mask"),
-                                              cu_seq_lens=batch.get("cu_seq_lens"),
-                                              chunk_size=hw.logprob_chunk_size, mask=mask)
-        total += -(logprobs * mask).sum()
+        total += sequence_nll_sum(model, batch["input_ids"], mask, position_ids=batch.get("position_ids"),
+                                  attention_mask=batch.get("attention_mask"), cu_seq_lens=batch.get("cu_seq_lens"),
+                                  chunk_size=hw.logprob_chunk_size)
         tokens += mask.sum()
     model.train()
     total, tokens = acc.reduce(total, reduction="sum"), acc.reduce(tokens, reduction="sum")
