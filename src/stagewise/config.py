@@ -51,9 +51,11 @@ class TinyModelConfig:
     hidden_size: int = 192
     intermediate_size: int = 512
     num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 48
+    # 6 x 32 = hidden_size: a head size vLLM's CPU attention supports (32, 64, 80, ...; not 48), with the same
+    # parameter count as the 4 x 48 it replaced
+    num_attention_heads: int = 6
+    num_key_value_heads: int = 3
+    head_dim: int = 32
     max_position_embeddings: int = 4096
     # Pad the embedding matrix to a multiple of this, as Qwen checkpoints do (151936 rows for ~151.7K tokens).
     pad_vocab_to_multiple_of: int = 64
@@ -387,7 +389,8 @@ class RolloutConfig:
     batch_size: int = 64  # sequences per generate() call for the hf backend
     # vLLM
     gpu_memory_utilization: float = 0.5
-    enable_sleep_mode: bool = True
+    enable_sleep_mode: bool = True  # GPU only: vLLM's CPU backend has no sleep mode, the engine stays resident
+    cpu_kv_cache_gb: float = 1.0  # CPU engine: memory for its KV cache (GiB, per engine); a GPU sizes it by utilization
     server_url: Optional[str] = None
     # vllm_server full-weight sync: the address the server reaches this machine at (None: this host's name, or
     # 127.0.0.1 for a server on 127.0.0.1); stagewise.rollout.weight_sync

