@@ -104,8 +104,12 @@ def engine_model_path(cfg, policy, tokenizer, run_dir) -> str:
     if name != TINY_NAME:
         return name
     out = Path(run_dir) / "rollout_model"
-    base = policy.get_base_model() if is_peft(policy) else policy
-    base.save_pretrained(out)
+    if is_peft(policy):  # the base weights under their plain names, without the LoRA tensors
+        base = policy.get_base_model()
+        state = {target: t for name, t in base.state_dict().items() if (target := vllm_param_name(name)) is not None}
+        base.save_pretrained(out, state_dict=state)
+    else:
+        policy.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
 
