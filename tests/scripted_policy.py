@@ -83,3 +83,35 @@ class StreamingScriptedPolicy(ScriptedPolicy):
 
     def close(self):
         self.pool.shutdown(wait=True)
+
+
+def chained_policy(tok, chains):
+    """The default tiny model rewired so that its next token depends on its current token only, and follows the
+    given chains with probability ~1 (logit gap ~28 nats): each chain is a list of texts; its first text's last
+    token is followed by the next texts' tokens in order. For a real engine (vLLM) whose output a test must script:
+    every transformer block adds nothing (``o_proj`` and ``down_proj`` are zero), so the last hidden state is the
+    token's own embedding, a one-hot on a dimension of its own, and the LM head maps that dimension to the
+    successor's row. Tokens outside the chains have a zero embedding and a uniform next token."""
+    import torch
+
+    from stagewise.config import ModelConfig
+    from stagewise.models import load_model_and_tokenizer
+
+    successors = {}
+    for chain in chains:
+        ids = [tok.encode(text, add_special_tokens=False) for text in chain]
+        flat = [ids[0][-1]] + [t for part in ids[1:] for t in part]
+        for a, b in zip(flat, flat[1:]):
+            assert successors.setdefault(a, b) == b, f"token {tok.decode([a])!r} would have two successors"
+    model, _ = load_model_and_tokenizer(ModelConfig())
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        for dim, (a, b) in enumerate(successors.items()):
+            model.model.embed_tokens.weight[a, dim] = 1.0
+            model.lm_head.weight[b, dim] = 2.0  # x sqrt(hidden_size) after the final RMSNorm
+    return model

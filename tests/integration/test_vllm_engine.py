@@ -121,21 +121,36 @@ def test_a_turn_submitted_as_its_own_request_equals_a_batch_generation(full):
     assert steps >= 10  # one engine step per token, the three turns batched together
 
 
-def test_lora_adapter_mode_serves_each_new_adapter(tmp_path):
-    from peft import LoraConfig, get_peft_model
+def test_multi_turn_trajectories_stream_through_the_engine_and_the_sandbox(full):
+    """A policy scripted to write code after "?" and to answer at once after "!": the code runs in the real sandbox,
+    its output comes back masked, and the next turn answers with it, each turn its own engine request."""
+    from scripted_policy import chained_policy
+    from stagewise.rollout.multiturn import MultiTurnRollout
 
-    base, tok = load_model_and_tokenizer(ModelConfig())
-    policy = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
-    engine = build_engine(tmp_path, policy, tok, ["rollout.lora_sync=adapter", "model.lora.r=8"])
-    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    engine, policy, tok, _ = full
+    obs_end = "\n</Execute>\n"
+    scripted = chained_policy(tok, [["Run it?", "<Code>", "print(6*7)", "</Code>"],
+                                    [obs_end, "<Answer>", "42", "</Answer>"], ["Say it!", "<Answer>"]])
+    engine.sync_weights(scripted)
+    cfg = compose(["stage=grpo", "env=code_sandbox", "rollout=vllm", "rollout.max_new_tokens=16",
+                   "env.max_context_tokens=128"])
+    agent = MultiTurnRollout.from_config(cfg, engine, tok)
+    requests = engine._requests
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ["Run it?", "Say it!"]]
     try:
-        for seed in (4, 5):  # two adapters in turn: the engine serves the newest
-            with torch.no_grad():
-                for name, p in policy.named_parameters():
-                    if "lora_" in name:
-                        p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.2)
-            engine.sync_weights(policy)
-            assert (tmp_path / "rollout_adapters" / f"v{seed - 3}" / "adapter_model.safetensors").is_file()
-            assert max_logprob_gap(policy, engine.generate(prompts)) < TOLERANCE
+        batch = agent.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=16),
+                               tasks=[{}, {}])
     finally:
-        engine.close()
+        agent.pool.shutdown(wait=True)
+        engine.sync_weights(policy)
+    observation = "\n<Execute>\n42\n\n</Execute>\n"  # print's own newline, then the env's
+    assert batch.texts[:2] == [f"<Code>print(6*7)</Code>{observation}<Answer>42</Answer>"] * 2
+    assert batch.texts[2:] == ["<Answer>42</Answer>"] * 2
+    assert list(batch.env_columns["turns"]) == [2, 2, 1, 1] and list(batch.env_columns["code_calls"]) == [1, 1, 0, 0]
+    execute = tok(observation, add_special_tokens=False)["input_ids"]
+    code = tok("<Code>print(6*7)</Code>", add_special_tokens=False)["input_ids"]
+    assert list(batch.loss_mask[0]) == [1] * len(code) + [0] * len(execute) + [1] * (len(batch.loss_mask[0]) -
+                                                                                      len(code) - len(execute))
+    assert all(lp > -1e-3 for row, mask in zip(batch.logprobs, batch.loss_mask)
+               for lp, m in zip(row, mask) if m)  # the policy's own tokens were scripted: probability ~1
+    assert engine._requests - requests == 2 + 2  # a request per prompt for turn 0 (n=2 each), one per second turn

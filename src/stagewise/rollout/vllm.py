@@ -95,22 +95,25 @@ def _gather_fn(zero3: bool):
     return lambda params: deepspeed.zero.GatheredParameters(params)
 
 
-def engine_model_path(cfg, policy, tokenizer, run_dir) -> str:
-    """What the engine loads at start: the configured checkpoint, or (offline tiny model, or no path) the policy
-    saved under ``<run>/rollout_model``. A LoRA policy is served as its base model; adapters are pushed later."""
+def engine_model_path(cfg, policy, tokenizer, run_dir, *, zero3: bool = False, accelerator=None) -> str:
+    """What the engine loads at start: the configured checkpoint, or (offline tiny model) the policy saved under
+    ``<run>/rollout_model`` by the main process (ZeRO-3 shards gathered). A LoRA policy is served as its base model
+    under the plain parameter names; adapters are pushed later."""
     from stagewise.models import TINY_NAME
 
     name = cfg.model.name_or_path
     if name != TINY_NAME:
         return name
     out = Path(run_dir) / "rollout_model"
-    if is_peft(policy):  # the base weights under their plain names, without the LoRA tensors
-        base = policy.get_base_model()
-        state = {target: t for name, t in base.state_dict().items() if (target := vllm_param_name(name)) is not None}
+    base = policy.get_base_model() if is_peft(policy) else policy
+    with _gather_fn(zero3)(list(base.parameters())):
+        state = {target: t.detach().clone() for name, t in base.state_dict().items()
+                 if (target := vllm_param_name(name)) is not None}
+    if accelerator is None or accelerator.is_main_process:
         base.save_pretrained(out, state_dict=state)
-    else:
-        policy.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return str(out)
 
 
@@ -170,7 +173,8 @@ class VLLMColocated:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29533")
         dtype = next(policy.parameters()).dtype
-        model_path = engine_model_path(cfg, policy, tokenizer, self.run_dir)
+        model_path = engine_model_path(cfg, policy, tokenizer, self.run_dir, zero3=self.zero3,
+                                       accelerator=accelerator)
         kwargs: Dict[str, Any] = dict(
             model=model_path, tokenizer=model_path, enable_sleep_mode=self.sleep_mode,
             dtype=str(dtype).removeprefix("torch."), seed=int(cfg.seed) + rank,
@@ -183,6 +187,8 @@ class VLLMColocated:
             kwargs.update(kv_cache_memory_bytes=int(ro.cpu_kv_cache_gb * 2**30), enforce_eager=True)
         if self.lora_mode == "adapter":
             kwargs.update(enable_lora=True, max_lora_rank=int(cfg.model.lora.r), max_loras=1)
+        # external_launcher: the engine joins this process's torch.distributed group; a trainer's group outlives it
+        self._trainer_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         set_num_threads = torch.set_num_threads
         try:
             self.llm = LLM(**kwargs)
@@ -307,9 +313,31 @@ class VLLMColocated:
             truncated=truncated, logprobs=logprobs if want_lp else None, n=sampling.n)
 
     def close(self) -> None:
+        """Shut the engine down now (vLLM does it when the engine is collected). Its shutdown destroys the default
+        process group, which in-process is the trainer's when there is one: that group is kept."""
+        finalizer = getattr(self.llm.llm_engine.engine_core, "_finalizer", None)  # EngineCore.shutdown, run once
+        if finalizer is not None:
+            with _keeping_default_process_group(self._trainer_group):
+                finalizer()
         del self.llm
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _keeping_default_process_group(keep: bool):
+    """``torch.distributed.destroy_process_group()`` (the default group) does nothing inside, when ``keep``."""
+    import torch.distributed as dist
+
+    if not keep:
+        yield
+        return
+    destroy = dist.destroy_process_group
+    dist.destroy_process_group = lambda group=None: None if group is None else destroy(group)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
 
 
 # ------------------------------------------------------------------------------------------------ server
