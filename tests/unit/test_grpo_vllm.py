@@ -1,22 +1,17 @@
-"""vLLM backends. The server client is tested against a real HTTP server on 127.0.0.1 that speaks the subset of
-vLLM's OpenAI API the client uses (token-id prompts, ``return_tokens_as_token_ids``, LoRA hot-loading,
-``/collective_rpc``), generating with the tiny model, and full-weight sync against a server process whose worker
-joins a real gloo group with the trainer; the colocated engine needs a GPU and vLLM."""
+"""The vLLM server client's request and error handling, against a real HTTP server on 127.0.0.1 that speaks the subset
+of vLLM's OpenAI API the client uses (token-id prompts, ``return_tokens_as_token_ids``, LoRA hot-loading,
+``/collective_rpc``) and generates with the tiny model, so that a test can script what the server answers (errors,
+a plain server without the worker extension, slow turns). The client against a real ``vllm serve``:
+tests/integration/test_vllm_server.py; the colocated engine: tests/integration/test_vllm_engine.py."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import subprocess
-import sys
 import threading
-import urllib.request
-from http.server import ThreadingHTTPServer
-from pathlib import Path
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from fake_vllm_weight_server import JSONHandler
 from omegaconf import OmegaConf
 
 from stagewise.config import ModelConfig
@@ -24,6 +19,21 @@ from stagewise.models import load_model_and_tokenizer
 from stagewise.rollout import SamplingParams
 from stagewise.rollout.hf import HFRollout
 from stagewise.rollout.vllm import ServerError, VLLMServerClient, parse_token_id, vllm_param_name
+
+
+class JSONHandler(BaseHTTPRequestHandler):
+    """Quiet request handler with a JSON ``reply``."""
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, body, status: int = 200):
+        data = json.dumps(body).encode() if body is not None else b""
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
 
 class FakeVLLM:
@@ -102,56 +112,6 @@ def test_server_generation_is_parsed_exactly(fake, tmp_path):
     path, body = fake.calls[-1]
     assert path == "/v1/completions" and body["model"] == "tiny" and body["n"] == 3 and body["max_tokens"] == 6
     assert body["stop_token_ids"] == [tok.eos_token_id]
-
-
-@pytest.fixture()
-def weight_server():
-    """tests/unit/fake_vllm_weight_server.py in its own process: the server side of the weight group."""
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fake_vllm_weight_server.py"))],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        yield f"http://127.0.0.1:{int(proc.stdout.readline())}"
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def served_weights(url: str) -> dict:
-    with urllib.request.urlopen(url + "/weights", timeout=30) as r:
-        return json.loads(r.read())
-
-
-def sha256_of(policy) -> dict:
-    return {n: hashlib.sha256(p.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-            for n, p in policy.named_parameters()}
-
-
-def test_full_weights_reach_the_server_over_a_process_group_in_buckets(weight_server, tmp_path, monkeypatch):
-    """Full-weight sync: the trainer and the server's worker form a gloo group of their own; the weights go over it
-    in 512 KB buckets (several parameters each, a larger one alone) and the worker loads them with the model's
-    ``load_weights``: after each of two syncs the server's model equals the policy bit for bit, and nothing was
-    written to disk."""
-    import stagewise.rollout.weight_sync as weight_sync
-
-    monkeypatch.setattr(weight_sync, "BUCKET_BYTES", 2**19)
-    policy, tok = load_model_and_tokenizer(ModelConfig())
-    client = VLLMServerClient(client_cfg(weight_server), policy, tok, SamplingParams(n=2), run_dir=tmp_path)
-    assert client.weight_sync_host == "127.0.0.1"
-    before = served_weights(weight_server)
-    assert before["sha256"] == sha256_of(policy)  # the same seed: equal until the policy moves
-    sizes = [p.numel() * p.element_size() for p in policy.parameters()]
-    expected_buckets = len(list(weight_sync.buckets(policy.named_parameters(), 2**19)))
-    assert expected_buckets > 3 and max(sizes) > 2**19  # several buckets, and one tensor larger than a bucket
-    for shift in (0.5, -0.25):
-        with torch.no_grad():
-            for p in policy.parameters():
-                p.add_(shift)  # an "optimizer step"
-        client.sync_weights(policy)
-        served = served_weights(weight_server)
-        assert served["sha256"] == sha256_of(policy) != before["sha256"]
-    assert client.weight_sender().broadcasts == 2 * expected_buckets  # one group, joined once, reused
-    assert served["loaded"] == 2 * len(sizes)
-    assert not list(tmp_path.rglob("*.safetensors"))
 
 
 def test_full_weight_sync_names_the_missing_worker_extension(fake, tmp_path):
@@ -284,39 +244,3 @@ def test_parse_token_id():
     assert parse_token_id("token_id:1037") == 1037
     with pytest.raises(ServerError, match="return_tokens_as_token_ids"):
         parse_token_id("hello")
-
-
-@pytest.mark.gpu
-def test_colocated_engine_generates_and_takes_new_weights(tmp_path):
-    pytest.importorskip("vllm")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from stagewise.rollout.vllm import VLLMColocated
-
-    from conftest import compose
-
-    cfg = compose(["stage=grpo", "algorithm=grpo", "data=tiny_grpo", "reward=countdown", "rollout=vllm",
-                   "rollout.gpu_memory_utilization=0.2", "rollout.max_new_tokens=8"])
-    policy, tok = load_model_and_tokenizer(ModelConfig())
-    policy = policy.cuda()
-    engine = VLLMColocated(cfg, policy, tok, SamplingParams(n=4, max_new_tokens=8), run_dir=tmp_path)
-    prompts = [tok("What is 2 + 2?")["input_ids"]]
-    batch = engine.generate(prompts)
-    assert len(batch) == 4 and all(1 <= len(c) <= 8 for c in batch.completion_ids)
-    assert all(len(lp) == len(c) for lp, c in zip(batch.logprobs, batch.completion_ids))
-    with torch.no_grad():  # a policy whose every logit is the same: uniform sampling, log-prob -ln(V)
-        policy.lm_head.weight.zero_()
-    engine.sync_weights(policy)
-    lp = engine.generate(prompts).logprobs
-    expected = -torch.log(torch.tensor(float(policy.config.vocab_size)))
-    assert all(abs(x - float(expected)) < 1e-3 for row in lp for x in row)
-    # a multi-turn turn as its own engine request (LLMEngine.add_request, then step until it finishes)
-    done = []
-    with engine.staying_awake():
-        engine.submit_turn(prompts[0], SamplingParams(n=2, max_new_tokens=8), done.append)
-        while engine.step():
-            pass
-    turn = done[0].result()
-    assert len(done) == 1 and len(turn) == 2 and all(1 <= len(c) <= 8 for c in turn.completion_ids)
-    assert all(abs(x - float(expected)) < 1e-3 for row in turn.logprobs for x in row)
-    engine.close()

@@ -4,13 +4,19 @@ The trainer (rank 0 of the weight group) and every worker of the server (ranks 1
 their own, rendezvousing at a TCP store the trainer hosts; the trainer's usual process group is not involved. Each
 step the trainer broadcasts the policy's weights in buckets of at most ``bucket_bytes`` (one flat byte buffer per
 bucket, many parameters each: a few large collectives instead of one per parameter), and the workers load each
-bucket into the engine with the model's own ``load_weights``. TRL (``vllm-serve`` + ``update_named_param``) and
-OpenRLHF (``broadcast_to_vllm``) do the same with one broadcast per parameter.
+bucket into the engine with the model's own ``load_weights`` inside vLLM's layerwise reload (begun before the first
+bucket, finalized after the last: what vLLM's own weight-transfer engines do, docs.vllm.ai "training/layerwise").
+TRL (``vllm-serve`` + ``update_named_param``) and OpenRLHF (``broadcast_to_vllm``) broadcast one parameter at a
+time into a plain ``load_weights``, which fails on vLLM's CPU backend (it repacks each linear layer's weight for its
+GEMM after loading, so the checkpoint-format parameter is gone).
 
 Server side: this module's `WeightReceiver` is a vLLM worker extension, and the trainer calls it through vLLM's
 ``/collective_rpc`` route (development mode)::
 
     VLLM_SERVER_DEV_MODE=1 vllm serve <model> --worker-extension-cls stagewise.rollout.weight_sync.WeightReceiver
+
+(with vLLM's CPU build, ``python -m vllm.entrypoints.openai.api_server --model <model> ...``: its ``vllm`` command
+looks for a package named ``vllm`` and fails)
 
 (stagewise must be importable on the server). Every call's arguments are one JSON string, as ``/collective_rpc``
 passes only strings. A collective blocks until both sides take part, so the trainer posts each call from a thread
@@ -110,6 +116,15 @@ class WeightReceiver:
             "cuda", torch.cuda.current_device())
         return "ok"
 
+    def weight_sync_begin(self) -> str:
+        """Start one push: vLLM's layerwise reload (the supported way to load new weights into a model whose
+        layers were already processed for their kernels, e.g. the CPU backend's repacked GEMM weights)."""
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        with self._vllm_config():
+            initialize_layerwise_reload(self.model_runner.model)
+        return "ok"
+
     def weight_sync_receive(self, args: str) -> int:
         if self.weight_group is None:
             raise RuntimeError("weight_sync_receive before weight_sync_init")
@@ -117,8 +132,21 @@ class WeightReceiver:
         total = sum(m["nbytes"] for m in manifest)
         buffer = torch.empty(total, dtype=torch.uint8, device=self.weight_group_device)
         broadcast_from_trainer(self.weight_group, buffer)
-        self.model_runner.model.load_weights(weights=unpack_bucket(buffer, manifest))
+        with self._vllm_config():  # each layer is processed as soon as all of its tensors have arrived
+            self.model_runner.model.load_weights(weights=unpack_bucket(buffer, manifest))
         return len(manifest)
+
+    def weight_sync_end(self) -> str:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        with self._vllm_config():
+            finalize_layerwise_reload(self.model_runner.model, self.vllm_config.model_config)
+        return "ok"
+
+    def _vllm_config(self):
+        from vllm.config import set_current_vllm_config
+
+        return set_current_vllm_config(self.vllm_config)
 
 
 class WeightSender:
@@ -145,6 +173,7 @@ class WeightSender:
         log.info("weight sync: %s group with %d vLLM worker(s) at %s:%d", backend, self.workers, host, port)
 
     def send(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        self.rpc("weight_sync_begin", [])
         for bucket in buckets(weights, self.bucket_bytes):
             buffer, manifest = pack_bucket(bucket, self.device)
             loaded = _in_thread(lambda m=manifest: self.rpc("weight_sync_receive", [json.dumps(m)]))
@@ -153,6 +182,7 @@ class WeightSender:
             counts = loaded()  # vLLM's route answers non-JSON results as strings
             if any(int(c) != len(manifest) for c in counts):
                 raise RuntimeError(f"a vLLM worker loaded {counts} of {len(manifest)} tensors")
+        self.rpc("weight_sync_end", [])
 
 
 def drain(weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
