@@ -4,16 +4,23 @@ nothing beyond ``requests``.
 
 Colocated (TRL's "colocate", verl's hybrid engine)
     Every training process owns one engine (``distributed_executor_backend="external_launcher"``, seeded per rank)
-    and generates its own prompts. With ``rollout.enable_sleep_mode`` the engine sleeps at level 2 between
-    generations (weights and KV cache released: the GPU belongs to training), and wakes the weights, then the KV
-    cache, for the next generation; the turns of a multi-turn batch are one generation (`staying_awake`: one wake,
-    the prefix cache kept across turns, no weight push between them), and each turn is its own engine request
-    (`submit_turn` adds it with ``LLMEngine.add_request``, `step` runs the engine: ``LLM.generate``'s loop, opened
-    so that a trajectory's next turn joins the running batch as soon as its code returned). After each step's
-    optimizer updates the policy's weights are pushed into the engine parameter by parameter (``load_weights``;
-    ZeRO-3 shards gathered one parameter at a time); a LoRA policy is merged for the push and unmerged after
+    and generates its own prompts. After each step's optimizer updates the policy's weights are pushed into the
+    engine with vLLM's in-place reload (``collective_rpc("reload_weights", weights_iterator=...)``: layerwise, each
+    layer re-processed for its kernels once all of its tensors arrived; vLLM docs "training/layerwise"). TRL's
+    colocate mode calls the model's plain ``load_weights`` per parameter, which fails on vLLM's CPU backend: it
+    repacks each linear layer's weight for its GEMM after loading and drops the checkpoint-format parameter. ZeRO-3 shards
+    are gathered one parameter at a time; a LoRA policy is merged for the push and unmerged after
     (``rollout.lora_sync: merged``, the default), or its adapter is saved and given to vLLM's own LoRA support
     (``adapter``: only the adapter moves, vLLM needs ``enable_lora``).
+    On a GPU, with ``rollout.enable_sleep_mode`` the engine sleeps at level 2 between generations (weights and KV
+    cache released: the GPU belongs to training), and wakes the weights, then the KV cache, for the next
+    generation. vLLM's CPU worker has no sleep mode: there the engine stays resident, with a KV cache of
+    ``rollout.cpu_kv_cache_gb``, eager (no compile), in the training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
+    and without binding OpenMP threads to cores.
+    The turns of a multi-turn batch are one generation (`staying_awake`: one wake, the prefix cache kept across
+    turns, no weight push between them), and each turn is its own engine request (`submit_turn` adds it with
+    ``LLMEngine.add_request``, `step` runs the engine: ``LLM.generate``'s loop, opened so that a trajectory's next
+    turn joins the running batch as soon as its code returned).
     Engine log-probs are ``processed_logprobs`` (after temperature), so they compare with the trainer's for TIS.
 
 Server
@@ -24,7 +31,8 @@ Server
       * LoRA: the adapter is saved under ``<run>/rollout_adapters/step_<N>`` (a filesystem the server can read) and
         hot-loaded with ``/v1/load_lora_adapter`` (server: ``--enable-lora``, ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``);
       * full weights: broadcast from the main process to the server's workers over a process group of their own
-        (NCCL on GPU, gloo on CPU; `stagewise.rollout.weight_sync`: bucketed, nothing on disk), then
+        (NCCL on GPU, gloo on CPU; `stagewise.rollout.weight_sync`: bucketed, nothing on disk, loaded with vLLM's
+        layerwise reload), then
         ``/reset_prefix_cache`` (server: ``VLLM_SERVER_DEV_MODE=1`` and ``--worker-extension-cls
         stagewise.rollout.weight_sync.WeightReceiver``; ``rollout.weight_sync_host`` is the address the server
         reaches this machine at, by default this host's name, or 127.0.0.1 for a server on 127.0.0.1).
