@@ -5,6 +5,7 @@
     python benchmarks/learning.py --threads 1 --jobs 2         # two 1-thread runs at a time on a 2-core machine
     python benchmarks/learning.py --pipeline r1_zero_tiny --metric eval/accuracy
     python benchmarks/learning.py -- stage.max_steps=10        # extra overrides after `--` go to every run
+    python benchmarks/learning.py --rollout vllm               # generate with the colocated vLLM engine
 
 Each run is a real ``python train.py pipeline=<name> seed=<s>`` in its own process with ``OMP_NUM_THREADS`` set, in
 ``--workdir`` (a temporary folder unless given; kept, so every run folder can be opened afterwards). The table reads
@@ -140,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", default="eval/accuracy")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--rollout", default="hf", choices=["hf", "vllm"],
+                        help="generation engine of every stage (vllm: the colocated engine; vLLM's CPU build on CPU)")
     args = parser.parse_args(argv)
+    if args.rollout != "hf":
+        extra = [f"rollout={args.rollout}", *extra]
 
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="stagewise_learning_"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
