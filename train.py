@@ -27,7 +27,7 @@ from omegaconf import DictConfig, open_dict
 
 from stagewise.config import UnknownConfigKeyError, check_top_level_overrides, config_error_exit, register_configs, \
     typed_config, validate_config, validate_printed_config
-from stagewise.run_folder import register_resolvers
+from stagewise.run_folder import RunFolder, RunFolderInUseError, register_resolvers
 from stagewise.tracking.logs import job
 
 STAGES = {
@@ -59,7 +59,7 @@ def main(cfg: DictConfig):
 
     try:  # errors in the user's config, hardware choice or data: one line ("Error: ..."), no traceback
         return _main(cfg)
-    except (UnknownConfigKeyError, BadRowError, HardwareMismatchError) as e:
+    except (UnknownConfigKeyError, BadRowError, HardwareMismatchError, RunFolderInUseError) as e:
         raise config_error_exit(e) from None
 
 
@@ -78,6 +78,8 @@ def _main(cfg: DictConfig):
     if run_mode(cfg, choices) == "pipeline":
         return run_pipeline(cfg, HydraConfig.get().overrides.task, HydraConfig.get().overrides.hydra)
     setup_distributed_env(cfg)  # submitit tasks become torch.distributed ranks before any Accelerator exists
+    if int(os.environ.get("RANK", "0")) == 0 and "LOCAL_RANK" not in os.environ:  # once, before any rank starts
+        RunFolder(cfg.run_dir).prepare_for(str(cfg.resume))
     if needs_relaunch(cfg):
         return relaunch_distributed(cfg, __file__, HydraConfig.get().overrides.task)
     return run_stage(cfg)

@@ -485,7 +485,9 @@ class TrainConfig:
     run_id: str = "${stagewise_run_id:}"
     run_dir: Optional[str] = None  # filled in by train.py from Hydra's output dir
     seed: int = 0
-    resume: str = "auto"  # auto (latest checkpoint in run_dir, if any) | never | <checkpoint path>
+    # auto (latest checkpoint in run_dir, if any) | never (refuses a folder holding a run) | overwrite (deletes it
+    # first) | <checkpoint path>
+    resume: str = "auto"
     tags: List[str] = field(default_factory=list)
 
 

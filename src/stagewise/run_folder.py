@@ -20,8 +20,10 @@ then exported so that any child process inherits it.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -120,3 +122,39 @@ class RunFolder:
     def latest_checkpoint(self) -> Path | None:
         found = self.list_checkpoints()
         return found[-1] if found else None
+
+    def previous_run(self) -> list[str]:
+        """What an earlier run left here that a new run would mix with: complete checkpoints, ``final/``, logged
+        metrics, samples."""
+        found = [f"checkpoints/{p.name}" for p in self.list_checkpoints()]
+        if self.final.exists():
+            found.append("final/")
+        if self.metrics.exists() and self.metrics.stat().st_size > 0:
+            found.append("metrics.jsonl")
+        if self.samples.exists() and any(self.samples.iterdir()):
+            found.append("samples/")
+        return found
+
+    def prepare_for(self, resume: str) -> None:
+        """``resume=never`` refuses a folder that holds a run (a fresh run would mix its steps, checkpoints and
+        ``final/`` with the old ones); ``resume=overwrite`` deletes what the old run left first. ``auto`` and a
+        checkpoint path continue it. Call once per run (rank 0, before training starts)."""
+        if resume not in ("never", "overwrite"):
+            return
+        found = self.previous_run()
+        if not found:
+            return
+        if resume == "never":
+            raise RunFolderInUseError(
+                f"{self.root} already holds a run ({', '.join(found)}); resume=never would mix a new run into it. "
+                f"Use another run_id, resume=auto to continue it, or resume=overwrite to delete it first")
+        for path in (self.checkpoints, self.final, self.samples, self.metrics):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        logging.getLogger("stagewise").info("resume=overwrite: deleted the previous run's %s", ", ".join(found))
+
+
+class RunFolderInUseError(RuntimeError):
+    """``resume=never`` on a run folder that holds a run."""

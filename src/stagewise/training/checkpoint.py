@@ -93,8 +93,9 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     def resume_path(self, resume: str) -> Path | None:
-        """``auto``: the latest complete checkpoint of this run folder; ``never``; or an explicit path."""
-        if resume == "never":
+        """``auto``: the latest complete checkpoint of this run folder; ``never`` / ``overwrite`` (a fresh start,
+        `RunFolder.prepare_for`); or an explicit path."""
+        if resume in ("never", "overwrite"):
             return None
         if resume == "auto":
             return self.run.latest_checkpoint()
