@@ -176,7 +176,7 @@ def latest_checkpoint(stage_dir: Path) -> Optional[str]:
 # ============================================================================================ preemption
 class ForwardSignals:
     """While a pipeline runs: SIGUSR1/SIGTERM (and submitit's preemption signal) are recorded and forwarded to the
-    running stage process, which checkpoints at its next step boundary and exits with the requeue code; the
+    running stage process (SIGINT is recorded only: a terminal's Ctrl-C reaches the stage itself), which checkpoints at its next step boundary and exits with the requeue code; the
     pipeline then records the stage as interrupted and exits with the same code. Without this the parent died at
     once ("User defined signal 1") and left its child running, orphaned."""
 
@@ -195,7 +195,8 @@ class ForwardSignals:
         first = self.received is None
         self.received = signal.Signals(signum)
         child = self.child
-        if child is not None and child.poll() is None:
+        # Ctrl-C reaches the running stage by itself (one process group); forwarding it would be its second Ctrl-C
+        if child is not None and child.poll() is None and signum != signal.SIGINT:
             try:
                 child.send_signal(signum)
             except ProcessLookupError:

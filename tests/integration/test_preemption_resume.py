@@ -1,6 +1,7 @@
-"""The issue's test: SIGUSR1 to a running tiny SFT job -> checkpoint at the next step boundary, exit 75 -> the rerun
-with the same run_id resumes (resume=auto) and ends with the same per-step losses and final eval loss as a run that
-was never interrupted. Needs the 3-line preemption wiring in stages/sft.py."""
+"""Ctrl-C (SIGINT; SIGUSR1 and SIGTERM take the same path) to a running tiny SFT job -> checkpoint at the next step
+boundary, exit 75 and a line saying how to resume -> the rerun with the same run_id resumes (resume=auto) and ends
+with the same per-step losses and final eval loss as a run that was never interrupted. GRPO installs the same
+handler (tests/unit/test_preemption.py; a GRPO stage is interrupted in test_pipeline_preemption.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def records(run_dir, key):
 
 
 @pytest.mark.slow
-def test_sigusr1_checkpoint_exit_resume_same_metrics(tmp_path):
+def test_ctrl_c_checkpoint_exit_resume_same_metrics(tmp_path):
     env = {**os.environ, "PROJECT_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     env.pop("STAGEWISE_RUN_ID", None)
     cut = tmp_path / "outputs" / "train" / "cut"
@@ -34,9 +35,10 @@ def test_sigusr1_checkpoint_exit_resume_same_metrics(tmp_path):
     while max(records(cut, "loss"), default=0) < 5 if (cut / "metrics.jsonl").exists() else True:
         assert proc.poll() is None and time.time() - t0 < 300
         time.sleep(0.1)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, out[-3000:]
+    assert "to resume, rerun the same command with run_id=cut" in out
     (ckpt,) = (cut / "checkpoints").iterdir()
     stopped = int(ckpt.name.split("_")[1])
     assert (ckpt / "COMPLETE").exists() and 5 <= stopped < 30 and max(records(cut, "loss")) == stopped

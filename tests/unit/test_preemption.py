@@ -55,11 +55,19 @@ def test_previous_handler_runs_after_the_checkpoint():
         signal.signal(signal.SIGUSR1, old)
 
 
+def test_ctrl_c_checkpoints_like_sigterm_and_a_second_ctrl_c_stops_at_once(handler, capfd):
+    os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: a checkpoint at the next step boundary
+    assert handler.received == signal.SIGINT and preemption.should_checkpoint_and_exit()
+    assert "got SIGINT: will checkpoint at the next step boundary" in capfd.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
 def test_submitit_signal_is_handled_too(monkeypatch):
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
-    assert preemption.PreemptionHandler().signals == [signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2]
+    assert preemption.PreemptionHandler().signals == [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2]
     monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR1")
-    assert preemption.PreemptionHandler().signals == [signal.SIGUSR1, signal.SIGTERM]
+    assert preemption.PreemptionHandler().signals == [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT]
     monkeypatch.delenv("SUBMITIT_EXECUTOR")
     assert preemption.submitit_preempt_signal() is None

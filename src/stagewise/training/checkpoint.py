@@ -96,9 +96,13 @@ class CheckpointManager:
         """``auto``: the latest complete checkpoint of this run folder; ``never`` / ``overwrite`` (a fresh start,
         `RunFolder.prepare_for`); or an explicit path."""
         if resume in ("never", "overwrite"):
+            log.info("starting fresh at step 0 (resume=%s)", resume)
             return None
         if resume == "auto":
-            return self.run.latest_checkpoint()
+            latest = self.run.latest_checkpoint()
+            if latest is None:
+                log.info("starting fresh at step 0 (no checkpoint in %s)", self.run.checkpoints)
+            return latest
         path = Path(resume)
         if not (path / "COMPLETE").exists():
             raise FileNotFoundError(f"resume={resume!r} is not a complete checkpoint folder (no COMPLETE marker)")

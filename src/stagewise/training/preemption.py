@@ -1,4 +1,5 @@
-"""Preemption: SIGUSR1 or SIGTERM -> checkpoint at the next step boundary -> exit for requeue -> resume=auto.
+"""Preemption: SIGUSR1, SIGTERM or SIGINT (Ctrl-C) -> checkpoint at the next step boundary -> exit for requeue ->
+resume=auto. A second Ctrl-C stops at once, without the checkpoint.
 
 The signal handler only sets a flag (nothing else is safe to do in the middle of a step). The loops install it
 right before their training loop (so a SIGTERM during setup still stops the process at once) and call
@@ -38,7 +39,7 @@ from typing import Any, Callable, Iterable, Optional
 log = logging.getLogger(__name__)
 
 REQUEUE_EXIT_CODE = 75
-DEFAULT_SIGNALS = ("SIGUSR1", "SIGTERM")
+DEFAULT_SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
 
 
 def _signal(name_or_num) -> signal.Signals:
@@ -83,10 +84,13 @@ class PreemptionHandler:
 
     def _on_signal(self, signum: int, frame) -> None:
         first = self.received is None
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now
         self.received = signal.Signals(signum)
         if first:  # os.write: no locks, safe whatever the signal interrupted
-            os.write(2, f"[stagewise] got {self.received.name}: will checkpoint at the next step boundary and exit "
-                        f"with code {REQUEUE_EXIT_CODE} for requeue\n".encode())
+            again = " (Ctrl-C again to stop now, without it)" if signum == signal.SIGINT else ""
+            os.write(2, f"\n[stagewise] got {self.received.name}: will checkpoint at the next step boundary and exit "
+                        f"with code {REQUEUE_EXIT_CODE}{again}\n".encode())
 
     def chain_previous(self) -> None:
         """Hand the signal to the handler we replaced (submitit's requeue) now that the checkpoint is saved."""
@@ -99,7 +103,8 @@ _handler: Optional[PreemptionHandler] = None
 
 
 def install_preemption_handler(signals: Iterable[Any] = DEFAULT_SIGNALS) -> PreemptionHandler:
-    """Install (once per process) the handler for SIGUSR1, SIGTERM and, under submitit, submitit's signal."""
+    """Install (once per process) the handler for SIGUSR1, SIGTERM, SIGINT and, under submitit, submitit's
+    signal."""
     global _handler
     if _handler is None:
         _handler = PreemptionHandler(signals).install()
@@ -144,6 +149,8 @@ def checkpoint_and_exit_if_preempted(acc, save: Callable[[], Any]) -> None:
         return
     log.warning("preemption requested: saving a checkpoint, then exiting with code %d", REQUEUE_EXIT_CODE)
     save()
+    run_id = os.environ.get("STAGEWISE_RUN_ID")
+    log.warning("checkpoint saved; to resume, rerun the same command%s", f" with run_id={run_id}" if run_id else "")
     if acc is not None:
         acc.wait_for_everyone()
         # tear the process group down before exiting: a rank still inside gloo's threads when its peer has gone
