@@ -56,10 +56,11 @@ def run_stage(cfg: DictConfig):
 def main(cfg: DictConfig):
     from stagewise.data.schema import BadRowError
     from stagewise.launch import HardwareMismatchError
+    from stagewise.rewards.runner import RewardFailedError
 
-    try:  # errors in the user's config, hardware choice or data: one line ("Error: ..."), no traceback
+    try:  # errors in the config, hardware choice, data, run folder or rewards: one line ("Error: ..."), no traceback
         return _main(cfg)
-    except (UnknownConfigKeyError, BadRowError, HardwareMismatchError, RunFolderInUseError) as e:
+    except (UnknownConfigKeyError, BadRowError, HardwareMismatchError, RunFolderInUseError, RewardFailedError) as e:
         raise config_error_exit(e) from None
 
 

@@ -357,6 +357,7 @@ class RewardConfig:
     timeout_s: float = 10.0  # per call of a slow reward (sympy, judge)
     num_workers: int = 4
     allow_missing_columns: bool = False  # a reward's required column missing from the data: warn, don't stop
+    max_failed_steps: int = 3  # a function failing on every sample of this many batches in a row stops the stage
 
 
 # ---------------------------------------------------------------------------------------------------- env

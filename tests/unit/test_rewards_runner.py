@@ -153,6 +153,23 @@ def test_batch_function_failure_is_pinned_to_its_sample(probes):
     assert res.metrics["rewards/picky/errors"] == 1.0
 
 
+def test_a_reward_failing_on_every_sample_batch_after_batch_stops_the_run(probes):
+    """``picky`` fails on whole batches of "bad": twice in a row is tolerated (counted), a batch it scores resets
+    the count, the third whole-batch failure in a row stops with its name and its first error."""
+    from stagewise.rewards.runner import RewardFailedError
+
+    with RewardRunner(RewardConfig(functions=[fn(f"{probes}:picky"), fn("format")], max_failed_steps=3)) as runner:
+        for _ in range(2):
+            assert runner(["bad", "bad"]).metrics["rewards/picky/errors"] == 2.0
+        runner(["bad", "ok"])  # one sample scored: not broken
+        runner(["bad", "bad"])
+        runner(["bad", "bad"])
+        with pytest.raises(RewardFailedError) as err:
+            runner(["bad", "bad"])
+    assert str(err.value) == ("reward 'picky' failed on every sample of 3 batches in a row "
+                              "(reward.max_failed_steps=3); its first error: RuntimeError: cannot score 'bad'")
+
+
 def test_thread_rewards_run_off_the_main_thread(probes):
     with RewardRunner(RewardConfig(functions=[fn(f"{probes}:ThreadProbe")])) as runner:
         assert runner(["a", "b", "c", "d"]).per_fn["ThreadProbe"] == [1.0] * 4

@@ -49,6 +49,7 @@ class ErrorLog:
     def __init__(self) -> None:
         self._seen: set = set()
         self._lock = threading.Lock()
+        self.first: Dict[str, str] = {}  # reward name -> the last line of its first error
 
     def report(self, name: str, tb: str) -> None:
         lines = str(tb).strip().splitlines() or ["<no traceback>"]
@@ -56,6 +57,7 @@ class ErrorLog:
         with self._lock:
             first = key not in self._seen
             self._seen.add(key)
+            self.first.setdefault(name, lines[-1])
         if first:
             logger.warning("reward %r failed on a sample (scored None; later repeats of this error are "
                            "logged at DEBUG):\n%s", name, tb)

@@ -17,7 +17,9 @@ An in-process call that overruns is abandoned (its thread cannot be killed; its 
 The pool and the thread rewards run in the background while inline and batch rewards run in the caller.
 
 Failure isolation: a sample whose reward raises, times out or kills its worker scores None for that function; the
-traceback is logged once per (function, error) and the count goes to ``rewards/<fn>/errors``. The step goes on.
+traceback is logged once per (function, error) and the count goes to ``rewards/<fn>/errors``. The step goes on,
+unless the function failed on every sample of ``reward.max_failed_steps`` calls in a row: then `RewardFailedError`
+stops the stage, naming the function and its first error.
 
 ``total`` is the weighted sum over the functions that scored the sample (None skipped, as TRL does). A row that
 *no* function scored gets total 0.0 (TRL's NaN-sum gives the same), is counted in ``reward/total/unscored`` and
@@ -48,6 +50,10 @@ if TYPE_CHECKING:
     from stagewise.config import RewardConfig, RewardFnConfig
 
 logger = logging.getLogger("stagewise.rewards")
+
+
+class RewardFailedError(RuntimeError):
+    """A reward function failed on every sample of ``reward.max_failed_steps`` batches in a row."""
 
 
 @dataclass
@@ -122,6 +128,8 @@ class RewardRunner:
             self.entries.append(_Entry(name, float(f.weight), build(f.name, **f.params)))
         self._pool: Optional[WorkerPool] = None
         self._errors = ErrorLog()
+        self.max_failed_calls = int(cfg.max_failed_steps)
+        self._failed_in_a_row: Dict[str, int] = {e.name: 0 for e in self.entries}
 
     @property
     def names(self) -> List[str]:
@@ -200,7 +208,19 @@ class RewardRunner:
                 failed[e.name] = [True] * n
 
         per_fn = {e.name: scores[e.name] for e in self.entries}
+        self._stop_if_failing(failed, n)
         return self._combine(per_fn, failed, timed_out, n)
+
+    def _stop_if_failing(self, failed: Dict[str, List[bool]], n: int) -> None:
+        """A function that failed on every sample of ``max_failed_steps`` calls in a row is broken, not unlucky:
+        training on its silence would be training on zero reward."""
+        for name, flags in failed.items():
+            self._failed_in_a_row[name] = self._failed_in_a_row[name] + 1 if n and all(flags) else 0
+            if 0 < self.max_failed_calls <= self._failed_in_a_row[name]:
+                raise RewardFailedError(
+                    f"reward {name!r} failed on every sample of {self._failed_in_a_row[name]} batches in a row "
+                    f"(reward.max_failed_steps={self.max_failed_calls}); its first error: "
+                    f"{self._errors.first.get(name, '?')}")
 
     def missing_columns(self, columns: Iterable[str]) -> List[tuple]:
         """``[(reward name, columns it needs, one of which is absent)]`` for the given dataset columns."""
