@@ -418,7 +418,7 @@ class AlertsConfig:
 class LoggerConfig:
     sinks: List[str] = field(default_factory=lambda: ["console", "jsonl"])  # + wandb, tensorboard
     project: str = "stagewise"
-    wandb_mode: str = "online"  # online | offline | disabled
+    wandb_mode: Optional[str] = None  # online | offline | disabled; None: W&B decides ($WANDB_MODE, else online)
     wandb_entity: Optional[str] = None
     progress_bar: bool = True
     alerts: AlertsConfig = field(default_factory=AlertsConfig)

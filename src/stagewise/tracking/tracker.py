@@ -84,7 +84,7 @@ class Tracker:
                 id=str(cfg.run_id).replace("/", "-") + f"-{stage}",
                 resume="allow",
                 dir=str(self.run_dir),
-                mode=cfg.logger.wandb_mode,
+                **({"mode": cfg.logger.wandb_mode} if cfg.logger.wandb_mode else {}),  # else $WANDB_MODE decides
                 config=redact(config_dict(cfg)),  # ${oc.env:..} resolves to the value
                 tags=list(cfg.tags),
             )
