@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -101,6 +102,31 @@ def find_runs(root: str | Path) -> List[Path]:
             continue
         found.extend(find_runs(child))
     return found
+
+
+def launch_dir() -> Path:
+    """Where the user started ``jupyter`` (the shell's ``$PWD``): a notebook's kernel itself runs in the notebook's
+    folder, so a relative path the user typed must not be resolved against the kernel's working directory."""
+    pwd = os.environ.get("PWD")
+    return Path(pwd) if pwd and Path(pwd).is_dir() else Path.cwd()
+
+
+def locate_run(value: str = "", base: str | Path | None = None) -> Path:
+    """The run a notebook shows: ``value`` (``$STAGEWISE_RUN_DIR``; a relative path is taken from ``base``, by
+    default `launch_dir`), or, when empty, the newest run under ``outputs/`` of ``base``, of the working directory
+    or of its parent (the repository, for a kernel in ``notebooks/``)."""
+    base = Path(base) if base is not None else launch_dir()
+    if value:
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else base / path
+        if not path.exists():
+            raise FileNotFoundError(f"STAGEWISE_RUN_DIR={value}: {path} does not exist")
+        return path
+    places = list(dict.fromkeys(p / "outputs" for p in (base, Path.cwd(), Path.cwd().parent)))
+    found = [run for place in places if place.is_dir() for run in find_runs(place)]
+    if not found:
+        raise FileNotFoundError(f"no runs under {', '.join(map(str, places))}: set STAGEWISE_RUN_DIR to a run folder")
+    return max(found, key=lambda p: p.stat().st_mtime)
 
 
 def is_sweep_dir(path: str | Path) -> bool:

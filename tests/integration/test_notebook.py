@@ -110,13 +110,19 @@ def run_folders(tmp_path_factory):
     return sweep, sft
 
 
-def execute(run_dir: Path, monkeypatch) -> nbformat.NotebookNode:
-    monkeypatch.setenv("STAGEWISE_RUN_DIR", str(run_dir))
+def execute(run_dir: Path, monkeypatch, launched_from: Path | None = None) -> nbformat.NotebookNode:
+    """Run the notebook on ``run_dir``; with ``launched_from``, as ``cd <launched_from> && STAGEWISE_RUN_DIR=<relative
+    path> jupyter nbconvert --execute notebooks/inspect_run.ipynb`` does: the shell's $PWD is the launch folder and
+    the kernel runs in notebooks/."""
+    if launched_from is not None:
+        monkeypatch.setenv("PWD", str(launched_from))
+    monkeypatch.setenv("STAGEWISE_RUN_DIR", str(run_dir.relative_to(launched_from) if launched_from else run_dir))
     monkeypatch.delenv("STAGEWISE_SWEEP_DIR", raising=False)
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the inline backend must draw
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    kernel_dir = NOTEBOOK.parent if launched_from is not None else run_dir
     NotebookClient(nb, timeout=180, kernel_name="python3",
-                   resources={"metadata": {"path": str(run_dir)}}).execute()
+                   resources={"metadata": {"path": str(kernel_dir)}}).execute()
     if os.environ.get("STAGEWISE_KEEP_NOTEBOOK"):  # debugging: keep the executed notebook
         nbformat.write(nb, os.path.join(os.environ["STAGEWISE_KEEP_NOTEBOOK"], run_dir.name + ".ipynb"))
     return nb
@@ -170,8 +176,10 @@ def test_notebook_on_a_grpo_sweep_run(run_folders, monkeypatch):
 
 @pytest.mark.slow
 def test_notebook_on_an_sft_only_run(run_folders, monkeypatch):
+    """Also the README's command from the project folder, with a relative STAGEWISE_RUN_DIR (it failed: the kernel
+    resolved it against notebooks/)."""
     _, sft = run_folders
-    nb = execute(sft, monkeypatch)
+    nb = execute(sft, monkeypatch, launched_from=sft.parents[2])
     assert figures(nb) == [0, 0, 1, 0, 0, 0, 0]  # only the loss curve
     out = text(nb)
     assert "absent curves: reward, length, kl, entropy (no rewards: an SFT-only or vocab run)" in out

@@ -282,3 +282,31 @@ def test_pick_trajectory():
     # a pipeline: the last stage's samples first, even at a lower step
     staged = samples.assign(pipeline_stage=["02_grpo", "02_grpo"] + ["01_grpo"] * 5)
     assert runs.pick_trajectory(staged)["sample"] == 0 and runs.pick_trajectory(staged)["step"] == 1
+
+
+def test_locate_run_resolves_against_the_launch_folder_and_finds_the_newest(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from stagewise.runs import locate_run
+
+    for name in ("old", "new"):
+        (tmp_path / "outputs" / "train" / name / ".hydra").mkdir(parents=True)
+        (tmp_path / "outputs" / "train" / name / ".hydra" / "config.yaml").write_text("seed: 0\n")
+        (tmp_path / "outputs" / "train" / name / "metrics.jsonl").write_text("")
+        time.sleep(0.01)
+    os.utime(tmp_path / "outputs" / "train" / "old", (time.time() - 100, time.time() - 100))
+    elsewhere = tmp_path / "notebooks"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the kernel's folder
+    assert locate_run("outputs/train/old", base=tmp_path) == tmp_path / "outputs" / "train" / "old"
+    assert locate_run("", base=tmp_path) == tmp_path / "outputs" / "train" / "new"
+    monkeypatch.setenv("PWD", str(tmp_path))
+    assert locate_run("outputs/train/old") == tmp_path / "outputs" / "train" / "old"  # $PWD: where jupyter started
+    with pytest.raises(FileNotFoundError, match="outputs/train/gone"):
+        locate_run("outputs/train/gone")
+    empty = tmp_path / "a" / "b"
+    empty.mkdir(parents=True)
+    monkeypatch.chdir(empty)
+    with pytest.raises(FileNotFoundError, match="no runs under .*set STAGEWISE_RUN_DIR"):
+        locate_run("", base=empty)
