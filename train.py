@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from stagewise.config import UnknownConfigKeyError, check_top_level_overrides, config_error_exit, register_configs, \
-    typed_config, validate_config, validate_printed_config
+    typed_config, validate_config, validate_printed_config, without_schema_options
 from stagewise.run_folder import RunFolder, RunFolderInUseError, register_resolvers
 from stagewise.tracking.logs import job
 
@@ -89,4 +89,14 @@ def _main(cfg: DictConfig):
 if __name__ == "__main__":
     check_top_level_overrides(sys.argv[1:], os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"))
     validate_printed_config(sys.argv[1:], __file__)  # `--cfg job` exits inside Hydra before any check runs
-    main()
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        import contextlib
+        import io
+
+        try:
+            with contextlib.redirect_stdout(io.StringIO()) as text:
+                main()
+        finally:  # Hydra exits after printing
+            print(without_schema_options(text.getvalue()), end="")
+    else:
+        main()

@@ -19,6 +19,7 @@ Secrets (API keys) are never config values: configs name the *environment variab
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -712,6 +713,12 @@ class ValidateConfig(_HydraCallback):  # type: ignore[misc, valid-type]
             validate_config(config)
         except (UnknownConfigKeyError, ValueError) as e:
             raise config_error_exit(e) from None
+
+
+def without_schema_options(help_text: str) -> str:
+    """Hydra's ``--help`` lists every entry of a group, the stage and objective schemas (``base_*``, registered for
+    the stage files' defaults lists) too; they are not choices."""
+    return re.sub(r"\bbase_[a-z_]+, ", "", help_text)
 
 
 def check_top_level_overrides(argv: List[str], conf_dir: str) -> None:

@@ -260,3 +260,20 @@ def test_readme_lists_each_stage_schema_as_generated():
     assert block == schema_reference(), "README's schema table is stale: paste `python -m stagewise.config` into it"
     assert "`prompts_per_step`" in block.split("| `grpo` |")[1].split("\n")[0]
     assert "`prompts_per_step`" not in block.split("| `sft` |")[1].split("\n")[0]
+
+
+def test_help_lists_only_choosable_options():
+    """The base_* schema entries are registered in the stage and algorithm groups for the stage files' defaults
+    lists; ``--help`` does not offer them."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    lines = {line.split(":")[0]: line for line in out.stdout.splitlines() if ": " in line}
+    assert lines["stage"] == "stage: eval, grpo, rejection_sampling, sft, vocab"
+    assert lines["algorithm"] == "algorithm: dapo, dr_grpo, grpo, gspo, sft"
+    assert "base_" not in out.stdout
