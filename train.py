@@ -14,6 +14,7 @@ Stages are end-of-chain code: this file imports them, the library never does.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, open_dict
 from stagewise.config import UnknownConfigKeyError, check_top_level_overrides, config_error_exit, register_configs, \
     typed_config, validate_config, validate_printed_config, without_schema_options
 from stagewise.run_folder import RunFolder, RunFolderInUseError, register_resolvers
-from stagewise.tracking.logs import job
+from stagewise.tracking.logs import job, log_to_files
 
 STAGES = {
     "vocab": "stagewise.stages.vocab",
@@ -56,11 +57,14 @@ def run_stage(cfg: DictConfig):
 def main(cfg: DictConfig):
     from stagewise.data.schema import BadRowError
     from stagewise.launch import HardwareMismatchError
+    from stagewise.models import ModelNotFoundError
     from stagewise.rewards.runner import RewardFailedError
 
-    try:  # errors in the config, hardware choice, data, run folder or rewards: one line ("Error: ..."), no traceback
-        return _main(cfg)
-    except (UnknownConfigKeyError, BadRowError, HardwareMismatchError, RunFolderInUseError, RewardFailedError) as e:
+    try:  # errors in the config, hardware, data, model, run folder or rewards: one line ("Error: ..."); the
+        return _main(cfg)  # traceback goes to train.log only (when the run folder exists by then)
+    except (UnknownConfigKeyError, BadRowError, HardwareMismatchError, RunFolderInUseError, RewardFailedError,
+            ModelNotFoundError) as e:
+        log_to_files(logging.ERROR, f"fatal error: {type(e).__name__}: {e}", exc_info=sys.exc_info())
         raise config_error_exit(e) from None
 
 

@@ -104,3 +104,4 @@ def test_r1_utility_preset_on_the_tiny_model(rm_path):
     assert utility[0] != pytest.approx(safety[0])  # answer_only really changes the scored text
     assert res.total == pytest.approx([0.2 + 0.2 + 0.3 * utility[0] + 0.3 * safety[0],
                                        0.3 * utility[1] + 0.3 * safety[1]])
+

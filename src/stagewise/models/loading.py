@@ -60,6 +60,31 @@ def check_model_path(name: str) -> None:
         return
     if _looks_like_path(name):
         raise ModelNotFoundError(f"model path {name!r} does not exist")
+    check_hub_model(name)
+
+
+def check_hub_model(name: str, revision: str | None = None, timeout_s: float = 3.0) -> None:
+    """A hub id that is not in the local cache needs the hub: offline (``HF_HUB_OFFLINE``) or with the hub out of
+    reach, fail at once in one line naming the model (the hub client would retry for a minute first)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return
+    how = (f"download it where there is network (`huggingface-cli download {name}`, then copy the cache) or set "
+           f"model.name_or_path to a local copy")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ModelNotFoundError(f"model {name!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: {how}")
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+    except OSError as e:
+        raise ModelNotFoundError(f"model {name!r} is not in the Hugging Face cache and the hub "
+                                 f"({endpoint.geturl()}) cannot be reached ({e}): {how}") from None
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
