@@ -460,3 +460,23 @@ def test_reference_logprobs_from_a_frozen_copy_and_from_the_disabled_adapter(cfg
         assert torch.equal(mb.ref_logprobs, ref_before)
         moved = (mb.old_logprobs - mb.ref_logprobs).abs()[mb.tokens]
         assert float(moved.max()) > 1e-3
+
+
+def test_no_learning_signal_warns_once_after_the_first_steps_without_one(caplog):
+    """``experiment=tiny/grpo`` alone (the untrained tiny model): every group all-zero, step after step; the run
+    now says so once, in one line, with the usual causes."""
+    import logging
+
+    import numpy as np
+
+    from stagewise.stages.grpo import NoSignalWatch
+
+    watch = NoSignalWatch()
+    with caplog.at_level(logging.WARNING, logger="stagewise.stages.grpo"):
+        said = [watch.add(1.0, np.zeros(64)) for _ in range(5)]
+    assert said[:2] == [None, None] and said[3:] == [None, None]
+    assert said[2].startswith("no learning signal: in each of the first 3 steps every group's rewards were identical "
+                              "(total reward 0)") and "start from an SFT checkpoint" in said[2]
+    assert len([r for r in caplog.records if "no learning signal" in r.getMessage()]) == 1
+    learning = NoSignalWatch()  # a step with a signal first: never a warning
+    assert [learning.add(f, np.array([0.0, 1.0])) for f in (1.0, 0.5, 1.0, 1.0, 1.0)] == [None] * 5

@@ -163,6 +163,7 @@ def run(cfg: TrainConfig) -> dict:
         end.log_eval(held_out(), 0)
     bar = progress(total=plan.total_steps, initial=state.step, desc="grpo", enabled=bar_enabled(acc, cfg))
     window = Window()
+    no_signal = NoSignalWatch()
     install_preemption_handler()  # SIGUSR1/SIGTERM -> checkpoint at the next step boundary, exit for requeue
     model.train()
     # console blocks print above the progress bar instead of through it
@@ -181,6 +182,7 @@ def run(cfg: TrainConfig) -> dict:
                 update = train_on_batch(ctx, minis, optimizer, scheduler, st.max_grad_norm, st.ppo_epochs)
             if update.skipped_updates or not minis:
                 warn_nothing_trained(alg, ro, groups)
+            no_signal.add(groups.sampling["frac_reward_zero_std"], groups.log_arrays.get("reward/total"))
             with timer("sync"):
                 rollout.sync_weights(policy)
 
@@ -764,6 +766,36 @@ def train_on_batch(ctx: StepContext, minis: List[List[MicroBatch]], optimizer, s
     if grad_norms:
         out["grad_norm"] = float(np.mean(grad_norms))
     return UpdateResult(metrics=out, optimizer_steps=updates, skipped_updates=skipped, nan_stop=out_of_guard)
+
+
+class NoSignalWatch:
+    """Warn once when the run's first `STEPS` steps had identical rewards in every group: their advantages are all
+    zero, so nothing is learned (gradients 0, loss 0), usually because the model never produces what the reward
+    scores (an untrained model: start from an SFT checkpoint) or because the reward never fires."""
+
+    STEPS = 3
+
+    def __init__(self) -> None:
+        self.steps = 0  # leading steps without a signal; -1 once a step had one (or the warning was given)
+
+    def add(self, frac_zero_std: float, totals: Optional[np.ndarray]) -> Optional[str]:
+        if self.steps < 0:
+            return None
+        if frac_zero_std < 1.0:
+            self.steps = -1
+            return None
+        self.steps += 1
+        if self.steps < self.STEPS:
+            return None
+        self.steps = -1
+        seen = sorted({float(v) for v in np.asarray(totals if totals is not None else [])[:1000]
+                       if not np.isnan(v)})[:3]
+        message = (f"no learning signal: in each of the first {self.STEPS} steps every group's rewards were identical "
+                   f"(total reward {', '.join(f'{v:g}' for v in seen) or 'none'}), so every advantage is 0 and nothing "
+                   f"is learned; usually the model never produces what the reward scores (start from an SFT "
+                   f"checkpoint: model.name_or_path=<run>/final) or the reward never fires")
+        log.warning(message)
+        return message
 
 
 _warned: set = set()
