@@ -1,5 +1,6 @@
-"""judge against a real OpenAI-compatible HTTP server on 127.0.0.1 that this test starts: canned scores, a retry
-after HTTP 500, a retry after a timeout, no retry on 401, the API key from a named env var, concurrency."""
+"""judge (on the OpenAI SDK) against a real OpenAI-compatible HTTP server on 127.0.0.1 that this test starts: canned
+scores, a retry after HTTP 500, a retry after a timeout, no retry on 401, the API key from a named env var,
+concurrency."""
 
 import json
 import logging
@@ -98,7 +99,7 @@ def server(monkeypatch):
 
 def judge(server, **params):
     base = dict(base_url=server.url, model="judge-model", template=TEMPLATE, api_key_env="JUDGE_TEST_KEY",
-                timeout_s=0.4, max_retries=1, backoff_s=0.05, concurrency=4)
+                timeout_s=0.4, max_retries=1, concurrency=4)
     return build("judge", **{**base, **params})
 
 
@@ -128,9 +129,9 @@ def test_request_shape_and_key(server):
                      {"role": "user", "content": "Q=Capital of France?|A=score:4|R=Paris"}]}
 
 
-def test_no_key_env_means_no_header_and_missing_env_is_an_error(server, monkeypatch):
+def test_no_key_env_means_a_placeholder_key_and_missing_env_is_an_error(server, monkeypatch):
     assert judge(server, api_key_env=None)(["score:10"]) == [1.0]
-    assert server.requests[0]["auth"] is None
+    assert server.requests[0]["auth"] == "Bearer EMPTY"  # the SDK always sends one; keyless servers ignore it
     assert server.requests[0]["body"]["messages"][0]["content"] == "Q=|A=score:10|R="
     monkeypatch.delenv("JUDGE_TEST_KEY")
     with pytest.raises(KeyError, match="'JUDGE_TEST_KEY'"):
@@ -147,7 +148,7 @@ def test_concurrency(server):
 def test_judge_in_the_runner(server):
     cfg = RewardConfig(functions=[
         RewardFnConfig(name="judge", weight=0.5, params=dict(base_url=server.url, model="m", template=TEMPLATE,
-                                                             timeout_s=0.4, max_retries=1, backoff_s=0.05)),
+                                                             timeout_s=0.4, max_retries=1)),
         RewardFnConfig(name="format", weight=1.0)])
     with RewardRunner(cfg) as runner:
         res = runner(["score:10", "chatty", "down", "<think>a</think><answer>b</answer>"], prompt=["p"] * 4)

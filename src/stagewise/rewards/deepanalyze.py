@@ -380,7 +380,7 @@ class DeepAnalyze(SampleReward):
     """DeepAnalyze's trajectory reward; see the module docstring.
 
     Params: ``judge`` (None, or the params of `stagewise.rewards.judge.Judge`: ``base_url``, ``model``,
-    ``api_key_env``, ``timeout_s``, ``max_retries``, ``backoff_s``, ``concurrency``, ``temperature``,
+    ``api_key_env``, ``timeout_s``, ``max_retries``, ``concurrency``, ``temperature``,
     ``max_tokens``, ``system_prompt``), ``match`` (``exact`` | ``normalized``), ``research_weights``
     (``report``/``code``/``turns``), ``full_credit_turns`` (10), ``datatask_judge`` (the judge for datatask rows
     whose reward_spec names none).
