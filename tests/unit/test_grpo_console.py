@@ -1,4 +1,7 @@
-"""Seed 004's console block, built from a metrics record, and the generation-quality counters behind it."""
+"""The GRPO console block (seed 004's log format), built from a metrics record, the generation-quality counters behind
+it, and the progress bars of every stage."""
+
+import sys
 
 import pytest
 
@@ -81,3 +84,35 @@ def test_reward_names_keep_logging_order_and_skip_total():
 ])
 def test_format_and_reasoning_indicators(text, ok, indicators):
     assert format_indicators(text) == (ok, indicators)
+
+
+def test_progress_bar_only_on_a_terminal_with_log_lines_above_it_until_closed():
+    """Redirected output gets no bar fragments; on a terminal, log records go through the bar's writer (printed
+    above it, never glued to it) while it is open, SFT's and evaluation's bars as GRPO's."""
+    import io
+    import logging
+
+    from stagewise.tracking.tracker import progress
+
+    redirected = io.StringIO()
+    bar = progress(total=3, desc="sft", stream=redirected)
+    bar.update(3)
+    bar.close()
+    assert redirected.getvalue() == ""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)
+    root.addHandler(console)
+    try:
+        terminal = Terminal()
+        bar = progress(total=3, desc="sft", stream=terminal)
+        assert console not in root.handlers and any("Tqdm" in type(h).__name__ for h in root.handlers)
+        bar.update(1)
+        bar.close()
+        assert "sft" in terminal.getvalue() and console in root.handlers  # drawn, and the console handler is back
+    finally:
+        root.removeHandler(console)

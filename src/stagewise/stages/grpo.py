@@ -64,7 +64,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from stagewise.algorithms import (
     check_algorithm_config,
@@ -166,43 +165,41 @@ def run(cfg: TrainConfig) -> dict:
     no_signal = NoSignalWatch()
     install_preemption_handler()  # SIGUSR1/SIGTERM -> checkpoint at the next step boundary, exit for requeue
     model.train()
-    # console blocks print above the progress bar instead of through it
-    with logging_redirect_tqdm() if bar_enabled(acc, cfg) else contextlib.nullcontext():
-        while state.step < plan.total_steps:
-            timer = PhaseTimer()
-            step_start = time.perf_counter()
-            # 1-3. rollouts, rewards, advantages (dynamic sampling refills groups with identical rewards)
-            groups = collect_groups(acc, rollout, rewards, train_ds, state, plan, alg, timer)
-            # 4. micro-batches, old and reference log-probs
-            minis = make_mini_batches(ctx, groups.samples, plan, acc)
-            with timer("logprobs"):
-                fill_old_and_ref_logprobs(ctx, minis, need_old=plan.updates_per_step > 1)
-            # 5. PPO epochs x mini-batches, one optimizer step each
-            with timer("update"):
-                update = train_on_batch(ctx, minis, optimizer, scheduler, st.max_grad_norm, st.ppo_epochs)
-            if update.skipped_updates or not minis:
-                warn_nothing_trained(alg, ro, groups)
-            no_signal.add(groups.sampling["frac_reward_zero_std"], groups.log_arrays.get("reward/total"))
-            with timer("sync"):
-                rollout.sync_weights(policy)
+    while state.step < plan.total_steps:
+        timer = PhaseTimer()
+        step_start = time.perf_counter()
+        # 1-3. rollouts, rewards, advantages (dynamic sampling refills groups with identical rewards)
+        groups = collect_groups(acc, rollout, rewards, train_ds, state, plan, alg, timer)
+        # 4. micro-batches, old and reference log-probs
+        minis = make_mini_batches(ctx, groups.samples, plan, acc)
+        with timer("logprobs"):
+            fill_old_and_ref_logprobs(ctx, minis, need_old=plan.updates_per_step > 1)
+        # 5. PPO epochs x mini-batches, one optimizer step each
+        with timer("update"):
+            update = train_on_batch(ctx, minis, optimizer, scheduler, st.max_grad_norm, st.ppo_epochs)
+        if update.skipped_updates or not minis:
+            warn_nothing_trained(alg, ro, groups)
+        no_signal.add(groups.sampling["frac_reward_zero_std"], groups.log_arrays.get("reward/total"))
+        with timer("sync"):
+            rollout.sync_weights(policy)
 
-            # bookkeeping
-            state.step += 1
-            state.extra["num_tokens"] = state.extra.get("num_tokens", 0) + groups.num_tokens
-            bar.update(1)
-            timer.add("step", time.perf_counter() - step_start)
-            window.add(groups.log_arrays, update.logged(), timer.seconds, groups.sampling)
-            if state.step % st.logging_steps == 0 or state.step == plan.total_steps:
-                metrics = window.summary(groups.reward_names)
-                metrics.update({"lr": scheduler.get_last_lr()[0], "num_tokens": state.extra["num_tokens"],
-                                "epoch": state.epoch + state.batch_in_epoch / plan.steps_per_epoch, **memory_metrics()})
-                tracker.log(metrics, step=state.step)
-                bar.set_postfix(reward=f"{metrics.get('reward/total/mean', float('nan')):.3f}")
-                window = Window()
-            if st.samples_steps and state.step % st.samples_steps == 0:
-                write_samples(acc, run_folder.sample_file(state.step), groups, state.step)
-            if end.after_step(state, held_out, nan_stop=update.nan_stop):
-                break
+        # bookkeeping
+        state.step += 1
+        state.extra["num_tokens"] = state.extra.get("num_tokens", 0) + groups.num_tokens
+        bar.update(1)
+        timer.add("step", time.perf_counter() - step_start)
+        window.add(groups.log_arrays, update.logged(), timer.seconds, groups.sampling)
+        if state.step % st.logging_steps == 0 or state.step == plan.total_steps:
+            metrics = window.summary(groups.reward_names)
+            metrics.update({"lr": scheduler.get_last_lr()[0], "num_tokens": state.extra["num_tokens"],
+                            "epoch": state.epoch + state.batch_in_epoch / plan.steps_per_epoch, **memory_metrics()})
+            tracker.log(metrics, step=state.step)
+            bar.set_postfix(reward=f"{metrics.get('reward/total/mean', float('nan')):.3f}")
+            window = Window()
+        if st.samples_steps and state.step % st.samples_steps == 0:
+            write_samples(acc, run_folder.sample_file(state.step), groups, state.step)
+        if end.after_step(state, held_out, nan_stop=update.nan_stop):
+            break
     bar.close()
 
     # ------------------------------------------------------------------ save

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -128,10 +129,27 @@ class Tracker:
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", enabled: bool = True,
-             initial: int = 0):
-    """A tqdm bar on the main process only (disabled elsewhere and when logger.progress_bar is false)."""
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, initial=initial, dynamic_ncols=True,
-                leave=False)
+             initial: int = 0, stream=None):
+    """A tqdm bar on the main process only (disabled elsewhere, when logger.progress_bar is false, and when the
+    terminal's stream is not a terminal: a redirected log would get bar fragments). While it is shown, log lines
+    print above it (never glued to it); `close` ends that."""
+    stream = stream if stream is not None else sys.stderr
+    shown = enabled and stream.isatty()
+    bar = tqdm(iterable, total=total, desc=desc, disable=not shown, initial=initial, dynamic_ncols=True, leave=False,
+               file=stream)
+    if shown:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        redirect = logging_redirect_tqdm(tqdm_class=tqdm)
+        redirect.__enter__()
+        close = bar.close
+
+        def close_and_restore_logging():
+            close()
+            redirect.__exit__(None, None, None)
+
+        bar.close = close_and_restore_logging
+    return bar
 
 
 def truncate_metrics(path: str | os.PathLike, stage: str, after_step: int) -> int:
