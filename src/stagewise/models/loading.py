@@ -127,4 +127,6 @@ def load_model_and_tokenizer(cfg: ModelConfig, dtype: torch.dtype | None = None)
 
 
 def num_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    """Parameters of the whole model, also under ZeRO-3 (where each rank holds a shard: ``ds_numel`` is the full
+    size; ``numel()`` is 0)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -194,6 +194,28 @@ def quiet_library_progress_bars() -> None:
             pass
 
 
+def quiet_other_ranks_console() -> None:
+    """Only global rank 0 prints INFO to the terminal (every rank printed every line, twice on 2 processes); the
+    other ranks still print warnings and errors, and log everything to their own train.rank<R>.log."""
+    from stagewise.run_folder import rank
+
+    if rank() == 0:
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
+def quiet_library_deprecations() -> None:
+    """Deprecation notices about calls inside our dependencies, not ours: DeepSpeed's ZeRO-3 gathers call
+    ``torch.distributed.all_gather_into_tensor`` (22 warnings a run on 2 processes); vLLM's Triton dispatcher reads
+    ``torch.distributed.reduce_op``."""
+    import warnings
+
+    for message in (r".*all_gather_into_tensor.* is deprecated", r".*torch\.distributed\.reduce_op.* is deprecated"):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
 def job(fn: Callable) -> Callable:
     """Wrap the Hydra task function: redaction, fatal errors in the log, quiet library bars (module docstring)."""
 
@@ -201,6 +223,8 @@ def job(fn: Callable) -> Callable:
     def wrapper(cfg, *args, **kwargs):
         install_redaction(cfg)
         quiet_library_progress_bars()
+        quiet_other_ranks_console()
+        quiet_library_deprecations()
         try:
             return fn(cfg, *args, **kwargs)
         except SystemExit as e:
