@@ -381,9 +381,16 @@ def summary_keys(metrics: Mapping) -> list[str]:
     return [k for k in keys if isinstance(metrics[k], (int, float))][:5]
 
 
+def summary_value(key: str, value: float) -> str:
+    """Fractions (accuracy, pass@k, acceptance rate) as percentages; anything else as a number."""
+    if any(part in key for part in ("accuracy", "pass@", "_rate")):
+        return f"{100 * value:.1f}%"
+    return f"{value:.4g}"
+
+
 def format_summary(name: str, records: list[StageRecord]) -> str:
     lines = [f"pipeline {name}: done", f"{'stage':<22}{'kind':<20}{'seconds':>9}  key metrics"]
     for r in records:
-        shown = ", ".join(f"{k}={r.metrics[k]:.4g}" for k in summary_keys(r.metrics))
+        shown = ", ".join(f"{k}={summary_value(k, r.metrics[k])}" for k in summary_keys(r.metrics))
         lines.append(f"{r.name:<22}{r.stage:<20}{r.seconds:>9.1f}  {shown}")
     return "\n".join(lines)

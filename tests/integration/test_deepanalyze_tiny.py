@@ -41,7 +41,7 @@ def test_the_curriculum_runs_offline_and_rl_moves_task_success(learning_runs):
     assert start["eval/accuracy"] < 0.1 and start.get("eval/turns/mean", 1.0) < 1.2  # greedy: answers without code
     assert end.get("eval/turns/mean", 1.0) >= 1.5, end  # most held-out tasks now run code first
     assert end["eval/accuracy"] >= start["eval/accuracy"] + 0.05, (start["eval/accuracy"], end["eval/accuracy"])
-    assert (f"eval/accuracy_start={start['eval/accuracy']:.4g}, eval/accuracy={end['eval/accuracy']:.4g}"
+    assert (f"eval/accuracy_start={100 * start['eval/accuracy']:.1f}%, eval/accuracy={100 * end['eval/accuracy']:.1f}%"
             in proc.stdout)
 
     # samples you can read: every trajectory's finish reason, turns, code calls and errors, per-function reward

@@ -40,5 +40,6 @@ def test_default_run_grpo_learns_to_show_the_work(learning_runs):
 
     out = proc.stdout
     assert "pipeline tiny: done" in out
-    assert f"eval/accuracy_start=0, eval/accuracy={sft['eval/accuracy']:.4g}" in out
-    assert f"eval/accuracy_start={sft['eval/accuracy']:.4g}, eval/accuracy={grpo['eval/accuracy']:.4g}" in out
+    assert f"eval/accuracy_start=0.0%, eval/accuracy={100 * sft['eval/accuracy']:.1f}%" in out
+    assert f"eval/accuracy_start={100 * sft['eval/accuracy']:.1f}%, eval/accuracy={100 * grpo['eval/accuracy']:.1f}%" \
+        in out

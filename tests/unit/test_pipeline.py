@@ -122,8 +122,9 @@ def test_state_round_trip_and_metrics(tmp_path):
     assert stage_metrics(d) == {"step": 3, "loss": 3.0, "eval/accuracy": 0.75, "eval/accuracy_start": 0.5}
     (d / "result.json").write_text(json.dumps({"rs/rows": 7}))
     assert stage_metrics(d) == {"rs/rows": 7}
-    line = format_summary("p", [StageRecord(0, "a", "eval", "", 2.0, {}, {"eval/accuracy": 0.25, "x": 1})])
-    assert "eval/accuracy=0.25" in line and "x=" not in line
+    line = format_summary("p", [StageRecord(0, "a", "eval", "", 2.0, {}, {"eval/accuracy": 0.25, "x": 1,
+                                                                        "eval/loss": 1.23456})])
+    assert "eval/accuracy=25.0%, eval/loss=1.235" in line and "x=" not in line
 
 
 PIPELINES = sorted(p.stem for p in (CONF_DIR / "pipeline").glob("*.yaml") if p.stem != "none")
