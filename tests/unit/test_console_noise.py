@@ -1,5 +1,5 @@
-"""What a 2-process CPU run printed that it should not: every INFO line once per rank, DeepSpeed's deprecation
-warnings, and "0.00M params" under ZeRO-3."""
+"""What runs printed that they should not: every INFO line once per rank and DeepSpeed's deprecation warnings on 2
+processes, "0.00M params" under ZeRO-3, six INFO lines per checkpoint."""
 
 from __future__ import annotations
 
@@ -47,3 +47,20 @@ def test_parameter_count_under_zero3_is_the_full_size():
         p.ds_numel = p.numel()
         p.data = torch.empty(0)
     assert num_params(model) == 220
+
+
+def test_a_checkpoint_save_is_not_a_screenful_of_info_lines(tmp_path, caplog):
+    from accelerate import Accelerator
+
+    from stagewise.config import ModelConfig
+    from stagewise.models import load_model_and_tokenizer
+    from stagewise.run_folder import RunFolder
+    from stagewise.training.checkpoint import CheckpointManager, TrainState
+
+    model, tok = load_model_and_tokenizer(ModelConfig())
+    acc = Accelerator(cpu=True)
+    model, optimizer = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    with caplog.at_level(logging.INFO):
+        path = CheckpointManager(acc, RunFolder(tmp_path), keep_last=1).save(TrainState(step=3), model, tok)
+    assert (path / "COMPLETE").exists()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == [f"checkpoint saved: {path}"]

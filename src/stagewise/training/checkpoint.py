@@ -11,6 +11,7 @@ Data order is a pure function of (seed, epoch), so "position in the epoch" is al
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -61,6 +62,20 @@ def _is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.WARNING):
+    """Raise these loggers to ``level`` for the block (Accelerate logs every file it saves at INFO)."""
+    loggers = [logging.getLogger(name) for name in names]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), level))
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, before):
+            lg.setLevel(lvl)
+
+
 class CheckpointManager:
     def __init__(self, acc: Accelerator, run: RunFolder, keep_last: int):
         self.acc = acc
@@ -73,7 +88,8 @@ class CheckpointManager:
         if self.acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp / "accelerate"))
+        with quiet_loggers("accelerate.accelerator", "accelerate.checkpointing"):  # 5 INFO lines per save
+            self.acc.save_state(str(tmp / "accelerate"))
         save_hf(self.acc, model, tokenizer, tmp / "model", merge_lora=False)
         if self.acc.is_main_process:
             (tmp / "trainer_state.json").write_text(state.to_json())
@@ -109,7 +125,8 @@ class CheckpointManager:
         return path
 
     def load(self, path: Path) -> TrainState:
-        self.acc.load_state(str(path / "accelerate"))
+        with quiet_loggers("accelerate.accelerator", "accelerate.checkpointing"):
+            self.acc.load_state(str(path / "accelerate"))
         state = TrainState.from_file(path / "trainer_state.json")
         log.info("resumed from %s (step %d, epoch %d, batch %d)", path, state.step, state.epoch, state.batch_in_epoch)
         return state
