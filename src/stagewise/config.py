@@ -818,4 +818,9 @@ def schema_reference() -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m stagewise.config",
+                            description="Print the README's schema tables (the fields of every stage= and algorithm= "
+                                        "schema), generated from this module.").parse_args()
     print(schema_reference())
