@@ -26,8 +26,8 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from stagewise.config import UnknownConfigKeyError, check_top_level_overrides, config_error_exit, register_configs, \
-    typed_config, validate_config, validate_printed_config, without_schema_options
+from stagewise.config import ConfigValueError, UnknownConfigKeyError, check_top_level_overrides, config_error_exit, \
+    register_configs, typed_config, validate_config, validate_printed_config, without_schema_options
 from stagewise.run_folder import RunFolder, RunFolderInUseError, register_resolvers
 from stagewise.tracking.logs import job, log_to_files
 
@@ -49,7 +49,12 @@ def run_stage(cfg: DictConfig):
     if cfg.stage.name not in STAGES:
         raise ValueError(f"stage.name={cfg.stage.name!r} is not one of {sorted(STAGES)}")
     module = importlib.import_module(STAGES[cfg.stage.name])
-    return module.run(typed_config(cfg))
+    typed = typed_config(cfg)
+    try:  # the stage's own checks (a GRPO stage without a reward...), before it loads anything
+        getattr(module, "check_config", lambda _: None)(typed)
+    except ValueError as e:
+        raise ConfigValueError(str(e)) from e
+    return module.run(typed)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -62,8 +67,8 @@ def main(cfg: DictConfig):
 
     try:  # errors in the config, hardware, data, model, run folder or rewards: one line ("Error: ..."); the
         return _main(cfg)  # traceback goes to train.log only (when the run folder exists by then)
-    except (UnknownConfigKeyError, BadRowError, HardwareMismatchError, RunFolderInUseError, RewardFailedError,
-            ModelNotFoundError) as e:
+    except (UnknownConfigKeyError, ConfigValueError, BadRowError, HardwareMismatchError, RunFolderInUseError,
+            RewardFailedError, ModelNotFoundError) as e:
         log_to_files(logging.ERROR, f"fatal error: {type(e).__name__}: {e}", exc_info=sys.exc_info())
         raise config_error_exit(e) from None
 
@@ -80,7 +85,11 @@ def _main(cfg: DictConfig):
 
     choices = HydraConfig.get().runtime.choices
     check_hardware(cfg.hardware, choices.get("hardware"))  # done by the CheckHardware callback for single runs
-    if run_mode(cfg, choices) == "pipeline":
+    try:
+        mode = run_mode(cfg, choices)
+    except ValueError as e:
+        raise ConfigValueError(str(e)) from e
+    if mode == "pipeline":
         return run_pipeline(cfg, HydraConfig.get().overrides.task, HydraConfig.get().overrides.hydra)
     setup_distributed_env(cfg)  # submitit tasks become torch.distributed ranks before any Accelerator exists
     if int(os.environ.get("RANK", "0")) == 0 and "LOCAL_RANK" not in os.environ:  # once, before any rank starts

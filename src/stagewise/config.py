@@ -691,6 +691,11 @@ except ImportError:  # pragma: no cover
     _HydraCallback = object
 
 
+class ConfigValueError(ValueError):
+    """A config value that cannot work (a stage without what it needs, a schema chosen as a stage): reported in one
+    line like an unknown key."""
+
+
 def config_error_exit(err: Exception) -> SystemExit:
     """The short exit for a config error: ``Error: <message>`` on stderr, exit code 1, no traceback."""
     return SystemExit(f"Error: {err}")
@@ -738,7 +743,12 @@ def check_top_level_overrides(argv: List[str], conf_dir: str) -> None:
     for arg in argv:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:
             continue
-        key = arg.split("=", 1)[0]
+        key, value = arg.split("=", 1)
+        if key in ("stage", "algorithm") and value.startswith("base_"):
+            choices = sorted(f[:-5] for f in os.listdir(os.path.join(conf_dir, key))
+                             if f.endswith(".yaml") and not f.startswith("base_"))
+            raise config_error_exit(ConfigValueError(
+                f"{arg} is a schema the {key} files build on, not a {key}: choose one of {', '.join(choices)}"))
         if any(c in key for c in "./@") or key in fields or key in groups:
             continue
         raise config_error_exit(UnknownConfigKeyError(_unknown_key_message("", key, TrainConfig, fields, None)))

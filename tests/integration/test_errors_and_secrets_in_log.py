@@ -112,3 +112,12 @@ def test_literal_secret_in_config_is_refused_before_anything_is_written(tmp_path
     assert "reward.functions[0].params.api_key" in proc.stderr and "api_key_env" in proc.stderr
     assert not (tmp_path / "outputs").exists()  # no run folder, no .hydra/config.yaml holding the key
     assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_a_stage_missing_what_it_needs_is_one_line_with_the_traceback_in_the_log(tmp_path):
+    proc = run_train(["stage=grpo", "data=tiny_grpo", "reward=none", "run_id=noreward"], cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        "Error: stage=grpo needs at least one reward: set reward=<preset> or reward.functions"]
+    log = (tmp_path / "outputs" / "train" / "noreward" / "train.log").read_text()
+    assert "ConfigValueError: stage=grpo needs at least one reward" in log and "Traceback" in log

@@ -277,3 +277,16 @@ def test_help_lists_only_choosable_options():
     assert lines["stage"] == "stage: eval, grpo, rejection_sampling, sft, vocab"
     assert lines["algorithm"] == "algorithm: dapo, dr_grpo, grpo, gspo, sft"
     assert "base_" not in out.stdout
+
+
+def test_a_schema_chosen_as_a_stage_is_refused_in_one_line_naming_the_choices():
+    from conftest import CONF_DIR
+
+    from stagewise.config import check_top_level_overrides
+
+    with pytest.raises(SystemExit) as err:
+        check_top_level_overrides(["stage=base_sft"], str(CONF_DIR))
+    assert str(err.value.code) == ("Error: stage=base_sft is a schema the stage files build on, not a stage: choose "
+                                   "one of eval, grpo, rejection_sampling, sft, vocab")
+    with pytest.raises(SystemExit, match="algorithm=base_policy_gradient is a schema"):
+        check_top_level_overrides(["algorithm=base_policy_gradient"], str(CONF_DIR))
