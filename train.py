@@ -63,12 +63,13 @@ def main(cfg: DictConfig):
     from stagewise.data.schema import BadRowError
     from stagewise.launch import HardwareMismatchError
     from stagewise.models import ModelNotFoundError
+    from stagewise.rewards.custom import CustomRewardError
     from stagewise.rewards.runner import RewardFailedError
 
-    try:  # errors in the config, hardware, data, model, run folder or rewards: one line ("Error: ..."); the
+    try:  # errors in the config, hardware, data, model, files, run folder or rewards: one line ("Error: ..."); the
         return _main(cfg)  # traceback goes to train.log only (when the run folder exists by then)
     except (UnknownConfigKeyError, ConfigValueError, BadRowError, HardwareMismatchError, RunFolderInUseError,
-            RewardFailedError, ModelNotFoundError) as e:
+            RewardFailedError, ModelNotFoundError, CustomRewardError, FileNotFoundError) as e:
         log_to_files(logging.ERROR, f"fatal error: {type(e).__name__}: {e}", exc_info=sys.exc_info())
         raise config_error_exit(e) from None
 

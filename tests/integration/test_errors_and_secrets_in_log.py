@@ -121,3 +121,16 @@ def test_a_stage_missing_what_it_needs_is_one_line_with_the_traceback_in_the_log
         "Error: stage=grpo needs at least one reward: set reward=<preset> or reward.functions"]
     log = (tmp_path / "outputs" / "train" / "noreward" / "train.log").read_text()
     assert "ConfigValueError: stage=grpo needs at least one reward" in log and "Traceback" in log
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.sources=[{path: /tmp/stagewise-no-such.jsonl}]", "data source '/tmp/stagewise-no-such.jsonl' does not exist"),
+    ("reward.functions=[{name: '/tmp/stagewise-no-such.py:fn'}]", "file '/tmp/stagewise-no-such.py' not found"),
+])
+def test_a_missing_data_or_reward_file_is_one_line_naming_it(tmp_path, override, message):
+    proc = run_train(["stage=grpo", "data=tiny_grpo", "reward=tiny", override, "run_id=missing"], cwd=tmp_path,
+                     timeout=300)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "[INFO]" not in line]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], proc.stderr[-2000:]
+    assert "Traceback" in (tmp_path / "outputs" / "train" / "missing" / "train.log").read_text()
