@@ -1,4 +1,4 @@
-"""Issue 16 points 5 and 6, through real ``train.py`` processes:
+"""Errors and secrets, through real ``train.py`` processes:
 * an error in the user's setup found after start-up (here a model path that does not exist) is one line on the
   terminal, and train.log has it with its traceback;
 * a judge server on 127.0.0.1 that echoes the API key in its 401 body: the key never reaches train.log, the

@@ -1,4 +1,4 @@
-"""Issue 16 point 7 end to end: ``kill -9`` a tiny SFT run after it logged steps past its last checkpoint, resume
+"""End to end: ``kill -9`` a tiny SFT run after it logged steps past its last checkpoint, resume
 it with the same run_id, and metrics.jsonl (and the notebook's frame) hold every training step exactly once, with
 the losses of an uninterrupted run."""
 
@@ -73,7 +73,7 @@ def test_kill9_then_resume_logs_each_step_once(tmp_path):
 
     straight = run_train([*ARGS, "run_id=straight"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert straight.returncode == 0, straight.stderr[-3000:]
-    # issue 16 point 10: datasets' progress bars ("adapting", "tokenising", "Saving the dataset") are off by default
+    # datasets' progress bars ("adapting", "tokenising", "Saving the dataset") are off by default
     assert "examples/s" not in straight.stderr and "tokenising" not in straight.stderr
     assert "Writing model shards" not in straight.stderr  # transformers' own bar, on every checkpoint and final/
     assert "examples/s" not in (tmp_path / "outputs" / "train" / "straight" / "train.log").read_text()

@@ -1,4 +1,4 @@
-"""Issue 16 point 3: a GRPO prompt file without an ``answer`` column while a reward needs it stops at data loading,
+"""A GRPO prompt file without an ``answer`` column while a reward needs it stops at data loading,
 naming the column, the reward and the file; ``reward.allow_missing_columns=true`` lets it train (scoring None)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 16 point 1: SIGUSR1 (or SIGTERM) to a running pipeline is forwarded to the stage it is running; the stage
+"""SIGUSR1 (or SIGTERM) to a running pipeline is forwarded to the stage it is running; the stage
 checkpoints and exits 75, the pipeline records it as interrupted in pipeline_state.json and exits 75 too (the
 requeue code, not "failed, exit 1"); the rerun with the same run_id resumes that stage from its checkpoint, and the
 final metrics equal those of a pipeline that was never interrupted."""

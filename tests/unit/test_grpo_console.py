@@ -1,4 +1,4 @@
-"""The GRPO console block (seed 004's log format), built from a metrics record, the generation-quality counters behind
+"""The GRPO console block (the R1-Zero reproduction's log format), built from a metrics record, the generation-quality counters behind
 it, and the progress bars of every stage."""
 
 import sys

@@ -1,4 +1,4 @@
-"""Issue 16 point 7: after a kill and a resume, metrics.jsonl and the notebook's frame hold each step once.
+"""After a kill and a resume, metrics.jsonl and the notebook's frame hold each step once.
 The Tracker truncates the file on resume; ``runs.load_run`` also drops replayed records of files written without it."""
 
 from __future__ import annotations

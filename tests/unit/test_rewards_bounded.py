@@ -1,4 +1,4 @@
-"""Issue 16 point 4: every reward, plain function or class, inline, thread or process, runs under
+"""Every reward, plain function or class, inline, thread or process, runs under
 ``reward.timeout_s``; a timeout or an exception gives None for that sample, is counted in ``rewards/<fn>/errors``
 and ``rewards/<fn>/timeouts``, and the batch goes on."""
 

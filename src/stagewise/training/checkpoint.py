@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches (SFT) or prompt batches (GRPO) consumed in the current epoch
+    batch_in_epoch: int = 0  # optimizer steps (SFT) or prompt batches (GRPO) taken in the current epoch
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
