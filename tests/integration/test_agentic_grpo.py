@@ -218,9 +218,9 @@ def test_hf_backend_stops_on_the_tag_ids(tok):
                              stop_tags=STOP_TAGS["code_sandbox"], num_workers=2)
     prompts = [tok("Which region sells most?")["input_ids"], tok("hello")["input_ids"]]
     batch = agent.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=8), tasks=[{}, {}])
-    # (with this seed) one trajectory answers at once, the other says </Code> until env.max_turns=4
-    assert batch.env_columns["finish_reason"] == ["answer", "max_turns"]
-    assert batch.env_columns["turns"] == [1, 4]
+    # (with this seed) one trajectory says </Code> until env.max_turns=4, the other answers at once
+    assert batch.env_columns["finish_reason"] == ["max_turns", "answer"]
+    assert batch.env_columns["turns"] == [4, 1]
     assert backend.stop_ids == [tok.eos_token_id]
     no_code = encode_observations(tok, [format_observation(
         "[Error]:\nNo code is provided. To run code, write a Code action: the Code tag, a ```python fenced block, "
