@@ -57,7 +57,9 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     shape = []
     if args.hidden:
-        shape += [f"model.tiny.hidden_size={args.hidden}", f"model.tiny.num_attention_heads={args.hidden // 32}",
+        heads = args.hidden // 32  # head size 32 (one vLLM's CPU attention has), grouped-query attention 2:1
+        shape += [f"model.tiny.hidden_size={args.hidden}", f"model.tiny.num_attention_heads={heads}",
+                  f"model.tiny.num_key_value_heads={max(1, heads // 2)}",
                   f"model.tiny.intermediate_size={args.hidden * 8 // 3}"]
     if args.layers:
         shape += [f"model.tiny.num_hidden_layers={args.layers}"]
