@@ -149,6 +149,7 @@ class VLLMColocated:
     def __init__(self, cfg, policy, tokenizer, sampling: SamplingParams, *, accelerator=None, run_dir=None,
                  return_logprobs: bool = True):
         on_gpu = torch.cuda.is_available()
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines (config, loading, each reload) are ~40
         if not on_gpu:
             # In-process engine (the trainer's own process, like on GPU), and no OpenMP core binding: the cores
             # belong to training too. Set before vLLM is imported, which reads them.
