@@ -24,6 +24,7 @@ set_cpu_thread_policy()  # CPU runs: passive OpenMP waiting, set before anything
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from stagewise.config import ConfigValueError, UnknownConfigKeyError, check_top_level_overrides, config_error_exit, \
@@ -82,6 +83,8 @@ def _main(cfg: DictConfig):
     with open_dict(cfg):
         cfg.run_dir = HydraConfig.get().runtime.output_dir
         cfg.run_id = str(cfg.run_id)  # resolve once; children inherit it through $STAGEWISE_RUN_ID
+    if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep's jobs share the exported id
+        os.environ["STAGEWISE_RUN_ID"] = cfg.run_id  # also when run_id=<id> was given
     from stagewise.pipeline import run_mode, run_pipeline
 
     choices = HydraConfig.get().runtime.choices

@@ -95,7 +95,8 @@ class PreemptionHandler:
     def chain_previous(self) -> None:
         """Hand the signal to the handler we replaced (submitit's requeue) now that the checkpoint is saved."""
         prev = self._previous.get(self.received) if self.received is not None else None
-        if callable(prev):  # submitit's handler requeues on global rank 0, then exits with its own code
+        if callable(prev) and prev is not signal.default_int_handler:  # Python's Ctrl-C handler would raise
+            # submitit's handler requeues on global rank 0, then exits with its own code
             prev(int(self.received), None)
 
 
@@ -149,8 +150,11 @@ def checkpoint_and_exit_if_preempted(acc, save: Callable[[], Any]) -> None:
         return
     log.warning("preemption requested: saving a checkpoint, then exiting with code %d", REQUEUE_EXIT_CODE)
     save()
-    run_id = os.environ.get("STAGEWISE_RUN_ID")
-    log.warning("checkpoint saved; to resume, rerun the same command%s", f" with run_id={run_id}" if run_id else "")
+    run_id = os.environ.get("STAGEWISE_RUN_ID", "")
+    if "/" in run_id:  # a pipeline's stage: the pipeline is what the user reruns
+        log.warning("checkpoint saved; to resume, rerun the pipeline with run_id=%s", run_id.split("/")[0])
+    else:
+        log.warning("checkpoint saved; to resume, rerun the same command%s", f" with run_id={run_id}" if run_id else "")
     if acc is not None:
         acc.wait_for_everyone()
         # tear the process group down before exiting: a rank still inside gloo's threads when its peer has gone
