@@ -91,11 +91,9 @@ def tiny():
     return load_model_and_tokenizer(ModelConfig())
 
 
-# The learning runs of the suite (each a whole pipeline in its own process), started together the first time any
-# of them is asked for: they are mostly single-threaded work on the tiny model, so side by side they take less of
-# the suite than one after the other. Name -> (train.py arguments, extra environment). Other seeds and reduction
-# orders (OMP_NUM_THREADS=1) are benchmarks/learning.py's job (README table): a third run here cost CI ~4 minutes
-# with a core busy, and 30 minutes is CI's limit.
+# The learning runs of the suite, each a whole pipeline in its own process. The suite runs on two pytest-xdist
+# workers, one test file each at a time (pyproject.toml), so the two files that use them train side by side. Other
+# seeds and reduction orders (OMP_NUM_THREADS=1) are benchmarks/learning.py's job (README tables).
 LEARNING_RUNS = {
     "default": ([], {}),  # the README's `python train.py`
     # pipeline=deepanalyze_tiny with RL cut from 20 steps to 10
@@ -105,12 +103,15 @@ LEARNING_RUNS = {
 
 
 @pytest.fixture(scope="session")
-def learning_runs(tmp_path_factory):
-    """Every `LEARNING_RUNS` entry, run side by side: name -> (completed process, its PROJECT_ROOT)."""
-    from concurrent.futures import ThreadPoolExecutor
+def learning_run(tmp_path_factory):
+    """``learning_run(name)``: the `LEARNING_RUNS` entry run once per session: (completed process, its PROJECT_ROOT)."""
+    done: dict = {}
 
-    roots = {name: tmp_path_factory.mktemp(name) for name in LEARNING_RUNS}
-    with ThreadPoolExecutor(len(LEARNING_RUNS)) as pool:
-        futures = {name: pool.submit(run_train, args, cwd=roots[name], timeout=1800, env=env)
-                   for name, (args, env) in LEARNING_RUNS.items()}
-        return {name: (f.result(), roots[name]) for name, f in futures.items()}
+    def run(name: str):
+        if name not in done:
+            args, env = LEARNING_RUNS[name]
+            root = tmp_path_factory.mktemp(name)
+            done[name] = (run_train(args, cwd=root, timeout=1800, env=env), root)
+        return done[name]
+
+    return run

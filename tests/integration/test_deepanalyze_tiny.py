@@ -23,8 +23,8 @@ RL_STEPS = 10  # as `LEARNING_RUNS["deepanalyze_tiny"]` in tests/conftest.py run
 
 
 @pytest.mark.slow
-def test_the_curriculum_runs_offline_and_rl_moves_task_success(learning_runs):
-    proc, root = learning_runs["deepanalyze_tiny"]
+def test_the_curriculum_runs_offline_and_rl_moves_task_success(learning_run):
+    proc, root = learning_run("deepanalyze_tiny")
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = only_run_dir(root)
     summary = json.loads((run / "pipeline_summary.json").read_text())

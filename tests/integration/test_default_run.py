@@ -8,7 +8,7 @@ OMP_NUM_THREADS=1 (another floating-point reduction order standing in for anothe
 `python benchmarks/learning.py --seeds 0 1 2 --threads 1 2` (README): margins +52.0 to +69.5 points on one CPU,
 +62.9 to +69.1 on another, SFT 5.9-8.6%. The bounds below are far from both sides, so they cannot pass by chance nor flip on another machine. Wall time is a
 benchmark number (benchmarks/learning.py prints it), not asserted here: CI machines are shared. The run goes side
-by side with the suite's other learning run (`learning_runs` in tests/conftest.py).
+by side with the suite's other learning run (`learning_run` in tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from conftest import only_run_dir
 
 
 @pytest.mark.slow
-def test_default_run_grpo_learns_to_show_the_work(learning_runs):
-    proc, tmp_path = learning_runs["default"]
+def test_default_run_grpo_learns_to_show_the_work(learning_run):
+    proc, tmp_path = learning_run("default")
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     run = only_run_dir(tmp_path)

@@ -183,7 +183,10 @@ class VLLMColocated:
         os.environ.setdefault("LOCAL_RANK", str(accelerator.local_process_index if accelerator is not None else 0))
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29533")
+        if "MASTER_PORT" not in os.environ:  # a single process: any free port (two runs on one machine must not clash)
+            from stagewise.rollout.weight_sync import free_port
+
+            os.environ["MASTER_PORT"] = str(free_port("127.0.0.1"))
         dtype = next(policy.parameters()).dtype
         model_path = engine_model_path(cfg, policy, tokenizer, self.run_dir, zero3=self.zero3,
                                        accelerator=accelerator)
