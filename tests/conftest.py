@@ -115,3 +115,9 @@ def learning_run(tmp_path_factory):
         return done[name]
 
     return run
+
+
+def pytest_collection_modifyitems(config, items):
+    """The learning pipelines are the suite's longest tests (minutes each): first in line, so the two xdist workers
+    start them at once instead of finishing the suite on one of them."""
+    items.sort(key=lambda item: "learning_run" not in getattr(item, "fixturenames", ()))
