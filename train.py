@@ -29,7 +29,7 @@ from omegaconf import DictConfig, open_dict
 
 from stagewise.config import ConfigValueError, UnknownConfigKeyError, check_top_level_overrides, config_error_exit, \
     register_configs, typed_config, validate_config, validate_printed_config, without_schema_options
-from stagewise.run_folder import RunFolder, RunFolderInUseError, register_resolvers
+from stagewise.run_folder import RunFolder, RunFolderInUseError, rank, register_resolvers
 from stagewise.tracking.logs import job, log_to_files
 
 STAGES = {
@@ -96,7 +96,7 @@ def _main(cfg: DictConfig):
     if mode == "pipeline":
         return run_pipeline(cfg, HydraConfig.get().overrides.task, HydraConfig.get().overrides.hydra)
     setup_distributed_env(cfg)  # submitit tasks become torch.distributed ranks before any Accelerator exists
-    if int(os.environ.get("RANK", "0")) == 0 and "LOCAL_RANK" not in os.environ:  # once, before any rank starts
+    if rank() == 0 and "LOCAL_RANK" not in os.environ:  # once: here, not in the ranks a relaunch starts
         RunFolder(cfg.run_dir).prepare_for(str(cfg.resume))
     if needs_relaunch(cfg):
         return relaunch_distributed(cfg, __file__, HydraConfig.get().overrides.task)

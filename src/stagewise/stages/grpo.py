@@ -785,8 +785,7 @@ class NoSignalWatch:
         if self.steps < self.STEPS:
             return None
         self.steps = -1
-        seen = sorted({float(v) for v in np.asarray(totals if totals is not None else [])[:1000]
-                       if not np.isnan(v)})[:3]
+        seen = np.unique(np.asarray(totals if totals is not None else [], dtype=float))[:3]
         message = (f"no learning signal: in each of the first {self.STEPS} steps every group's rewards were identical "
                    f"(total reward {', '.join(f'{v:g}' for v in seen) or 'none'}), so every advantage is 0 and nothing "
                    f"is learned; usually the model never produces what the reward scores (start from an SFT "

@@ -17,6 +17,7 @@ folder or writes ``.hydra/*.yaml``; the error names the key and how to pass the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -192,6 +193,21 @@ def quiet_library_progress_bars() -> None:
             sys.modules["datasets"].disable_progress_bars()
         except AttributeError:  # pragma: no cover
             pass
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.WARNING):
+    """Raise these loggers to at least ``level`` for the block (libraries that log every file they save at INFO, or
+    a failure that the caller reports better itself)."""
+    loggers = [logging.getLogger(name) for name in names]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), level))
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, before):
+            lg.setLevel(lvl)
 
 
 def quiet_other_ranks_console() -> None:

@@ -7,6 +7,7 @@ are masked (``stagewise.tracking.logs``) in string metrics, the W&B config and e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -140,15 +141,10 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
     if shown:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        redirect = logging_redirect_tqdm(tqdm_class=tqdm)
-        redirect.__enter__()
-        close = bar.close
-
-        def close_and_restore_logging():
-            close()
-            redirect.__exit__(None, None, None)
-
-        bar.close = close_and_restore_logging
+        redirect = contextlib.ExitStack()  # closing twice restores the logging handlers once
+        redirect.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))
+        redirect.callback(bar.close)
+        bar.close = redirect.close
     return bar
 
 

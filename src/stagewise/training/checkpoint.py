@@ -11,7 +11,6 @@ Data order is a pure function of (seed, epoch), so "position in the epoch" is al
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -23,6 +22,7 @@ import numpy as np
 from accelerate import Accelerator
 
 from stagewise.run_folder import RunFolder
+from stagewise.tracking.logs import quiet_loggers
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +60,6 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
 
 def _is_peft(model) -> bool:
     return hasattr(model, "peft_config")
-
-
-@contextlib.contextmanager
-def quiet_loggers(*names: str, level: int = logging.WARNING):
-    """Raise these loggers to ``level`` for the block (Accelerate logs every file it saves at INFO)."""
-    loggers = [logging.getLogger(name) for name in names]
-    before = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(max(lg.getEffectiveLevel(), level))
-    try:
-        yield
-    finally:
-        for lg, lvl in zip(loggers, before):
-            lg.setLevel(lvl)
 
 
 class CheckpointManager:

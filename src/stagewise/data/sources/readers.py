@@ -9,7 +9,6 @@ lines file is named by its 1-based line number, as an editor shows it (blank lin
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import logging
@@ -21,6 +20,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from stagewise.data.schema import BadRowError
+from stagewise.tracking.logs import quiet_loggers
 
 GENERATOR_PREFIX = "generator:"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -107,17 +107,10 @@ def json_lines_rows(path: str) -> list[int] | None:
         return [n for n, line in enumerate(f, 1) if line.strip()]
 
 
-@contextlib.contextmanager
 def _quiet_json_reader():
     """``datasets`` logs the Arrow JSON reader's failure at ERROR ("Failed to load JSON ... in row 7", 0-based)
     before raising; the line-by-line fallback reports it better, so that record is dropped."""
-    logger = logging.getLogger("datasets.packaged_modules.json.json")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    return quiet_loggers("datasets.packaged_modules.json.json", level=logging.CRITICAL)
 
 
 def read_source(path: str, split: str, *, seed: int, generator_kwargs: dict[str, Any], on_bad_row: str,
