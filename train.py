@@ -89,11 +89,7 @@ def _main(cfg: DictConfig):
 
     choices = HydraConfig.get().runtime.choices
     check_hardware(cfg.hardware, choices.get("hardware"))  # done by the CheckHardware callback for single runs
-    try:
-        mode = run_mode(cfg, choices)
-    except ValueError as e:
-        raise ConfigValueError(str(e)) from e
-    if mode == "pipeline":
+    if run_mode(cfg, choices) == "pipeline":
         return run_pipeline(cfg, HydraConfig.get().overrides.task, HydraConfig.get().overrides.hydra)
     setup_distributed_env(cfg)  # submitit tasks become torch.distributed ranks before any Accelerator exists
     if rank() == 0 and "LOCAL_RANK" not in os.environ:  # once: here, not in the ranks a relaunch starts

@@ -1,7 +1,7 @@
 """Which generation engine, measured: ``rollout=hf`` (transformers ``generate``) against ``rollout=vllm`` (the
 colocated vLLM engine; on CPU, vLLM's CPU build) on the same model, prompts and sampling, in one process.
 
-    python benchmarks/rollout_engines.py                          # the default run's GRPO batch: 32 prompts x 8, 40 tokens
+    python benchmarks/rollout_engines.py                          # the default run's GRPO batch: 32 x 8, 40 tokens
     python benchmarks/rollout_engines.py --prompts 8 --n 8 --max-new-tokens 256 --threads 1
     python benchmarks/rollout_engines.py --hidden 512 --layers 8  # a larger tiny-architecture model
 

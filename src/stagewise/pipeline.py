@@ -54,6 +54,7 @@ from typing import Mapping, Optional
 
 from omegaconf import DictConfig
 
+from stagewise.config import ConfigValueError
 from stagewise.run_folder import RUN_ID_ENV
 from stagewise.training.preemption import REQUEUE_EXIT_CODE
 
@@ -86,12 +87,12 @@ def run_mode(cfg: DictConfig, choices: Mapping[str, Optional[str]]) -> str:
     stage_choice = choices.get("stage")
     if cfg.pipeline.name:
         if stage_choice:
-            raise ValueError(f"both pipeline={cfg.pipeline.name} and a stage (stage={stage_choice}, directly or via "
-                             "experiment=) were chosen: drop one (pipeline=none runs a single stage)")
+            raise ConfigValueError(f"both pipeline={cfg.pipeline.name} and a stage (stage={stage_choice}, directly or "
+                                   "via experiment=) were chosen: drop one (pipeline=none runs a single stage)")
         return "pipeline"
     if "stage" in choices and not stage_choice:
-        raise ValueError("pipeline=none but no stage chosen: add stage=vocab|sft|grpo|rejection_sampling|eval "
-                         "or experiment=<recipe>")
+        raise ConfigValueError("pipeline=none but no stage chosen: add stage=vocab|sft|grpo|rejection_sampling|eval "
+                               "or experiment=<recipe>")
     return "stage"
 
 
@@ -176,9 +177,10 @@ def latest_checkpoint(stage_dir: Path) -> Optional[str]:
 # ============================================================================================ preemption
 class ForwardSignals:
     """While a pipeline runs: SIGUSR1/SIGTERM (and submitit's preemption signal) are recorded and forwarded to the
-    running stage process (SIGINT is recorded only: a terminal's Ctrl-C reaches the stage itself), which checkpoints at its next step boundary and exits with the requeue code; the
-    pipeline then records the stage as interrupted and exits with the same code. Without this the parent died at
-    once ("User defined signal 1") and left its child running, orphaned."""
+    running stage process (SIGINT is recorded only: a terminal's Ctrl-C reaches the stage itself), which
+    checkpoints at its next step boundary and exits with the requeue code; the pipeline then records the stage
+    as interrupted and exits with the same code. Without this the parent died at once ("User defined signal 1")
+    and left its child running, orphaned."""
 
     def __init__(self) -> None:
         from stagewise.training.preemption import DEFAULT_SIGNALS, _signal, submitit_preempt_signal

@@ -6,7 +6,8 @@
     table = runs.load_sweep("outputs/train/multirun_<id>")           # one row per run: swept keys + final metrics
     runs.load_metrics("outputs/train/multirun_<id>")                 # every run's metrics, with a `run` column
 
-What is read (the run-folder layout of stagewise.run_folder and the README), and nothing else (never the training code's internals):
+What is read (the run-folder layout of stagewise.run_folder and the README), and nothing else (never the training
+code's internals):
   * ``.hydra/config.yaml`` -> config, flattened to dotted keys (``stage.learning_rate``). Hydra saves it
     unresolved; plain ``${a.b}`` references are resolved here, resolver calls (``${oc.env:..}``,
     ``${stagewise_run_id:}``) are kept as written, since calling them here would give this process's value.

@@ -1,5 +1,5 @@
-"""The GRPO console block (the R1-Zero reproduction's log format), built from a metrics record, the generation-quality counters behind
-it, and the progress bars of every stage."""
+"""The GRPO console block (the R1-Zero reproduction's log format), built from a metrics record, the generation-quality
+counters behind it, and the progress bars of every stage."""
 
 import sys
 

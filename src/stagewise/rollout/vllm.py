@@ -8,8 +8,8 @@ Colocated (TRL's "colocate", verl's hybrid engine)
     engine with vLLM's in-place reload (``collective_rpc("reload_weights", weights_iterator=...)``: layerwise, each
     layer re-processed for its kernels once all of its tensors arrived; vLLM docs "training/layerwise"). TRL's
     colocate mode calls the model's plain ``load_weights`` per parameter, which fails on vLLM's CPU backend: it
-    repacks each linear layer's weight for its GEMM after loading and drops the checkpoint-format parameter. ZeRO-3 shards
-    are gathered one parameter at a time; a LoRA policy is merged for the push and unmerged after
+    repacks each linear layer's weight for its GEMM after loading and drops the checkpoint-format parameter.
+    ZeRO-3 shards are gathered one parameter at a time; a LoRA policy is merged for the push and unmerged after
     (``rollout.lora_sync: merged``, the default), or its adapter is saved and given to vLLM's own LoRA support
     (``adapter``: only the adapter moves, vLLM needs ``enable_lora``).
     On a GPU, with ``rollout.enable_sleep_mode`` the engine sleeps at level 2 between generations (weights and KV
