@@ -1,7 +1,8 @@
-"""SIGUSR1 (or SIGTERM) to a running pipeline is forwarded to the stage it is running; the stage
-checkpoints and exits 75, the pipeline records it as interrupted in pipeline_state.json and exits 75 too (the
+"""SIGUSR1 (what SLURM sends before a time limit) to a running pipeline is forwarded to the stage it is running; the
+stage checkpoints and exits 75, the pipeline records it as interrupted in pipeline_state.json and exits 75 too (the
 requeue code, not "failed, exit 1"); the rerun with the same run_id resumes that stage from its checkpoint, and the
-final metrics equal those of a pipeline that was never interrupted."""
+final metrics equal those of a pipeline that was never interrupted. SIGTERM takes the same path in the pipeline
+(tests/unit/test_pipeline.py) and in the stage (tests/unit/test_preemption.py)."""
 
 from __future__ import annotations
 
@@ -34,18 +35,9 @@ def records(path, key):
     return out
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """The same pipeline never interrupted (run once for both signals): its run folder."""
-    root = tmp_path_factory.mktemp("straight")
-    proc = run_train([*ARGS, "run_id=straight"], cwd=root, env={"OMP_NUM_THREADS": "1"}, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    return root / "outputs" / "train" / "straight"
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_signal_pipeline_mid_stage_then_rerun_equals_uninterrupted(tmp_path, sig, straight):
+def test_signal_pipeline_mid_stage_then_rerun_equals_uninterrupted(tmp_path):
+    sig = signal.SIGUSR1
     env = {**os.environ, "PROJECT_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     env.pop("STAGEWISE_RUN_ID", None)
     cut = tmp_path / "outputs" / "train" / "cut"
@@ -79,7 +71,9 @@ def test_signal_pipeline_mid_stage_then_rerun_equals_uninterrupted(tmp_path, sig
     state = json.loads((cut / "pipeline_state.json").read_text())
     assert [r["name"] for r in state["finished"]] == ["sft1", "sft2"] and state["interrupted"] is None
 
-    other = straight
+    other = tmp_path / "outputs" / "train" / "straight"  # the same pipeline never interrupted
+    proc = run_train([*ARGS, "run_id=straight"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     for stage in ("00_sft1", "01_sft2"):
         got, want = records(cut / stage / "metrics.jsonl", "loss"), records(other / stage / "metrics.jsonl", "loss")
         assert sorted(got) == sorted(want) and got == want, stage

@@ -82,15 +82,26 @@ def wait_for_step(run_dir: Path, proc, n: int, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The loop never interrupted (run once for both ways of preempting it): its folder."""
+    straight = tmp_path_factory.mktemp("straight")
+    (straight / "loop.py").write_text(LOOP)
+    q = torchrun(straight / "loop.py", straight)
+    out, _ = q.communicate(timeout=300)
+    assert q.returncode == 0, out
+    return straight
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigterm_to_launcher", "sigusr1_to_rank1"])
-def test_preempt_then_resume_equals_uninterrupted(tmp_path, how):
+def test_preempt_then_resume_equals_uninterrupted(tmp_path, how, straight):
     import torch
 
     script = tmp_path / "loop.py"
     script.write_text(LOOP)
-    straight, cut = tmp_path / "straight", tmp_path / "cut"
-    straight.mkdir(), cut.mkdir()
+    cut = tmp_path / "cut"
+    cut.mkdir()
 
     p = torchrun(script, cut)
     wait_for_step(cut, p, 5)
@@ -108,9 +119,6 @@ def test_preempt_then_resume_equals_uninterrupted(tmp_path, how):
     p = torchrun(script, cut)  # the requeued job: same folder, resumes
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
-    q = torchrun(script, straight)
-    out, _ = q.communicate(timeout=300)
-    assert q.returncode == 0, out
 
     assert [r["step"] for r in steps(cut)] == list(range(1, TOTAL + 1))
     assert [r["loss"] for r in steps(cut)] == [r["loss"] for r in steps(straight)]

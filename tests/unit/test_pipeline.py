@@ -150,3 +150,36 @@ def test_shipped_pipelines_compose_stage_by_stage(name):
                 "deepanalyze": ["vocab", "sft", "sft", "grpo"], "tiny": ["sft", "grpo"], "r1_zero_tiny": ["sft", "grpo"],
                 "deepanalyze_tiny": ["vocab", "sft", "sft", "grpo"]}
     assert kinds == expected[name]
+
+
+CHILD = ("import signal, sys, time\n"
+         "signal.signal(signal.SIGUSR1, lambda s, f: sys.exit(10))\n"
+         "signal.signal(signal.SIGTERM, lambda s, f: sys.exit(15))\n"
+         "print('ready', flush=True)\n"
+         "time.sleep(60)\n")
+
+
+@pytest.mark.parametrize("sig, child_exit", [("SIGUSR1", 10), ("SIGTERM", 15)])
+def test_a_signal_to_the_pipeline_is_recorded_and_forwarded_to_the_running_stage(sig, child_exit, capfd):
+    """What the pipeline process does with SIGUSR1 and SIGTERM (the whole round trip through a real stage, for
+    SIGUSR1, is test_pipeline_preemption.py): the stage's process gets the same signal, the pipeline records it
+    and says so once, and its own handlers are restored afterwards."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from stagewise.pipeline import ForwardSignals, StageProcess
+
+    signum = getattr(signal, sig)
+    before = signal.getsignal(signum)
+    with ForwardSignals() as guard:
+        with StageProcess([sys.executable, "-c", CHILD], env=dict(os.environ)) as stage:
+            while "ready" not in capfd.readouterr().out:  # the child's handlers are in place
+                assert stage.proc.poll() is None
+                time.sleep(0.02)
+            os.kill(os.getpid(), signum)  # to the pipeline process only
+            assert stage.wait() == child_exit
+        assert guard.received == signum
+    assert f"pipeline got {sig}: forwarded to the running stage" in capfd.readouterr().err
+    assert signal.getsignal(signum) == before
