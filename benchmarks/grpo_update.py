@@ -40,7 +40,7 @@ def make_samples(tok, a):
     import random
 
     from stagewise.data.generators import arithmetic
-    from stagewise.stages.grpo import Sample
+    from stagewise.training.batching import Sample
 
     rng = random.Random(a.seed)
     rows = arithmetic(a.prompts, split="train", seed=0)

@@ -25,8 +25,9 @@ from stagewise.models import load_model_and_tokenizer
 from stagewise.rewards import RewardRunner
 from stagewise.rollout import SamplingParams
 from stagewise.rollout.multiturn import STOP_TAGS, MultiTurnRollout, encode_observations, single_token_id
-from stagewise.stages.grpo import (PhaseTimer, StepContext, StepPlan, collate, collect_groups, make_mini_batches,
-                                   train_on_batch)
+from stagewise.stages.grpo import StepContext, StepPlan, collect_groups, make_mini_batches, train_on_batch
+from stagewise.tracking.rl_metrics import PhaseTimer
+from stagewise.training.batching import collate
 from stagewise.training import TrainState, build_accelerator, build_optimizer, build_scheduler
 
 from conftest import compose, only_run_dir, run_train

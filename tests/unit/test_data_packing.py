@@ -194,13 +194,3 @@ def test_packing_tokenised_arithmetic_rows_hand_count(tiny_data):
     batch = SFTCollator(tok.pad_token_id)([packed[i] for i in range(len(packed))])
     # every document's own targets survive packing: trained targets = sum over rows of loss_mask[1:]
     assert int(batch["loss_mask"].sum()) == sum(sum(m[1:]) for m in rows["loss_mask"])
-
-
-def test_sft_micro_batches_by_rows_or_by_a_token_budget():
-    from stagewise.stages.sft import micro_batch_rows
-
-    lengths = [50, 30, 90, 200, 10, 10]
-    assert micro_batch_rows(lengths, 4, 0) == [[0, 1, 2, 3], [4, 5]]
-    # at most 100 tokens each, consecutive, order kept; the 200-token row goes alone
-    assert micro_batch_rows(lengths, 4, 100) == [[0, 1], [2], [3], [4, 5]]
-    assert micro_batch_rows(lengths, 4, 1000) == [[0, 1, 2, 3, 4, 5]]  # the budget, not the row count, decides

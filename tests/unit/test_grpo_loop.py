@@ -15,17 +15,10 @@ from stagewise.models import load_model_and_tokenizer
 from stagewise.rewards import RewardRunner
 from stagewise.rollout import SamplingParams
 from stagewise.rollout.hf import HFRollout
-from stagewise.stages.grpo import (
-    PhaseTimer,
-    Sample,
-    StepContext,
-    StepPlan,
-    Window,
-    collate,
-    collect_groups,
-    make_mini_batches,
-    train_on_batch,
-)
+from stagewise.stages.grpo import StepContext, StepPlan, collect_groups, make_mini_batches, train_on_batch
+from stagewise.tracking.rl_metrics import PhaseTimer, rollout_statistics
+from stagewise.tracking.window import Window
+from stagewise.training.batching import Sample, collate
 from stagewise.training import TrainState, build_accelerator, build_optimizer, build_scheduler
 
 from conftest import compose
@@ -125,16 +118,6 @@ def test_pack_rows_lays_sequences_end_to_end():
     # position 2 (the last prompt token) predicts 11, 3 predicts 12; position 5 (prompt 9) predicts 13, ...
     assert packed.predict_index.tolist() == [2, 3, 5, 6, 7]
     assert packed.cu_seq_lens.tolist() == [0, 5, 9]  # sequence starts, then the row length
-
-
-def test_split_by_tokens_keeps_order_and_budget():
-    from stagewise.stages.grpo import split_by_tokens
-
-    sizes = [5, 3, 8, 2, 2, 15, 9]  # prompt 1 token + completion (size - 1) tokens
-    rows = [Sample([1], [7] * (n - 1), 0.0, True) for n in sizes]
-    parts = split_by_tokens(rows, 10)
-    assert [[len(r.completion_ids) + 1 for r in p] for p in parts] == [[5, 3], [8, 2], [2], [15], [9]]
-    assert [r for p in parts for r in p] == rows  # order kept; the 15-token row goes alone
 
 
 # (max_tokens_per_micro_batch, prompt laid down once per group, gradient checkpointing)
@@ -318,7 +301,7 @@ def test_check_config_names_the_key(override, message):
         check_config(cfg)
 
 
-def test_window_summary_statistics():
+def test_window_and_rollout_statistics_over_two_steps():
     w = Window()
     nan = float("nan")
     step1 = {"reward/acc": np.array([1.0, 0.0, nan]), "reward/total": np.array([1.0, 0.0, 0.0]),
@@ -326,9 +309,11 @@ def test_window_summary_statistics():
              "prompt_tokens": np.array([5.0, 5.0, 5.0]), "chars": np.array([8.0, 30.0, 12.0]),
              "format_ok": np.array([1.0, 0.0, 0.0]), "indicators": np.array([2.0, 0.0, 1.0])}
     step2 = {k: v[:1] for k, v in step1.items()}
-    w.add(step1, {"loss": 0.5, "clip_ratio/low_min": 0.1, "clip_ratio/high_max": 0.2}, {"step": 2.0}, {})
-    w.add(step2, {"loss": 1.5, "clip_ratio/low_min": 0.0, "clip_ratio/high_max": 0.4}, {"step": 1.0}, {})
-    out = w.summary(["acc"])
+    w.add({"loss": 0.5, "clip_ratio/low_min": 0.1, "clip_ratio/high_max": 0.2, "time/step": 2.0}, arrays=step1,
+          step_seconds=2.0)
+    w.add({"loss": 1.5, "clip_ratio/low_min": 0.0, "clip_ratio/high_max": 0.4, "time/step": 1.0}, arrays=step2,
+          step_seconds=1.0)
+    out = {**w.means(), **rollout_statistics(w.arrays(), ["acc"], w.total("step_seconds"))}
     assert out["loss"] == 1.0 and out["clip_ratio/low_min"] == 0.0 and out["clip_ratio/high_max"] == 0.4
     # acc over the window: [1, 0, 1] scored, one None
     assert out["reward/acc/mean"] == pytest.approx(2 / 3)
@@ -436,7 +421,8 @@ def test_reference_logprobs_from_a_frozen_copy_and_from_the_disabled_adapter(cfg
     (adapter disabled). Both equal the policy before it moves and stay put when it moves."""
     from peft import LoraConfig, get_peft_model
 
-    from stagewise.stages.grpo import fill_old_and_ref_logprobs, frozen_copy
+    from stagewise.models import frozen_copy
+    from stagewise.stages.grpo import fill_old_and_ref_logprobs
 
     alg = OmegaConf.merge(cfg.algorithm, {"beta": 0.04})
     for lora in (False, True):

@@ -211,7 +211,8 @@ def test_ignore_eos_generates_exactly_max_new_tokens(tiny):
 def test_engine_logprobs_match_the_trainer(tiny):
     """HF's own sampling log-probs equal the trainer's chunked log-probs of the same tokens (left-padded prompts,
     right-padded completions, position ids from the attention mask): the alignment TIS relies on."""
-    from stagewise.stages.grpo import Sample, collate, completion_logprobs
+    from stagewise.training.batching import Sample, collate
+    from stagewise.training.modeling import completion_logprobs
 
     model, tok = tiny
     torch.manual_seed(4)

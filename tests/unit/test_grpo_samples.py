@@ -9,7 +9,8 @@ import torch
 
 from stagewise.rewards import RewardRunner
 from stagewise.rollout.base import RolloutBatch
-from stagewise.stages.grpo import GenerationRound, Groups, write_samples
+from stagewise.stages.grpo import GenerationRound, Groups
+from stagewise.tracking.samples import write_samples
 
 CODE = "<Analyze>count</Analyze>\n<Code>\n```python\nprint(18)\n```\n</Code>\n<Execute>\n18\n\n</Execute>\n"
 RIGHT = CODE + "<Understand>18 rows</Understand>\n<Answer>Answer: 18</Answer>"
@@ -39,7 +40,7 @@ def test_samples_parquet_records_the_trajectory_facts_and_each_reward(tmp_path):
                     advantages={(0, 0, 0): torch.tensor([0.7, -0.7])}, rank=0, n=2)
     acc = SimpleNamespace(num_processes=1, is_main_process=True)
     path = tmp_path / "samples" / "step_3.parquet"
-    write_samples(acc, path, groups, step=3)
+    write_samples(acc, path, groups.records(), step=3)
 
     df = pd.read_parquet(path)
     assert list(df["finish_reason"]) == ["answer", "answer", "answer", "context"]
@@ -67,7 +68,7 @@ def test_single_turn_rows_get_a_finish_reason_too(tmp_path):
                                             per_fn={"r": np.asarray([1.0, float("nan")])}, arrays={},
                                             zero_std=np.zeros((1, 1), dtype=bool))], rank=0, n=2)
     path = tmp_path / "step_1.parquet"
-    write_samples(SimpleNamespace(num_processes=1, is_main_process=True), path, groups, step=1)
+    write_samples(SimpleNamespace(num_processes=1, is_main_process=True), path, groups.records(), step=1)
     df = pd.read_parquet(path)
     assert list(df["finish_reason"]) == ["stop", "length"] and list(df["turns"]) == [1, 1]
     assert df["reward_r"].tolist()[0] == 1.0 and df["reward_r"].isna().tolist() == [False, True]

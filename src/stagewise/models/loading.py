@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 from pathlib import Path
@@ -130,3 +131,11 @@ def num_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Parameters of the whole model, also under ZeRO-3 (where each rank holds a shard: ``ds_numel`` is the full
     size; ``numel()`` is 0)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def frozen_copy(model):
+    """The KL reference for full fine-tuning: a frozen copy of the initial policy, in eval mode."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref

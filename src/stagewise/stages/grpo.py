@@ -53,14 +53,11 @@ Where we depart from peers:
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
 import math
-import resource
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -75,13 +72,16 @@ from stagewise.algorithms import (
 )
 from stagewise.config import TrainConfig
 from stagewise.data import load_prompt_dataset
-from stagewise.models import load_model_and_tokenizer, num_params
+from stagewise.models import frozen_copy, load_model_and_tokenizer, num_params
 from stagewise.rewards import RewardRunner
 from stagewise.rewards.runner import data_files
 from stagewise.rollout import RolloutBatch, build_generator, check_sampling, generate, reward_columns
 from stagewise.run_folder import RunFolder
 from stagewise.tracking import Tracker, progress
-from stagewise.tracking.console import format_grpo_console, format_indicators
+from stagewise.tracking.console import format_grpo_console
+from stagewise.tracking.rl_metrics import PhaseTimer, memory_metrics, per_sample_arrays, rollout_statistics
+from stagewise.tracking.samples import sample_records, write_samples
+from stagewise.tracking.window import Window
 from stagewise.training import (
     CheckpointManager,
     StepEnd,
@@ -91,17 +91,17 @@ from stagewise.training import (
     build_optimizer,
     build_scheduler,
     end_run,
-    optimizer_step,
     prepare_model,
     set_seed,
-    uses_deepspeed,
 )
-from stagewise.tracking.alerts import STOP, UPDATE, NanGuard
+from stagewise.tracking.alerts import STOP, NanGuard
 from stagewise.training.preemption import install_preemption_handler
 from stagewise.evaluation import EvalSpec, evaluate_prompts
 from stagewise.training.early_stopping import EarlyStopping
 from stagewise.models.attention import shares_prefix_in_packed_rows
-from stagewise.training.modeling import PackedRows, completion_logprobs, pack_rows
+from stagewise.training.batching import (MicroBatch, Sample, collate, forwards_per_rank, guarded_optimizer_step,
+                                        micro_batch_parts, sum_over_ranks)
+from stagewise.training.modeling import completion_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -188,16 +188,18 @@ def run(cfg: TrainConfig) -> dict:
         state.extra["num_tokens"] = state.extra.get("num_tokens", 0) + groups.num_tokens
         bar.update(1)
         timer.add("step", time.perf_counter() - step_start)
-        window.add(groups.log_arrays, update.logged(), timer.seconds, groups.sampling)
+        window.add({**update.logged(), **groups.sampling, **{f"time/{k}": v for k, v in timer.seconds.items()}},
+                   arrays=groups.log_arrays, step_seconds=timer.seconds["step"])
         if state.step % st.logging_steps == 0 or state.step == plan.total_steps:
-            metrics = window.summary(groups.reward_names)
+            metrics = {**window.means(),
+                       **rollout_statistics(window.arrays(), groups.reward_names, window.total("step_seconds"))}
             metrics.update({"lr": scheduler.get_last_lr()[0], "num_tokens": state.extra["num_tokens"],
                             "epoch": state.epoch + state.batch_in_epoch / plan.steps_per_epoch, **memory_metrics()})
             tracker.log(metrics, step=state.step)
             bar.set_postfix(reward=f"{metrics.get('reward/total/mean', float('nan')):.3f}")
             window = Window()
         if st.samples_steps and state.step % st.samples_steps == 0:
-            write_samples(acc, run_folder.sample_file(state.step), groups, state.step)
+            write_samples(acc, run_folder.sample_file(state.step), groups.records(), state.step)
         if end.after_step(state, held_out, nan_stop=update.nan_stop):
             break
     bar.close()
@@ -317,18 +319,6 @@ def next_prompt_rows(state: TrainState, plan: StepPlan, num_rows: int) -> np.nda
 
 # ============================================================================================ rollouts
 @dataclass
-class Sample:
-    """One completion to train on."""
-
-    prompt_ids: List[int]
-    completion_ids: List[int]
-    advantage: float
-    trained: bool  # False: truncated and algorithm.mask_truncated
-    rollout_logprobs: Optional[List[float]] = None
-    loss_mask: Optional[List[int]] = None  # multi-turn: 1 = policy token, 0 = env token (no loss); None = all 1
-
-
-@dataclass
 class GenerationRound:
     """One prompt batch generated and scored on this rank (``L`` prompts x ``n`` samples = ``N`` rows)."""
 
@@ -432,26 +422,6 @@ def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainSt
                   num_tokens=num_tokens, rounds=rounds, advantages=adv_of, rank=rank, n=n)
 
 
-def per_sample_arrays(batch: RolloutBatch, total: torch.Tensor, per_fn: Dict[str, torch.Tensor]
-                      ) -> Dict[str, torch.Tensor]:
-    """Per-completion numbers every rank contributes to the step's metrics (NaN = a reward returned None)."""
-    fmt = [format_indicators(t) for t in batch.texts]
-    arrays = {f"reward/{name}": v for name, v in per_fn.items()}
-    arrays.update({
-        "reward/total": total,
-        "completion_tokens": torch.tensor([len(c) for c in batch.completion_ids], dtype=torch.float32),
-        "prompt_tokens": torch.tensor([len(p) for p in batch.prompt_ids], dtype=torch.float32),
-        "truncated": torch.tensor(batch.truncated, dtype=torch.float32),
-        "chars": torch.tensor([len(t) for t in batch.texts], dtype=torch.float32),
-        "format_ok": torch.tensor([f[0] for f in fmt], dtype=torch.float32),
-        "indicators": torch.tensor([f[1] for f in fmt], dtype=torch.float32),
-    })
-    for name, values in batch.env_columns.items():  # multi-turn facts (turns, code_errors ...)
-        if values and isinstance(values[0], (bool, int, float)):
-            arrays[f"env/{name}"] = torch.tensor(values, dtype=torch.float32)
-    return arrays
-
-
 def gather_rows(acc, arrays: Dict[str, torch.Tensor]) -> Dict[str, np.ndarray]:
     """Concatenate every rank's per-sample arrays (rank-major), as numpy."""
     keys = list(arrays)
@@ -462,141 +432,7 @@ def gather_rows(acc, arrays: Dict[str, torch.Tensor]) -> Dict[str, np.ndarray]:
     return {k: stacked[:, i] for i, k in enumerate(keys)}
 
 
-def sample_records(rounds: List[GenerationRound], rank: int, n: int, adv_of: Dict[tuple, torch.Tensor]
-                   ) -> List[Dict[str, Any]]:
-    """Rows of ``samples/step_<N>.parquet``. The columns an eval's samples also have keep its names
-    (`stagewise.evaluation.results_table`): ``prompt_index``, ``sample``, ``prompt``, ``completion``,
-    ``reward_<fn>``, ``reward_total``, ``completion_tokens``, ``truncated``, ``turns`` and the gold columns; GRPO adds
-    ``round``, ``advantage``, ``kept``, ``prompt_tokens``, ``completion_chars``, ``finish_reason`` and the
-    multi-turn counts."""
-    records = []
-    for ri, rd in enumerate(rounds):
-        batch, columns = rd.batch, rd.columns
-        for j in range(len(batch)):
-            g = j // n
-            adv = adv_of.get((ri, rank, g))
-            rec = {
-                "round": ri, "prompt_index": g, "sample": j % n,
-                "prompt": columns["prompt"][g] if "prompt" in columns else "",
-                "completion": batch.texts[j],
-                **{f"reward_{name}": (None if math.isnan(float(v[j])) else float(v[j]))
-                   for name, v in rd.per_fn.items()},
-                "reward_total": float(rd.total[j]),
-                "advantage": float(adv[j % n]) if adv is not None else None,
-                "kept": adv is not None,
-                "prompt_tokens": len(batch.prompt_ids[j]), "completion_tokens": len(batch.completion_ids[j]),
-                "completion_chars": len(batch.texts[j]), "truncated": bool(batch.truncated[j]),
-                "turns": 1, "finish_reason": "length" if batch.truncated[j] else "stop",
-            }
-            # multi-turn facts (turns, code_calls, code_errors, code_timeouts, answered, finish_reason)
-            rec.update({k: (v[j].item() if hasattr(v[j], "item") else v[j])
-                        for k, v in batch.env_columns.items()})
-            for gold in ("answer", "solution", "target"):
-                if gold in columns:
-                    rec[gold] = str(columns[gold][g])
-            records.append(rec)
-    return records
-
-
-def write_samples(acc, path, groups: Groups, step: int) -> None:
-    from accelerate.utils import gather_object
-    import pandas as pd
-
-    records = groups.records()
-    if acc.num_processes > 1:
-        records = gather_object(records)
-    if not acc.is_main_process:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df = pd.DataFrame(records)
-    df.insert(0, "step", step)
-    tmp = path.with_suffix(".parquet.tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)
-
-
 # ============================================================================================ batches
-@dataclass
-class MicroBatch:
-    input_ids: torch.Tensor  # [B, P + T]: left-padded prompts then right-padded completions
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    prompt_width: int
-    targets: torch.Tensor  # [B, T] completion ids, -1 at padding
-    tokens: torch.Tensor  # [B, T] bool: real completion tokens
-    mask: torch.Tensor  # [B, T] bool: trained tokens
-    advantages: torch.Tensor  # [B]
-    prompt_index: Optional[torch.Tensor] = None  # [B]: which distinct prompt (of `unique_rows`) each row has
-    unique_rows: Optional[torch.Tensor] = None  # [U]: the first row of each distinct prompt
-    rollout_logprobs: Optional[torch.Tensor] = None  # [B, T] engine log-probs (vLLM), for TIS
-    old_logprobs: Optional[torch.Tensor] = None
-    ref_logprobs: Optional[torch.Tensor] = None
-    packed: Optional[PackedRows] = None  # hardware.max_tokens_per_micro_batch > 0: what the model runs on
-
-
-def collate(samples: Sequence[Sample], pad_id: int, device, dummy: bool = False, packed: bool = False,
-            share_prefix: bool = False) -> MicroBatch:
-    """One micro-batch. The per-token tensors the loss reads (targets, masks, log-probs) are always ``[B, T]``;
-    ``packed`` adds the unpadded row the model runs on instead of the padded ``input_ids`` (`pack_rows`), with
-    each group's prompt laid down once when ``share_prefix``.
-    ``dummy`` keeps the shapes but trains nothing (a rank with fewer micro-batches than the others runs these so
-    every rank calls forward/backward the same number of times)."""
-    b = len(samples)
-    pw = max(len(s.prompt_ids) for s in samples)
-    tw = max(1, max(len(s.completion_ids) for s in samples))
-    ids = torch.full((b, pw + tw), pad_id, dtype=torch.long)
-    attn = torch.zeros((b, pw + tw), dtype=torch.long)
-    targets = torch.full((b, tw), -1, dtype=torch.long)
-    with_lp = all(s.rollout_logprobs is not None for s in samples)
-    rollout_lp = torch.zeros((b, tw), dtype=torch.float32) if with_lp else None
-    policy_token = torch.ones((b, tw), dtype=torch.bool)  # multi-turn: False on env (Execute) tokens
-    for i, s in enumerate(samples):
-        p, c = len(s.prompt_ids), len(s.completion_ids)
-        ids[i, pw - p:pw] = torch.tensor(s.prompt_ids, dtype=torch.long)
-        ids[i, pw:pw + c] = torch.tensor(s.completion_ids, dtype=torch.long)
-        attn[i, pw - p:pw + c] = 1
-        targets[i, :c] = ids[i, pw:pw + c]
-        if with_lp:
-            rollout_lp[i, :c] = torch.tensor(s.rollout_logprobs, dtype=torch.float32)
-        if s.loss_mask is not None:
-            policy_token[i, :c] = torch.tensor(s.loss_mask, dtype=torch.bool)
-    tokens = targets >= 0
-    trained = torch.tensor([s.trained and not dummy for s in samples], dtype=torch.bool)
-    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-    first: Dict[tuple, int] = {}
-    prompt_index = [first.setdefault(tuple(s.prompt_ids), len(first)) for s in samples]
-    unique_rows = [prompt_index.index(u) for u in range(len(first))]
-    return MicroBatch(
-        prompt_index=torch.tensor(prompt_index, dtype=torch.long, device=device),
-        unique_rows=torch.tensor(unique_rows, dtype=torch.long, device=device),
-        input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=position_ids.to(device),
-        prompt_width=pw, targets=targets.to(device), tokens=tokens.to(device),
-        mask=(tokens & trained[:, None] & policy_token).to(device),
-        advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device),
-        rollout_logprobs=rollout_lp.to(device) if rollout_lp is not None else None,
-        packed=(pack_rows([(s.prompt_ids, s.completion_ids) for s in samples], device, share_prefix=share_prefix)
-                if packed else None))
-
-
-def split_by_tokens(rows: Sequence[Sample], max_tokens: int, share_prefix: bool = False) -> List[List[Sample]]:
-    """Consecutive runs of ``rows`` with at most ``max_tokens`` prompt + completion tokens each (a longer row goes
-    alone), as verl's dynamic batch size and OpenRLHF's packing budget do. Order is kept, so the optimizer step sees
-    the same samples whatever the budget. ``share_prefix``: a row whose prompt is the previous row's in the same
-    part costs only its completion (the packed row carries the prompt once)."""
-    out: List[List[Sample]] = []
-    used = 0
-    for s in rows:
-        shared = share_prefix and out and out[-1][-1].prompt_ids == s.prompt_ids
-        n = len(s.completion_ids) + (0 if shared else len(s.prompt_ids))
-        if not out or used + n > max_tokens:
-            out.append([])
-            used = 0
-            n = len(s.prompt_ids) + len(s.completion_ids)
-        out[-1].append(s)
-        used += n
-    return out
-
-
 def make_mini_batches(ctx: "StepContext", samples: List[Sample], plan: StepPlan, acc) -> List[List[MicroBatch]]:
     """Split this rank's kept samples (group-major) into ``mini_batches`` optimizer steps of whole groups, each
     into micro-batches of ``per_device_batch_size`` rows, or of at most ``hardware.max_tokens_per_micro_batch``
@@ -604,7 +440,7 @@ def make_mini_batches(ctx: "StepContext", samples: List[Sample], plan: StepPlan,
     mini-batch (short ranks are padded with dummy micro-batches that train nothing)."""
     n = plan.n
     groups = [samples[i:i + n] for i in range(0, len(samples), n)]
-    total_groups = int(_reduce(acc, len(groups), "sum"))
+    total_groups = int(sum_over_ranks(acc, len(groups)))
     num_minis = min(plan.mini_batches, total_groups)
     chunks = [list(c) for c in np.array_split(np.arange(len(groups)), num_minis)] if num_minis else []
     pad_id = ctx.tokenizer.pad_token_id
@@ -616,27 +452,20 @@ def make_mini_batches(ctx: "StepContext", samples: List[Sample], plan: StepPlan,
         rows = [s for g in chunk for s in groups[g]]
         budget = plan.max_tokens_per_micro_batch
         share = ctx.packed_shared_prefix
-        if budget > 0:
-            parts = split_by_tokens(rows, budget, share_prefix=share)
-        else:
-            parts = [rows[i:i + plan.per_device_batch_size] for i in range(0, len(rows), plan.per_device_batch_size)]
-        micro = [collate(part, pad_id, acc.device, packed=budget > 0, share_prefix=share) for part in parts]
-        needed = int(_reduce(acc, len(micro), "max"))
+        costs = [len(s.prompt_ids) + len(s.completion_ids) for s in rows]
+        # a packed row lays a group's prompt down once: a completion after its group's previous one costs only itself
+        after = [len(s.completion_ids) if share and i and rows[i - 1].prompt_ids == s.prompt_ids else costs[i]
+                 for i, s in enumerate(rows)]
+        parts = micro_batch_parts(costs, plan.per_device_batch_size, budget, after)
+        micro = [collate([rows[i] for i in part], pad_id, acc.device, packed=budget > 0, share_prefix=share)
+                 for part in parts]
+        needed = max(forwards_per_rank(acc, len(micro)))
         while len(micro) < needed:
             if not filler:
                 raise RuntimeError("a rank has no sample at all to build a dummy micro-batch from")
             micro.append(collate(filler, pad_id, acc.device, dummy=True, packed=budget > 0, share_prefix=share))
         minis.append(micro)
     return minis
-
-
-def _reduce(acc, value: float, op: str) -> float:
-    if acc.num_processes == 1:
-        return value
-    t = torch.tensor(float(value), device=acc.device)
-    if op == "sum":
-        return float(acc.reduce(t, reduction="sum"))
-    return float(acc.gather(t[None]).max())
 
 
 # ============================================================================================ log-probs and loss
@@ -714,8 +543,7 @@ def train_on_batch(ctx: StepContext, minis: List[List[MicroBatch]], optimizer, s
     out_of_guard = False
     for _ in range(ppo_epochs):
         for mini in minis:
-            local_norm = sum(float(loss_normalizer(mb.mask, agg)) for mb in mini)
-            norm = _reduce(acc, local_norm, "sum")
+            norm = sum_over_ranks(acc, sum(float(loss_normalizer(mb.mask, agg)) for mb in mini))
             if norm == 0:  # nothing trained on any rank (e.g. every completion truncated and masked): no step, so
                 scheduler.step()  # weight decay and Adam momentum do not move the weights without a signal
                 skipped += 1
@@ -743,18 +571,18 @@ def train_on_batch(ctx: StepContext, minis: List[List[MicroBatch]], optimizer, s
                                                          float(metrics["clip_ratio/low_mean"]))
                     extremes["clip_ratio/high_max"] = max(extremes["clip_ratio/high_max"],
                                                           float(metrics["clip_ratio/high_mean"]))
-            mini_loss = _reduce(acc, float(mini_loss), "sum")
-            action = ctx.nan_guard.observe(mini_loss)  # the same reduced value on every rank
+            mini_loss = sum_over_ranks(acc, float(mini_loss))  # the same reduced value on every rank
+            action, grad_norm = guarded_optimizer_step(acc, model, optimizer, scheduler, max_grad_norm,
+                                                       ctx.nan_guard, mini_loss)
+            if grad_norm is None:  # a non-finite loss: no update
+                skipped += 1
+            else:
+                grad_norms.append(grad_norm)
+                losses.append(mini_loss)
+                updates += 1
             if action == STOP:
                 out_of_guard = True
                 break
-            if action != UPDATE and not uses_deepspeed(acc):  # DeepSpeed stepped inside the boundary backward
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                continue
-            grad_norms.append(optimizer_step(acc, model, optimizer, scheduler, max_grad_norm))
-            losses.append(mini_loss)
-            updates += 1
         if out_of_guard:
             break
     out = {("policy_loss" if k == "pg_loss" else k): v / weights[k] for k, v in sums.items() if weights[k] > 0}
@@ -822,109 +650,3 @@ def evaluate(acc, rollout, eval_ds, rewards: RewardRunner, cfg: TrainConfig) -> 
     return metrics
 
 
-# ============================================================================================ metrics
-class PhaseTimer:
-    """Wall-clock seconds per phase of one step (generate, score, logprobs, update, sync, step; multi-turn: env,
-    the part of generate spent in env steps)."""
-
-    def __init__(self) -> None:
-        self.seconds: Dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(name, time.perf_counter() - start)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-
-
-class Window:
-    """Everything between two log lines: per-sample arrays (exact reward/length statistics over the window) and
-    per-step scalars (averaged)."""
-
-    def __init__(self) -> None:
-        self.arrays: List[Dict[str, np.ndarray]] = []
-        self.scalars: List[Dict[str, float]] = []
-
-    def add(self, arrays: Dict[str, np.ndarray], update: Dict[str, float], seconds: Dict[str, float],
-            sampling: Dict[str, float]) -> None:
-        self.arrays.append(arrays)
-        self.scalars.append({**update, **sampling, **{f"time/{k}": v for k, v in seconds.items()}})
-
-    def summary(self, reward_names: Sequence[str]) -> Dict[str, float]:
-        a = {k: np.concatenate([x[k] for x in self.arrays]) for k in self.arrays[0]}
-        out: Dict[str, float] = {}
-        scalar_keys = list(dict.fromkeys(k for s in self.scalars for k in s))
-        for k in scalar_keys:
-            vals = [s[k] for s in self.scalars if k in s]
-            if k.endswith("_min"):
-                out[k] = float(np.min(vals))
-            elif k.endswith("_max"):
-                out[k] = float(np.max(vals))
-            else:
-                out[k] = float(np.mean(vals))
-        for name in list(reward_names) + ["total"]:
-            v = a[f"reward/{name}"]
-            scored = v[~np.isnan(v)]
-            stats = ({"mean": scored.mean(), "std": scored.std(), "min": scored.min(), "max": scored.max()}
-                     if scored.size else dict.fromkeys(("mean", "std", "min", "max"), float("nan")))
-            out.update({f"reward/{name}/{s}": float(x) for s, x in stats.items()})
-            if name != "total":
-                out[f"reward/{name}/none"] = float(np.isnan(v).sum())
-        out.update({k: float(v.sum()) for k, v in a.items() if k.startswith("rewards/")})  # errors, timeouts
-        lengths, truncated = a["completion_tokens"], a["truncated"].astype(bool)
-        done = lengths[~truncated]
-        out.update({
-            "completions/mean_length": float(lengths.mean()),
-            "completions/min_length": float(lengths.min()),
-            "completions/max_length": float(lengths.max()),
-            "completions/clipped_ratio": float(truncated.mean()),
-            "completions/mean_terminated_length": float(done.mean()) if done.size else 0.0,
-            "completions/min_terminated_length": float(done.min()) if done.size else 0.0,
-            "completions/max_terminated_length": float(done.max()) if done.size else 0.0,
-            "completions/mean_chars": float(a["chars"].mean()),
-            "quality/format_ok": float(a["format_ok"].sum()),
-            "quality/num_completions": float(a["format_ok"].size),
-            "quality/format_compliance": float(a["format_ok"].mean()),
-            "quality/reasoning_indicators": float(a["indicators"].mean()),
-        })
-        env = {k: v for k, v in a.items() if k.startswith("env/")}  # multi-turn (env=code_sandbox)
-        out.update({f"{k}/mean": float(v.mean()) for k, v in env.items()})
-        if "env/code_calls" in env:
-            calls = float(env["env/code_calls"].sum())
-            out["env/code_error_rate"] = float(env["env/code_errors"].sum()) / calls if calls else 0.0
-        step_time = sum(s.get("time/step", 0.0) for s in self.scalars)
-        samples = float(sum(x["completion_tokens"].size for x in self.arrays))
-        tokens = float(sum(x["completion_tokens"].sum() for x in self.arrays))
-        out["perf/samples_per_s"] = samples / step_time if step_time else 0.0
-        out["perf/completion_tokens_per_s"] = tokens / step_time if step_time else 0.0
-        return out
-
-
-def memory_metrics() -> Dict[str, float]:
-    if torch.cuda.is_available():
-        return {"memory/gpu_max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
-                "memory/gpu_reserved_gb": torch.cuda.memory_reserved() / 2**30}
-    return {"memory/rss_gb": _rss_bytes() / 2**30,
-            "memory/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}
-
-
-def _rss_bytes() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-# ============================================================================================ models
-def frozen_copy(model):
-    """The KL reference for full fine-tuning: a frozen copy of the initial policy, in eval mode."""
-    ref = copy.deepcopy(model)
-    ref.eval()
-    ref.requires_grad_(False)
-    return ref

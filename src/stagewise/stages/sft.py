@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from typing import List, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +40,7 @@ from stagewise.evaluation import GenerativeEval
 from stagewise.models import load_model_and_tokenizer, num_params
 from stagewise.run_folder import RunFolder
 from stagewise.tracking import Tracker, progress
-from stagewise.tracking.alerts import STOP, UPDATE, NanGuard
+from stagewise.tracking.alerts import STOP, NanGuard
 from stagewise.training import (
     CheckpointManager,
     StepEnd,
@@ -52,11 +50,11 @@ from stagewise.training import (
     build_optimizer,
     build_scheduler,
     end_run,
-    optimizer_step,
     prepare_model,
     set_seed,
-    uses_deepspeed,
 )
+from stagewise.tracking.window import Window
+from stagewise.training.batching import forwards_per_rank, guarded_optimizer_step, micro_batch_parts
 from stagewise.training.early_stopping import EarlyStopping
 from stagewise.training.preemption import install_preemption_handler
 from stagewise.training.modeling import liger_usable, sequence_nll_sum
@@ -96,30 +94,6 @@ def build_sft_datasets(cfg: TrainConfig, tokenizer):
 def trained_targets(batch: dict) -> torch.Tensor:
     """Mask of next-token targets that carry loss, aligned with ``logprobs`` ([B, T-1])."""
     return (batch["labels"][:, 1:] != IGNORE_INDEX).to(torch.float32)
-
-
-def micro_batch_rows(lengths: Sequence[int], per_device: int, max_tokens: int) -> List[List[int]]:
-    """A rank's rows of one step (their token counts) -> micro-batches of row positions: ``per_device`` rows each,
-    or with a token budget (``max_tokens`` > 0) consecutive runs of at most ``max_tokens`` tokens, a longer row
-    alone (verl's dynamic batch size). Order is kept, so the step trains the same rows either way."""
-    if max_tokens <= 0:
-        return [list(range(i, min(i + per_device, len(lengths)))) for i in range(0, len(lengths), per_device)]
-    out: List[List[int]] = []
-    used = 0
-    for i, n in enumerate(lengths):
-        if not out or used + n > max_tokens:
-            out.append([])
-            used = 0
-        out[-1].append(i)
-        used += n
-    return out
-
-
-def micro_batch_counts(acc, count: int) -> List[int]:
-    """Every rank's micro-batch count this step (this rank's ``count`` on one process)."""
-    if acc.num_processes == 1:
-        return [count]
-    return [int(c) for c in acc.gather(torch.tensor([count], device=acc.device)).tolist()]
 
 
 def micro_batch_loss(model, batch: dict, step_tokens: int, chunk_size: int, fused_ce: bool) -> torch.Tensor:
@@ -181,21 +155,21 @@ def run(cfg: TrainConfig) -> dict:
     model.train()
     bar = progress(total=total_steps, initial=state.step, desc="sft",
                    enabled=acc.is_main_process and cfg.logger.progress_bar)
-    window = {"loss_sum": 0.0, "tokens": 0, "steps": 0, "t0": time.time()}
+    window = Window()
     while state.step < total_steps:
         order = state.epoch_order(len(train_ds), cfg.seed)
         rows = step_rows(order, state.batch_in_epoch, global_batch)
         mine = [train_ds[int(i)] for i in rows[acc.process_index::world]]  # this rank's rows of the step
-        micro = micro_batch_rows([len(r["input_ids"]) for r in mine], hw.per_device_batch_size,
-                                 hw.max_tokens_per_micro_batch)
+        micro = micro_batch_parts([len(r["input_ids"]) for r in mine], hw.per_device_batch_size,
+                                  hw.max_tokens_per_micro_batch)
         batches = [acc_to_device(collate([mine[i] for i in m]), acc.device) for m in micro]
 
         # the normaliser: trained tokens of the whole optimizer step, over all micro-batches and ranks
         local_tokens = sum(int(trained_targets(b).sum()) for b in batches)
         step_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum"))
-        # every rank runs as many micro-batches as the busiest (ZeRO reduces gradients at each one): a rank short
-        # of them repeats its first with weight 0, which trains nothing
-        counts = micro_batch_counts(acc, len(batches)) if hw.max_tokens_per_micro_batch > 0 else [len(batches)]
+        # every rank runs as many micro-batches as the busiest: a rank short of them repeats its first with
+        # weight 0, which trains nothing
+        counts = forwards_per_rank(acc, len(batches)) if hw.max_tokens_per_micro_batch > 0 else [len(batches)]
         forwards = max(counts)
         weights = [1.0] * len(batches) + [0.0] * (forwards - len(batches))
         step_loss = torch.zeros((), device=acc.device)
@@ -204,29 +178,22 @@ def run(cfg: TrainConfig) -> dict:
             backward_micro_batch(acc, model, loss * (world * weight), last=k == forwards - 1)
             step_loss += loss.detach() * weight
         step_loss = float(acc.reduce(step_loss, reduction="sum"))
-        action = nan_guard.observe(step_loss)  # a NaN/inf loss skips its update (DeepSpeed has already stepped)
-        if action == UPDATE or uses_deepspeed(acc):
-            grad_norm = optimizer_step(acc, model, optimizer, scheduler, st.max_grad_norm)
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            grad_norm = float("nan")
+        action, grad_norm = guarded_optimizer_step(acc, model, optimizer, scheduler, st.max_grad_norm, nan_guard,
+                                                   step_loss)  # a NaN/inf loss skips its update
 
         state.step += 1
         state.advance(steps_per_epoch)
         bar.update(1)
-        window["loss_sum"] += step_loss
-        window["tokens"] += step_tokens
-        window["steps"] += 1
+        window.add({"loss": step_loss}, tokens=step_tokens)
 
         if state.step % st.logging_steps == 0 or state.step == total_steps:
-            dt = time.time() - window["t0"]
             metrics = {
                 "loss": step_loss,  # this step's loss (exactly normalised); loss_avg averages the window
-                "loss_avg": window["loss_sum"] / window["steps"],
+                "loss_avg": window.means()["loss"],
                 "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
+                "grad_norm": float("nan") if grad_norm is None else grad_norm,
                 "epoch": state.epoch + state.batch_in_epoch / steps_per_epoch,
-                "tokens_per_s": window["tokens"] / max(dt, 1e-9),
+                "tokens_per_s": window.total("tokens") / max(window.seconds(), 1e-9),
                 "trained_tokens": step_tokens,
                 # with a token budget: forwards per rank, and the weight-0 ones all ranks ran to keep in step
                 **({"micro_batches": forwards, "micro_batches_idle": sum(forwards - c for c in counts)}
@@ -234,7 +201,7 @@ def run(cfg: TrainConfig) -> dict:
             }
             tracker.log(metrics, step=state.step)
             bar.set_postfix(loss=f"{step_loss:.4f}")
-            window = {"loss_sum": 0.0, "tokens": 0, "steps": 0, "t0": time.time()}
+            window = Window()
         if end.after_step(state, evaluate, nan_stop=action == STOP):
             break
     bar.close()
