@@ -27,8 +27,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from stagewise.config import ConfigValueError, UnknownConfigKeyError, check_top_level_overrides, config_error_exit, \
-    register_configs, typed_config, validate_config, validate_printed_config, without_schema_options
+from stagewise.config import register_configs
+from stagewise.hydra_config import ConfigValueError, UnknownConfigKeyError, check_top_level_overrides, \
+    config_error_exit, typed_config, validate_config, validate_printed_config, without_schema_options
 from stagewise.run_folder import RunFolder, RunFolderInUseError, rank, register_resolvers
 from stagewise.tracking.logs import job, log_to_files
 

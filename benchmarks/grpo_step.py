@@ -126,7 +126,8 @@ def ours(model_dir: Path, prompts: Path, run_dir: Path, a, budget: int) -> tuple
     """``stage=grpo``; ``budget`` > 0: packed unpadded micro-batches of at most that many tokens."""
     from dataclasses import replace
 
-    from stagewise.config import R1_ZERO_SYSTEM_PROMPT, compose
+    from stagewise.config import R1_ZERO_SYSTEM_PROMPT
+    from stagewise.hydra_config import compose
     from stagewise.data import load_prompt_dataset
     from stagewise.models import load_tokenizer
     from stagewise.stages import grpo

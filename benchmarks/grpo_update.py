@@ -62,7 +62,8 @@ def one_update(layout: str, samples, a) -> float:
     from omegaconf import OmegaConf
 
     from stagewise.algorithms import policy_loss_kwargs
-    from stagewise.config import ModelConfig, TinyModelConfig, compose
+    from stagewise.config import ModelConfig, TinyModelConfig
+    from stagewise.hydra_config import compose
     from stagewise.models import load_model_and_tokenizer
     from stagewise.stages.grpo import StepContext, StepPlan, make_mini_batches, train_on_batch
     from stagewise.training import build_accelerator, build_scheduler

@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    from stagewise.config import compose
+    from stagewise.hydra_config import compose
     from stagewise.rollout import SamplingParams, build_rollout
 
     if args.threads:

@@ -149,7 +149,7 @@ def peak_rss_mb() -> float:
 def ours(spec: dict) -> dict:
     import torch
 
-    from stagewise.config import compose
+    from stagewise.hydra_config import compose
     from stagewise.stages import sft
 
     run_dir, packed = Path(spec["run_dir"]), spec["packed"]

@@ -25,7 +25,8 @@ def compose(overrides: list[str] | None = None, return_hydra_config: bool = Fals
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from stagewise.config import register_configs, validate_config
+    from stagewise.config import register_configs
+    from stagewise.hydra_config import validate_config
     from stagewise.run_folder import register_resolvers
 
     register_resolvers()
@@ -53,7 +54,7 @@ def run_stage_in_process(overrides: list[str], run_dir: Path) -> Path:
     runs whose console and run-folder setup other tests cover; the signal handler the stage installs is removed."""
     import importlib
 
-    from stagewise.config import compose as compose_typed
+    from stagewise.hydra_config import compose as compose_typed
     from stagewise.training.preemption import uninstall_preemption_handler
 
     cfg = compose_typed(overrides)

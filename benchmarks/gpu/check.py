@@ -174,7 +174,7 @@ def synthetic_bins(n_bins: int, seq: int, vocab: int, seed: int = 0):
 def sft_row(spec: dict) -> dict:
     import torch
 
-    from stagewise.config import compose
+    from stagewise.hydra_config import compose
     from stagewise.data import SFTCollator
     from stagewise.models import load_model_and_tokenizer
     from stagewise.stages.sft import acc_to_device, micro_batch_loss, trained_targets
@@ -252,7 +252,8 @@ def grpo_ours(spec: dict) -> dict:
 
     import torch
 
-    from stagewise.config import R1_ZERO_SYSTEM_PROMPT, compose
+    from stagewise.config import R1_ZERO_SYSTEM_PROMPT
+    from stagewise.hydra_config import compose
     from stagewise.data import load_prompt_dataset
     from stagewise.models import load_tokenizer
     from stagewise.stages import grpo

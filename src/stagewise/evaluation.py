@@ -260,7 +260,7 @@ def evaluate_prompts(acc, rollout, prompts, rewards, spec: EvalSpec, *, keep_tex
 
 def results_table(results: Sequence[PromptResult], prompts, threshold: float):
     """One row per completion (the ``samples/step_<N>.parquet`` layout): prompt, completion, rewards, score. The
-    columns GRPO's samples also have use the same names (`stagewise.stages.grpo.sample_records`)."""
+    columns GRPO's samples also have use the same names (`stagewise.tracking.samples.sample_records`)."""
     import pandas as pd
 
     records = []

@@ -54,7 +54,7 @@ from typing import Mapping, Optional
 
 from omegaconf import DictConfig
 
-from stagewise.config import ConfigValueError
+from stagewise.hydra_config import ConfigValueError
 from stagewise.run_folder import RUN_ID_ENV
 from stagewise.training.preemption import REQUEUE_EXIT_CODE
 
@@ -257,7 +257,7 @@ def stage_kind(overrides: list[str], where: str = "") -> str:
     """The stage a list of overrides selects, composed for real (experiment files count)."""
     from hydra import compose
 
-    from stagewise.config import validate_config
+    from stagewise.hydra_config import validate_config
 
     cfg = compose(config_name="train", return_hydra_config=True,
                   overrides=[o for o in overrides if not override_key(o).startswith("hydra.")])

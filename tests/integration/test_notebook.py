@@ -46,7 +46,7 @@ def grpo_metrics(seed: int) -> list[dict]:
 
 
 def samples(step: int) -> pd.DataFrame:
-    """The columns stages/grpo.py writes."""
+    """The columns the GRPO stage writes (stagewise.tracking.samples)."""
     rewards = [0.0, 1.0, 0.5, 1.5, 2.0, 0.25, 1.0, 0.75]
     return pd.DataFrame({
         "step": step, "round": 0, "prompt_index": [i // 4 for i in range(8)], "sample": [i % 4 for i in range(8)],

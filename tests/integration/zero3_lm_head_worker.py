@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
-from stagewise.config import compose  # noqa: E402
+from stagewise.hydra_config import compose  # noqa: E402
 from stagewise.models import load_model_and_tokenizer  # noqa: E402
 from stagewise.training import build_accelerator, build_optimizer  # noqa: E402
 from stagewise.training.modeling import final_hidden, head_logprobs  # noqa: E402

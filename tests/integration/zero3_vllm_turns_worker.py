@@ -15,7 +15,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 from scripted_policy import chained_policy  # noqa: E402
 
-from stagewise.config import compose  # noqa: E402
+from stagewise.hydra_config import compose  # noqa: E402
 from stagewise.models import load_model_and_tokenizer  # noqa: E402
 from stagewise.rollout import SamplingParams, build_generator  # noqa: E402
 from stagewise.training import build_accelerator, build_optimizer  # noqa: E402

@@ -191,7 +191,8 @@ def test_logger_alerts_thresholds_are_settable_from_the_config():
     import dataclasses
 
     from conftest import compose
-    from stagewise.config import AlertsConfig, typed_config
+    from stagewise.config import AlertsConfig
+    from stagewise.hydra_config import typed_config
 
     assert dataclasses.asdict(AlertsConfig()) == dataclasses.asdict(AlertThresholds())  # one set of defaults
     cfg = typed_config(compose(["stage=grpo", "logger.alerts.reward_falling_logs=2", "logger.alerts.kl_max=0.5"]))

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF_DIR, REPO, compose, run_train
-from stagewise.config import (ALGORITHM_SCHEMAS, STAGE_SCHEMAS, StageBase, TrainConfig, UnknownConfigKeyError,
-                              typed_config, validate_config)
+from stagewise.config import ALGORITHM_SCHEMAS, STAGE_SCHEMAS, StageBase, TrainConfig
+from stagewise.hydra_config import UnknownConfigKeyError, typed_config, validate_config
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "local"))
 
@@ -192,7 +192,7 @@ def test_a_stage_receives_its_own_schema_as_an_object():
     printed = OmegaConf.create(OmegaConf.to_yaml(cfg))  # untyped: the schemas come from the names
     assert OmegaConf.get_type(printed.stage) is dict and typed_config(printed) == typed
     assert typed_config(typed) is typed
-    from stagewise.config import compose as compose_for_scripts  # what benchmarks and notebooks call
+    from stagewise.hydra_config import compose as compose_for_scripts  # what benchmarks and notebooks call
 
     assert compose_for_scripts(["stage=sft", "data=tiny_sft", "stage.learning_rate=3e-5", "run_id=fixed"]) == typed
     printed.stage.prompts_per_step = 4
@@ -253,13 +253,28 @@ def test_a_pipeline_stage_with_a_key_of_another_stage_fails_before_the_pipeline_
 
 
 def test_readme_lists_each_stage_schema_as_generated():
-    from stagewise.config import schema_reference
+    from stagewise.readme_tables import schema_reference
 
     text = (REPO / "README.md").read_text()
     block = text.split("<!-- schema-reference:begin -->\n", 1)[1].split("\n<!-- schema-reference:end -->", 1)[0]
-    assert block == schema_reference(), "README's schema table is stale: paste `python -m stagewise.config` into it"
+    assert block == schema_reference(), "README's schema table is stale: paste `python -m stagewise.readme_tables` into it"
     assert "`prompts_per_step`" in block.split("| `grpo` |")[1].split("\n")[0]
     assert "`prompts_per_step`" not in block.split("| `sft` |")[1].split("\n")[0]
+
+
+def test_readme_lists_every_experiment_as_generated():
+    from stagewise.readme_tables import recipe_description, recipe_table
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- recipe-table:begin -->\n", 1)[1].split("\n<!-- recipe-table:end -->", 1)[0]
+    assert block == recipe_table(), "README's recipe table is stale: paste `python -m stagewise.readme_tables` into it"
+    rows = {line.split(" | ")[0].strip("|` ") for line in block.splitlines()[2:]}
+    assert rows == {p.relative_to(CONF_DIR / "experiment").with_suffix("").as_posix()
+                    for p in (CONF_DIR / "experiment").rglob("*.yaml")}
+    deepscaler = next(line for line in block.splitlines() if line.startswith("| `deepscaler/qwen3_4b_lora`"))
+    assert "5 samples" in deepscaler and "LoRA r64/α32" in deepscaler and "| grpo |" in deepscaler  # seed 003
+    assert recipe_description(CONF_DIR / "experiment" / "r1" / "sft.yaml") == \
+        "DeepSeek-R1 stage 1, cold-start SFT on long chain-of-thought data"
 
 
 def test_help_lists_only_choosable_options():
@@ -282,7 +297,7 @@ def test_help_lists_only_choosable_options():
 def test_a_schema_chosen_as_a_stage_is_refused_in_one_line_naming_the_choices():
     from conftest import CONF_DIR
 
-    from stagewise.config import check_top_level_overrides
+    from stagewise.hydra_config import check_top_level_overrides
 
     with pytest.raises(SystemExit) as err:
         check_top_level_overrides(["stage=base_sft"], str(CONF_DIR))

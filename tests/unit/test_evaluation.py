@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from stagewise.config import typed_config
+from stagewise.hydra_config import typed_config
 from stagewise.evaluation import (
     EvalSpec,
     PromptResult,

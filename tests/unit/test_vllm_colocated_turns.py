@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import compose
-from stagewise.config import typed_config
+from stagewise.hydra_config import typed_config
 from stagewise.rollout import SamplingParams
 from stagewise.rollout.multiturn import MultiTurnRollout
 from stagewise.rollout.vllm import VLLMColocated

@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from tqdm.auto import tqdm
 
-from stagewise.config import TrainConfig, config_dict
+from stagewise.config import TrainConfig
+from stagewise.hydra_config import config_dict
 from stagewise.tracking.alerts import TrendAlerts
 from stagewise.tracking.logs import install_redaction, redact
 
