@@ -116,3 +116,25 @@ def test_progress_bar_only_on_a_terminal_with_log_lines_above_it_until_closed():
         assert "sft" in terminal.getvalue() and console in root.handlers  # drawn, and the console handler is back
     finally:
         root.removeHandler(console)
+
+
+def test_an_on_policy_zero_loss_says_why():
+    text = format_grpo_console(5, {**RECORD, "loss": 1e-7, "optimizer_steps": 1.0})
+    assert text.startswith("Step    5 | Loss: 0.0000 (on-policy: ~0 by construction, its gradient is not) | LR:")
+    # several optimizer steps per batch (ratio moves), or a loss that is not ~0: no note
+    assert "on-policy" not in format_grpo_console(5, {**RECORD, "loss": 1e-7, "optimizer_steps": 2.0})
+    assert "on-policy" not in format_grpo_console(5, {**RECORD, "loss": 0.25, "optimizer_steps": 1.0})
+
+
+def test_reasoning_indicators_only_where_they_mean_something_and_multi_turn_facts():
+    agentic = {k: v for k, v in RECORD.items() if not k.startswith("reward/reasoning_steps")}
+    agentic.update({"quality/reasoning_indicators": 0.0, "env/turns/mean": 2.5, "env/code_calls/mean": 1.5,
+                    "env/code_error_rate": 0.25, "time/env": 0.6})
+    text = format_grpo_console(7, agentic)
+    assert "Reasoning indicators" not in text
+    assert "  Multi-turn: 2.50 turns, 1.50 code runs per trajectory, 25.0% of runs failed" in text
+    assert "(generate 2.10s, env 0.60s of it, score 0.05s," in text
+    # an R1-style run keeps the line even at zero (its reasoning_steps reward says the markers matter)
+    assert "  Reasoning indicators:  0.00 per response" in format_grpo_console(
+        7, {**RECORD, "quality/reasoning_indicators": 0.0})
+    assert "Multi-turn" not in format_grpo_console(7, RECORD)

@@ -73,8 +73,11 @@ def format_grpo_console(step: int, metrics: Mapping[str, Any]) -> str:
     if "loss" not in metrics:
         return format_metrics_line(step, metrics)
     m = metrics
+    loss = _fmt(_num(m, "loss"), ".4f")
+    if _num(m, "optimizer_steps") == 1 and loss == "0.0000":  # why, where people look (stages/grpo.py docstring)
+        loss += " (on-policy: ~0 by construction, its gradient is not)"
     lines = [
-        f"Step {step:>4} | Loss: {_fmt(_num(m, 'loss'), '.4f')} | LR: {_fmt(_num(m, 'lr'), '.2e')} | "
+        f"Step {step:>4} | Loss: {loss} | LR: {_fmt(_num(m, 'lr'), '.2e')} | "
         f"Epoch: {_fmt(_num(m, 'epoch'), '.2f')}",
         f"         GRPO | Policy: {_fmt(_num(m, 'policy_loss'), '.4f')} | KL: {_fmt(_num(m, 'kl'), '.4f')} | "
         f"Entropy: {_fmt(_num(m, 'entropy'), '.4f')} | Clip: {_fmt(_pct(_num(m, 'clip_ratio/region_mean')), '.1f')}% "
@@ -99,11 +102,20 @@ def format_grpo_console(step: int, metrics: Mapping[str, Any]) -> str:
         f"  Avg response length: {_fmt(_num(m, 'completions/mean_chars'), '6.1f')} chars "
         f"({_fmt(_num(m, 'completions/mean_length'), '.1f')} tokens, "
         f"{_fmt(_pct(_num(m, 'completions/clipped_ratio')), '.1f')}% truncated)",
-        f"  Reasoning indicators: {_fmt(_num(m, 'quality/reasoning_indicators'), '5.2f')} per response",
+    ]
+    # step markers ("Step 1:", "First,", ...) mean something in R1-style reasoning; elsewhere a row of zeros does not
+    if (_num(m, "quality/reasoning_indicators") or 0) > 0 or "reasoning_steps" in names:
+        lines.append(f"  Reasoning indicators: {_fmt(_num(m, 'quality/reasoning_indicators'), '5.2f')} per response")
+    if _num(m, "env/turns/mean") is not None:  # multi-turn (env=code_sandbox)
+        lines.append(f"  Multi-turn: {_fmt(_num(m, 'env/turns/mean'), '.2f')} turns, "
+                     f"{_fmt(_num(m, 'env/code_calls/mean'), '.2f')} code runs per trajectory, "
+                     f"{_fmt(_pct(_num(m, 'env/code_error_rate')), '.1f')}% of runs failed")
+    env = f", env {_fmt(_num(m, 'time/env'), '.2f')}s of it" if _num(m, "time/env") is not None else ""
+    lines += [
         "",
         "Performance:",
-        f"  Step time:      {_fmt(_num(m, 'time/step'), '.2f')}s (generate {_fmt(_num(m, 'time/generate'), '.2f')}s, "
-        f"score {_fmt(_num(m, 'time/score'), '.2f')}s, log-probs {_fmt(_num(m, 'time/logprobs'), '.2f')}s, "
+        f"  Step time:      {_fmt(_num(m, 'time/step'), '.2f')}s (generate {_fmt(_num(m, 'time/generate'), '.2f')}s"
+        f"{env}, score {_fmt(_num(m, 'time/score'), '.2f')}s, log-probs {_fmt(_num(m, 'time/logprobs'), '.2f')}s, "
         f"update {_fmt(_num(m, 'time/update'), '.2f')}s)",
         f"  Samples/sec:    {_fmt(_num(m, 'perf/samples_per_s'), '.1f')}",
     ]
