@@ -195,8 +195,8 @@ def test_notebook_on_an_sft_only_run(run_folders, monkeypatch):
 
 @pytest.mark.slow
 def test_notebook_on_a_pipeline_run(run_folders, monkeypatch):
-    """A curriculum folder: its NN_<stage> runs are drawn one after the other on a global step axis. Its GRPO stage
-    is multi-turn: the notebook shows one trajectory with its Execute spans marked."""
+    """A curriculum folder: its NN_<stage> runs are drawn side by side, one panel per stage on its own steps. Its GRPO
+    stage is multi-turn: the notebook shows one trajectory with its Execute spans marked."""
     sweep, _ = run_folders
     root = sweep.parent / "pipeline_run"
     root.mkdir()

@@ -30,10 +30,10 @@ One step (``stage.*``, ``rollout.*``, ``algorithm.*``, ``hardware.*``):
      ranks, so accumulation is exact for every ``algorithm.loss_agg``
   6. with vLLM: truncated importance sampling against the engine's log-probs (``algorithm.tis_cap``; null = off),
      and the new weights are pushed to the engine (LoRA merged) before the next generation
-Logs every ``logging_steps``: the R1-Zero tutorial's console block and TRL's metric set in metrics.jsonl (see
-`stagewise.tracking.console`); ``samples/step_<N>.parquet`` every ``samples_steps``; held-out mean reward (greedy)
-at step 0, every ``eval_steps`` and at the end when the data has eval prompts; checkpoints every ``save_steps``;
-``final/`` at the end. LoRA, gradient checkpointing, ZeRO-2/3 and precision come from ``model.lora`` and
+Logs TRL's metric set for every step in metrics.jsonl (and W&B / TensorBoard), and every ``logging_steps`` the
+R1-Zero tutorial's console block over the steps since the last one (see `stagewise.tracking.console`);
+``samples/step_<N>.parquet`` every ``samples_steps``; held-out mean reward (greedy) at step 0, every ``eval_steps``
+and at the end when the data has eval prompts; checkpoints every ``save_steps``; ``final/`` at the end. LoRA, gradient checkpointing, ZeRO-2/3 and precision come from ``model.lora`` and
 ``hardware=`` as for SFT. The held-out eval is `stagewise.evaluation` (``eval/accuracy``, ``eval/pass@k`` with
 ``stage.pass_k``); early stopping on any of its metrics (``stage.early_stopping_metric``, ``_patience``; the step-0
 eval is the baseline) keeps the best model in ``best/`` and makes it ``final/`` (`stagewise.training.early_stopping`).
@@ -188,15 +188,19 @@ def run(cfg: TrainConfig) -> dict:
         state.extra["num_tokens"] = state.extra.get("num_tokens", 0) + groups.num_tokens
         bar.update(1)
         timer.add("step", time.perf_counter() - step_start)
-        window.add({**update.logged(), **groups.sampling, **{f"time/{k}": v for k, v in timer.seconds.items()}},
-                   arrays=groups.log_arrays, step_seconds=timer.seconds["step"])
+        # metrics.jsonl (and W&B / TensorBoard) get every step; the console a summary of each logging window
+        step_scalars = {**update.logged(), **groups.sampling, **{f"time/{k}": v for k, v in timer.seconds.items()}}
+        window.add(step_scalars, arrays=groups.log_arrays, step_seconds=timer.seconds["step"])
+        progress_now = {"lr": scheduler.get_last_lr()[0], "num_tokens": state.extra["num_tokens"],
+                        "epoch": state.epoch + state.batch_in_epoch / plan.steps_per_epoch, **memory_metrics()}
+        tracker.log({**step_scalars, **rollout_statistics(groups.log_arrays, groups.reward_names,
+                                                          timer.seconds["step"]), **progress_now},
+                    step=state.step, console=False)
         if state.step % st.logging_steps == 0 or state.step == plan.total_steps:
-            metrics = {**window.means(),
-                       **rollout_statistics(window.arrays(), groups.reward_names, window.total("step_seconds"))}
-            metrics.update({"lr": scheduler.get_last_lr()[0], "num_tokens": state.extra["num_tokens"],
-                            "epoch": state.epoch + state.batch_in_epoch / plan.steps_per_epoch, **memory_metrics()})
-            tracker.log(metrics, step=state.step)
-            bar.set_postfix(reward=f"{metrics.get('reward/total/mean', float('nan')):.3f}")
+            summary = {**window.means(), **rollout_statistics(window.arrays(), groups.reward_names,
+                                                              window.total("step_seconds")), **progress_now}
+            tracker.show(summary, step=state.step)
+            bar.set_postfix(reward=f"{summary.get('reward/total/mean', float('nan')):.3f}")
             window = Window()
         if st.samples_steps and state.step % st.samples_steps == 0:
             write_samples(acc, run_folder.sample_file(state.step), groups.records(), state.step)

@@ -96,21 +96,28 @@ class Tracker:
 
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
-    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+    def log(self, metrics: Mapping[str, Any], step: int, console: bool = True) -> None:
+        """One record to every sink; ``console=False`` leaves the console out (GRPO records every step in the files
+        and prints a summary of the logging window with `show`)."""
         if not self.is_main:
             return
         clean = {k: redact(_plain(v)) for k, v in metrics.items()}
         clean.update(self.alerts.check(clean, step))  # trend alerts are printed and logged with the record
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"step": step, "stage": self.stage, "time": time.time(), **clean}) + "\n")
-        if "console" in self.sinks:
-            log.info(self.console_formatter(step, clean))
+        if console:
+            self.show(clean, step)
         numeric = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._wandb is not None:
             self._wandb.log(numeric, step=step)
         if self._tb is not None:
             for k, v in numeric.items():
                 self._tb.add_scalar(k, v, step)
+
+    def show(self, metrics: Mapping[str, Any], step: int) -> None:
+        """``metrics`` on the console only (the console sink's format), written to no file."""
+        if self.is_main and "console" in self.sinks:
+            log.info(self.console_formatter(step, {k: redact(_plain(v)) for k, v in metrics.items()}))
 
     def close(self) -> None:
         if self._jsonl is not None:
