@@ -93,8 +93,14 @@ def _main(cfg: DictConfig):
     if run_mode(cfg, choices) == "pipeline":
         return run_pipeline(cfg, HydraConfig.get().overrides.task, HydraConfig.get().overrides.hydra)
     setup_distributed_env(cfg)  # submitit tasks become torch.distributed ranks before any Accelerator exists
+    run_folder = RunFolder(cfg.run_dir)
+    if str(cfg.resume) == "auto" and run_folder.finished() and "LOCAL_RANK" not in os.environ:
+        logging.getLogger("stagewise").info(
+            "%s already finished (it wrote %s): nothing to do. resume=overwrite trains it again; another run_id "
+            "starts a new run", run_folder.root, "final/" if run_folder.final.exists() else "result.json")
+        return None
     if rank() == 0 and "LOCAL_RANK" not in os.environ:  # once: here, not in the ranks a relaunch starts
-        RunFolder(cfg.run_dir).prepare_for(str(cfg.resume))
+        run_folder.prepare_for(str(cfg.resume))
     if needs_relaunch(cfg):
         return relaunch_distributed(cfg, __file__, HydraConfig.get().overrides.task)
     return run_stage(cfg)

@@ -135,6 +135,11 @@ class RunFolder:
             found.append("samples/")
         return found
 
+    def finished(self) -> bool:
+        """The run wrote its end: ``final/`` (vocab, sft, grpo; its config is written with the weights) or
+        ``result.json`` (rejection sampling, eval). A rerun with ``resume=auto`` then has nothing to do."""
+        return (self.final / "config.json").exists() or (self.root / "result.json").exists()
+
     def prepare_for(self, resume: str) -> None:
         """``resume=never`` refuses a folder that holds a run (a fresh run would mix its steps, checkpoints and
         ``final/`` with the old ones); ``resume=overwrite`` deletes what the old run left first. ``auto`` and a

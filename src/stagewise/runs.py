@@ -36,6 +36,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import pandas as pd
 
+from stagewise.run_folder import RunFolder
+
 from stagewise.tracking.alerts import ENTROPY_KEYS, KL_KEYS, REWARD_MEAN_RE, as_float
 
 STAGE_DIR_RE = re.compile(r"^(?P<index>\d{2})_(?P<name>.+)$")
@@ -322,7 +324,7 @@ def is_complete(run_dir: str | Path) -> bool:
     if state.exists() or pipeline_stages(run_dir):
         summary = run_dir / "pipeline_summary.json"
         return summary.exists()
-    return (run_dir / "final" / "config.json").exists() or (run_dir / "result.json").exists()
+    return RunFolder(run_dir).finished()
 
 
 @dataclass

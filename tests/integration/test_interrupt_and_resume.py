@@ -96,6 +96,18 @@ def test_the_reference_run_leaves_its_files_and_a_quiet_console(straight):
     assert "examples/s" not in (run / "train.log").read_text()
 
 
+def test_rerunning_the_finished_run_has_nothing_to_do(tmp_path, straight):
+    """The same command again (resume=auto): no step is redone, nothing is rewritten, exit 0 with a line saying so."""
+    run, _ = straight
+    kept = {p: p.stat().st_mtime_ns for p in (run / "metrics.jsonl", run / "final" / "model.safetensors",
+                                              *(run / "checkpoints").glob("step_*/COMPLETE"))}
+    again = run_train([*ARGS, "run_id=straight"], cwd=run.parents[2], env=ONE_THREAD)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{run} already finished (it wrote final/): nothing to do. resume=overwrite trains it again" in \
+        again.stderr + again.stdout
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+
+
 def test_kill9_then_resume_logs_each_step_once_with_the_same_losses(tmp_path, straight):
     cut = tmp_path / "outputs" / "train" / "cut"
     proc = start(tmp_path, "cut")

@@ -49,3 +49,18 @@ def test_train_py_stops_in_one_line_before_loading_anything(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and "already holds a run" in errors[0] and "Traceback" not in proc.stderr
     assert run.latest_checkpoint() == run.checkpoint(25) and run.metrics.read_text() == '{"step": 30}\n'
+
+
+def test_a_run_is_finished_once_it_wrote_final_or_its_result(tmp_path):
+    from stagewise.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    folder.final.mkdir(parents=True)
+    assert not folder.finished()  # an interrupted save: no config yet
+    (folder.final / "config.json").write_text("{}")
+    assert folder.finished()
+    other = RunFolder(tmp_path / "eval_run")
+    other.root.mkdir()
+    assert not other.finished()
+    (other.root / "result.json").write_text("{}")
+    assert other.finished()
