@@ -19,7 +19,7 @@ Secrets (API keys) are never config values: configs name the *environment variab
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Type, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -488,6 +488,18 @@ class TrainConfig:
     # first) | <checkpoint path>
     resume: str = "auto"
     tags: List[str] = field(default_factory=list)
+
+
+_Stage = TypeVar("_Stage", bound="StageBase")
+
+
+def stage_as(cfg: "TrainConfig", schema: Type[_Stage]) -> _Stage:
+    """``cfg.stage`` as the stage's own schema, which `stagewise.hydra_config.typed_config` built: each stage's
+    ``run`` starts with ``st = stage_as(cfg, SFTStage)``, so its fields are visible to a type checker (the
+    ``TrainConfig.stage`` field is typed as the `StageBase` every stage shares)."""
+    if not isinstance(cfg.stage, schema):
+        raise TypeError(f"stage {cfg.stage.name!r} has schema {type(cfg.stage).__name__}, not {schema.__name__}")
+    return cfg.stage
 
 
 def _unstrict(schema: type):

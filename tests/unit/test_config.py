@@ -305,3 +305,13 @@ def test_a_schema_chosen_as_a_stage_is_refused_in_one_line_naming_the_choices():
                                    "one of eval, grpo, rejection_sampling, sft, vocab")
     with pytest.raises(SystemExit, match="algorithm=base_policy_gradient is a schema"):
         check_top_level_overrides(["algorithm=base_policy_gradient"], str(CONF_DIR))
+
+
+def test_stage_as_narrows_to_the_stages_own_schema():
+    from stagewise.config import GRPOStage, SFTStage, stage_as
+
+    cfg = typed_config(compose(["stage=sft", "data=tiny_sft"]))
+    st = stage_as(cfg, SFTStage)
+    assert st is cfg.stage and st.learning_rate == cfg.stage.learning_rate
+    with pytest.raises(TypeError, match="stage 'sft' has schema SFTStage, not GRPOStage"):
+        stage_as(cfg, GRPOStage)

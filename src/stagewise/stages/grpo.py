@@ -70,7 +70,7 @@ from stagewise.algorithms import (
     policy_loss_kwargs,
     truncated_is_weights,
 )
-from stagewise.config import TrainConfig
+from stagewise.config import GRPOStage, TrainConfig, stage_as
 from stagewise.data import load_prompt_dataset
 from stagewise.models import frozen_copy, load_model_and_tokenizer, num_params
 from stagewise.rewards import RewardRunner
@@ -110,12 +110,13 @@ log = logging.getLogger(__name__)
 def run(cfg: TrainConfig) -> dict:
     # ------------------------------------------------------------------ setup
     check_config(cfg)
+    st = stage_as(cfg, GRPOStage)
     set_seed(cfg.seed)
     hw = cfg.hardware
-    acc = build_accelerator(hw, cfg.stage.max_grad_norm, micro_batches_per_update(
-        cfg.stage, cfg.rollout.n, hw.num_processes * hw.num_machines, hw.per_device_batch_size))
+    acc = build_accelerator(hw, st.max_grad_norm, micro_batches_per_update(
+        st, cfg.rollout.n, hw.num_processes * hw.num_machines, hw.per_device_batch_size))
     run_folder = RunFolder(cfg.run_dir)
-    st, alg, ro = cfg.stage, cfg.algorithm, cfg.rollout
+    alg, ro = cfg.algorithm, cfg.rollout
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     ref_model = frozen_copy(model) if alg.beta > 0 and not cfg.model.lora.enabled else None
     model = prepare_model(model, cfg.model.lora, cfg.hardware)

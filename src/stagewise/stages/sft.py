@@ -34,7 +34,7 @@ import math
 import numpy as np
 import torch
 
-from stagewise.config import TrainConfig
+from stagewise.config import SFTStage, TrainConfig, stage_as
 from stagewise.data import IGNORE_INDEX, PackedDataset, SFTCollator, load_sources, tokenize_sft
 from stagewise.evaluation import GenerativeEval
 from stagewise.models import load_model_and_tokenizer, num_params
@@ -108,10 +108,11 @@ def micro_batch_loss(model, batch: dict, step_tokens: int, chunk_size: int, fuse
 
 def run(cfg: TrainConfig) -> dict:
     # ------------------------------------------------------------------ setup
+    st = stage_as(cfg, SFTStage)
     set_seed(cfg.seed)
-    acc = build_accelerator(cfg.hardware, cfg.stage.max_grad_norm, cfg.hardware.grad_accum_steps)
+    acc = build_accelerator(cfg.hardware, st.max_grad_norm, cfg.hardware.grad_accum_steps)
     run_folder = RunFolder(cfg.run_dir)
-    hw, st = cfg.hardware, cfg.stage
+    hw = cfg.hardware
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     model = prepare_model(model, cfg.model.lora, cfg.hardware)
     with acc.main_process_first():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 
-from stagewise.config import TrainConfig
+from stagewise.config import TrainConfig, VocabStage, stage_as
 from stagewise.models import load_model_and_tokenizer
 from stagewise.models.vocab import extend_vocabulary
 from stagewise.run_folder import RunFolder
@@ -30,7 +30,8 @@ def run(cfg: TrainConfig) -> dict:
     tokens_before = len(tokenizer)
 
     # extend
-    added = extend_vocabulary(model, tokenizer, list(cfg.stage.new_tokens), init=cfg.stage.init)
+    st = stage_as(cfg, VocabStage)
+    added = extend_vocabulary(model, tokenizer, list(st.new_tokens), init=st.init)
     rows_after = model.get_input_embeddings().weight.shape[0]
     for a in added:
         log.info("added %-14s id %-7d initialised from %d sub-tokens %s", a.token, a.id, len(a.subtoken_ids),
