@@ -96,6 +96,22 @@ def torchrun_two_cpu_ranks(worker: Path, *args: str, timeout: int, hang_message:
     return out
 
 
+def metric_by_step(path: Path, key: str) -> dict:
+    """step -> value of ``key`` in a metrics.jsonl (a step logged twice keeps its last value; a torn last line, as
+    kill -9 can leave, is skipped; a missing file is empty)."""
+    import json
+
+    out = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if key in rec:
+            out[rec["step"]] = rec[key]
+    return out
+
+
 def only_run_dir(root: Path, task: str = "train") -> Path:
     runs = [p for p in (root / "outputs" / task).iterdir() if p.is_dir()]
     assert len(runs) == 1, f"expected one run folder under {root}/outputs/{task}, found {runs}"

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_train
+from conftest import REPO, metric_by_step, run_train
 from stagewise import runs
 
 STEPS, SAVE_EVERY = 20, 3
@@ -32,17 +32,7 @@ pytestmark = pytest.mark.slow
 
 
 def records(run_dir, key) -> dict:
-    """step -> value of ``key`` in metrics.jsonl (a torn last line, as kill -9 can leave, is skipped)."""
-    path = run_dir / "metrics.jsonl"
-    out = {}
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if key in rec:
-            out[rec["step"]] = rec[key]
-    return out
+    return metric_by_step(run_dir / "metrics.jsonl", key)
 
 
 def logged_loss_steps(run_dir) -> list[int]:

@@ -15,24 +15,10 @@ import time
 
 import pytest
 
-from conftest import REPO, run_train
+from conftest import REPO, metric_by_step, run_train
 
 CONF = REPO / "tests" / "fixtures" / "conf"
 ARGS = ["pipeline=preempt_test", f"hydra.searchpath=[file://{CONF}]", "logger.progress_bar=false"]
-
-
-def records(path, key):
-    if not path.exists():
-        return {}
-    out = {}
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if key in r:
-            out[r["step"]] = r[key]
-    return out
 
 
 @pytest.mark.slow
@@ -45,7 +31,7 @@ def test_signal_pipeline_mid_stage_then_rerun_equals_uninterrupted(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.time()
     try:
-        while max(records(cut / "00_sft1" / "metrics.jsonl", "loss"), default=0) < 3:  # event: SFT is training
+        while max(metric_by_step(cut / "00_sft1" / "metrics.jsonl", "loss"), default=0) < 3:  # event: SFT is training
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             assert time.time() - t0 < 400
             time.sleep(0.05)
@@ -75,7 +61,7 @@ def test_signal_pipeline_mid_stage_then_rerun_equals_uninterrupted(tmp_path):
     proc = run_train([*ARGS, "run_id=straight"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     for stage in ("00_sft1", "01_sft2"):
-        got, want = records(cut / stage / "metrics.jsonl", "loss"), records(other / stage / "metrics.jsonl", "loss")
+        got, want = metric_by_step(cut / stage / "metrics.jsonl", "loss"), metric_by_step(other / stage / "metrics.jsonl", "loss")
         assert sorted(got) == sorted(want) and got == want, stage
     assert json.loads((cut / "pipeline_summary.json").read_text())["sft2"]["loss"] == \
         json.loads((other / "pipeline_summary.json").read_text())["sft2"]["loss"]
