@@ -245,11 +245,14 @@ def test_dynamic_sampling_keeps_varied_groups_and_refills(acc, prompt_data, cfg)
             break
     kept = kept[:4]
     assert state.batch_in_epoch == rounds_needed  # each round consumed one batch of prompts
-    assert groups.sampling["sampling/rounds"] == rounds_needed
-    assert groups.sampling["sampling/groups_generated"] == 4 * rounds_needed
-    assert groups.sampling["sampling/groups_kept"] == len(kept)
+    assert len(groups.rounds) == rounds_needed
+    assert groups.groups_generated == 4 * rounds_needed and groups.groups_kept == len(kept)
     even = sum(a % 2 == 0 for a in answers[:4 * rounds_needed])
-    assert groups.sampling["frac_reward_zero_std"] == pytest.approx(even / (4 * rounds_needed))
+    assert groups.frac_zero_std == pytest.approx(even / (4 * rounds_needed))
+    logged = groups.sampling_metrics()  # under the names metrics.jsonl uses
+    assert (logged["sampling/rounds"], logged["sampling/groups_generated"], logged["sampling/groups_kept"]) == \
+        (rounds_needed, 4 * rounds_needed, len(kept))
+    assert logged["frac_reward_zero_std"] == groups.frac_zero_std
     prompts_by_answer = {int(ds[i]["answer"]): ds[i]["prompt_ids"] for i in range(20)}
     assert [s.prompt_ids for s in groups.samples] == [prompts_by_answer[a] for a in kept for _ in range(3)]
     adv = np.array([s.advantage for s in groups.samples]).reshape(-1, 3)

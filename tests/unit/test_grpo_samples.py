@@ -34,7 +34,7 @@ def test_samples_parquet_records_the_trajectory_facts_and_each_reward(tmp_path):
         result = runner(texts, **reward_cols)
     per_fn = {name: torch.tensor([np.nan if v is None else v for v in values], dtype=torch.float32)
               for name, values in result.per_fn.items()}  # as the GRPO step builds them
-    groups = Groups(samples=[], log_arrays={}, reward_names=list(per_fn), sampling={}, num_tokens=0,
+    groups = Groups(samples=[], log_arrays={}, reward_names=list(per_fn), num_tokens=0,
                     rounds=[GenerationRound(batch=batch, columns=rows, total=torch.tensor(result.total), per_fn=per_fn,
                                             arrays={}, zero_std=np.zeros((1, 2), dtype=bool))],
                     advantages={(0, 0, 0): torch.tensor([0.7, -0.7])}, rank=0, n=2)
@@ -63,7 +63,7 @@ def test_samples_parquet_records_the_trajectory_facts_and_each_reward(tmp_path):
 def test_single_turn_rows_get_a_finish_reason_too(tmp_path):
     batch = RolloutBatch(prompt_ids=[[1], [1]], completion_ids=[[5], [6, 7]], texts=["a", "b"],
                          truncated=[False, True], n=2)
-    groups = Groups(samples=[], log_arrays={}, reward_names=["r"], sampling={}, num_tokens=0,
+    groups = Groups(samples=[], log_arrays={}, reward_names=["r"], num_tokens=0,
                     rounds=[GenerationRound(batch=batch, columns={"prompt": ["p"]}, total=np.asarray([1.0, 0.0]),
                                             per_fn={"r": np.asarray([1.0, float("nan")])}, arrays={},
                                             zero_std=np.zeros((1, 1), dtype=bool))], rank=0, n=2)

@@ -180,7 +180,7 @@ def run(cfg: TrainConfig) -> dict:
             update = train_on_batch(ctx, minis, optimizer, scheduler, st.max_grad_norm, st.ppo_epochs)
         if update.skipped_updates or not minis:
             warn_nothing_trained(alg, ro, groups)
-        no_signal.add(groups.sampling["frac_reward_zero_std"], groups.log_arrays.get("reward/total"))
+        no_signal.add(groups.frac_zero_std, groups.log_arrays.get("reward/total"))
         with timer("sync"):
             rollout.sync_weights(policy)
 
@@ -190,7 +190,8 @@ def run(cfg: TrainConfig) -> dict:
         bar.update(1)
         timer.add("step", time.perf_counter() - step_start)
         # metrics.jsonl (and W&B / TensorBoard) get every step; the console a summary of each logging window
-        step_scalars = {**update.logged(), **groups.sampling, **{f"time/{k}": v for k, v in timer.seconds.items()}}
+        step_scalars = {**update.logged(), **groups.sampling_metrics(),
+                        **{f"time/{k}": v for k, v in timer.seconds.items()}}
         window.add(step_scalars, arrays=groups.log_arrays, step_seconds=timer.seconds["step"])
         progress_now = {"lr": scheduler.get_last_lr()[0], "num_tokens": state.extra["num_tokens"],
                         "epoch": state.epoch + state.batch_in_epoch / plan.steps_per_epoch, **memory_metrics()}
@@ -340,12 +341,23 @@ class Groups:
     samples: List[Sample]  # this rank's kept samples, group-major
     log_arrays: Dict[str, np.ndarray]  # every generated sample of the step, all ranks (for metrics)
     reward_names: List[str]
-    sampling: Dict[str, float]
     num_tokens: int  # prompt + completion tokens generated in the step, all ranks
     rounds: List[GenerationRound] = field(default_factory=list)  # raw generation rounds (for the samples parquet)
     advantages: Dict[tuple, torch.Tensor] = field(default_factory=dict)  # (round, rank, group) -> [n]
     rank: int = 0
     n: int = 1
+    groups_generated: int = 0  # over every round and rank
+    groups_kept: int = 0  # trained: at most prompts_per_step
+    frac_zero_std: float = 0.0  # of the generated groups, those whose rewards are all equal (no signal)
+    reward_std: float = math.nan  # of the kept groups' rewards
+    advantage_abs_mean: float = math.nan
+
+    def sampling_metrics(self) -> Dict[str, float]:
+        """What dynamic sampling did, under its logged names."""
+        return {"frac_reward_zero_std": self.frac_zero_std, "reward_std": self.reward_std,
+                "advantage_abs_mean": self.advantage_abs_mean, "sampling/rounds": float(len(self.rounds)),
+                "sampling/groups_generated": float(self.groups_generated),
+                "sampling/groups_kept": float(self.groups_kept)}
 
     def records(self) -> List[Dict[str, Any]]:
         """This rank's rows of the samples parquet: every generated completion, kept or filtered."""
@@ -414,17 +426,12 @@ def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainSt
 
     arrays = {k: np.concatenate([rd.arrays[k] for rd in rounds]) for k in rounds[0].arrays}
     zero_std_all = np.concatenate([rd.zero_std.reshape(-1) for rd in rounds])
-    sampling = {
-        "frac_reward_zero_std": float(zero_std_all.mean()),
-        "reward_std": float(adv_metrics.get("reward_std", torch.tensor(float("nan")))),
-        "advantage_abs_mean": float(adv_metrics.get("advantage_abs_mean", torch.tensor(float("nan")))),
-        "sampling/rounds": float(len(rounds)),
-        "sampling/groups_generated": float(zero_std_all.size),
-        "sampling/groups_kept": float(len(kept_global)),
-    }
     num_tokens = int(arrays["prompt_tokens"].sum() + arrays["completion_tokens"].sum())
-    return Groups(samples=samples, log_arrays=arrays, reward_names=list(rewards.names), sampling=sampling,
-                  num_tokens=num_tokens, rounds=rounds, advantages=adv_of, rank=rank, n=n)
+    return Groups(samples=samples, log_arrays=arrays, reward_names=list(rewards.names), num_tokens=num_tokens,
+                  rounds=rounds, advantages=adv_of, rank=rank, n=n, groups_generated=int(zero_std_all.size),
+                  groups_kept=len(kept_global), frac_zero_std=float(zero_std_all.mean()),
+                  reward_std=float(adv_metrics.get("reward_std", math.nan)),
+                  advantage_abs_mean=float(adv_metrics.get("advantage_abs_mean", math.nan)))
 
 
 def gather_rows(acc, arrays: Dict[str, torch.Tensor]) -> Dict[str, np.ndarray]:
@@ -632,9 +639,9 @@ _warned: set = set()
 
 def warn_nothing_trained(alg, ro, groups: "Groups") -> None:
     """Say once why a step trained nothing, with the setting to change."""
-    if groups.sampling["sampling/groups_kept"] == 0:
+    if groups.groups_kept == 0:
         why = ("every group had identical rewards and algorithm.filter_zero_std_groups=true dropped them all "
-               f"(after {int(groups.sampling['sampling/rounds'])} generation round(s); raise "
+               f"(after {len(groups.rounds)} generation round(s); raise "
                "algorithm.max_resample_rounds, or make the reward less all-or-nothing)")
     else:
         why = (f"no completion token was trained: every kept completion was truncated at rollout.max_new_tokens="
