@@ -5,10 +5,11 @@ The gap is built into the warm-up data (conf/data/tiny_arithmetic.yaml: most row
 last term dropped, so greedy imitation is nearly always wrong; the worked form is right), so it must hold at every
 seed and reduction order. CI runs the default (seed 0, the machine's thread count); other seeds and
 OMP_NUM_THREADS=1 (another floating-point reduction order standing in for another CPU) are measured with
-`python benchmarks/learning.py --seeds 0 1 2 --threads 1 2` (README): margins +52.0 to +69.5 points on one CPU,
-+62.9 to +69.1 on another, SFT 5.9-8.6%. The bounds below are far from both sides, so they cannot pass by chance nor flip on another machine. Wall time is a
-benchmark number (benchmarks/learning.py prints it), not asserted here: CI machines are shared. The run goes side
-by side with the suite's other learning run (`learning_run` in tests/conftest.py).
+`python benchmarks/learning.py --seeds 0 1 2 --threads 1 2` (README): margins +57.8 to +61.7 points today, +52.0
+to +69.5 on earlier code and CPUs (benchmarks/README.md), SFT 5.9-8.6%. The bounds below are far from both sides,
+so they cannot pass by chance nor flip on another machine. Wall time is a benchmark number (benchmarks/learning.py
+prints it), not asserted here: CI machines are shared. The run goes side by side with the suite's other learning
+run (`learning_run` in tests/conftest.py).
 """
 
 from __future__ import annotations
