@@ -466,8 +466,8 @@ def make_mini_batches(ctx: "StepContext", samples: List[Sample], plan: StepPlan,
         share = ctx.packed_shared_prefix
         costs = [len(s.prompt_ids) + len(s.completion_ids) for s in rows]
         # a packed row lays a group's prompt down once: a completion after its group's previous one costs only itself
-        after = [len(s.completion_ids) if share and i and rows[i - 1].prompt_ids == s.prompt_ids else costs[i]
-                 for i, s in enumerate(rows)]
+        after = [len(s.completion_ids) if i and rows[i - 1].prompt_ids == s.prompt_ids else costs[i]
+                 for i, s in enumerate(rows)] if share and budget > 0 else None
         parts = micro_batch_parts(costs, plan.per_device_batch_size, budget, after)
         micro = [collate([rows[i] for i in part], pad_id, acc.device, packed=budget > 0, share_prefix=share)
                  for part in parts]

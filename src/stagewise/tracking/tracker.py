@@ -105,8 +105,8 @@ class Tracker:
         clean.update(self.alerts.check(clean, step))  # trend alerts are printed and logged with the record
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"step": step, "stage": self.stage, "time": time.time(), **clean}) + "\n")
-        if console:
-            self.show(clean, step)
+        if console and "console" in self.sinks:
+            log.info(self.console_formatter(step, clean))
         numeric = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._wandb is not None:
             self._wandb.log(numeric, step=step)
