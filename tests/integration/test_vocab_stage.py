@@ -66,11 +66,13 @@ def test_two_ranks_share_one_run_folder(tmp_path):
     from conftest import REPO
 
     script = tmp_path / "ids.py"
+    # each rank writes its own file: both ranks printing to one pipe can interleave within a line
     script.write_text(
-        "import os, sys\nsys.path.insert(0, %r)\nfrom stagewise.run_folder import make_run_id\n"
-        "print('RUNID', os.environ['RANK'], make_run_id(), flush=True)\n" % str(REPO / "src"))
+        "import os, sys, pathlib\nsys.path.insert(0, %r)\nfrom stagewise.run_folder import make_run_id\n"
+        "pathlib.Path(%r, 'rank' + os.environ['RANK']).write_text(make_run_id())\n" % (str(REPO / "src"), str(tmp_path)))
     env = {k: v for k, v in __import__("os").environ.items() if k != "STAGEWISE_RUN_ID"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
                           capture_output=True, text=True, env=env, timeout=120)
-    ids = {line.split()[1]: line.split()[2] for line in proc.stdout.splitlines() if line.startswith("RUNID")}
-    assert set(ids) == {"0", "1"} and ids["0"] == ids["1"], proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = [(tmp_path / f"rank{r}").read_text() for r in (0, 1)]
+    assert ids[0] == ids[1] and ids[0], ids
