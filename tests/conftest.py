@@ -48,6 +48,35 @@ def run_train(args: list[str], cwd: Path, timeout: int = 600, env: dict | None =
                           capture_output=True, text=True, timeout=timeout)
 
 
+def train_py_in_process(args: list[str], cwd: Path, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """``python train.py <args>`` run as ``__main__`` in this process, for the paths that print and exit before any
+    stage runs (``--cfg job``, ``--help``, a config error): the same code as the subprocess without an interpreter
+    start and its imports. Hydra's global state and the environment train.py sets are restored afterwards."""
+    import runpy
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), *args])
+    monkeypatch.setenv("PROJECT_ROOT", str(cwd))
+    monkeypatch.delenv("STAGEWISE_RUN_ID", raising=False)
+    environ = dict(os.environ)
+    capsys.readouterr()
+    code = 0
+    try:
+        runpy.run_path(str(REPO / "train.py"), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    finally:
+        GlobalHydra.instance().clear()
+        os.environ.clear()
+        os.environ.update(environ)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(sys.argv, code, out.out, out.err)
+
+
 def run_stage_in_process(overrides: list[str], run_dir: Path) -> Path:
     """The single stage ``python train.py <overrides>`` would run, run in this process (no interpreter start, no
     imports: seconds instead of half a minute) into ``run_dir``, its tokenised-data cache beside it. For one-process
