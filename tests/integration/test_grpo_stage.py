@@ -43,7 +43,7 @@ def by_step(run, key):
     return {r["step"]: r[key] for r in records(run) if key in r}
 
 
-def test_grpo_learns_on_held_out_prompts_and_logs_like_seed_004(tmp_path):
+def test_grpo_learns_on_held_out_prompts_and_logs_every_step(tmp_path):
     proc = run_train(["stage=grpo", "algorithm=grpo", "data=tiny_grpo", reward_file(tmp_path), "rollout.n=8",
                       "rollout.max_new_tokens=12", "stage.prompts_per_step=8", "stage.learning_rate=2e-3",
                       "stage.max_steps=12", "stage.eval_steps=100", "stage.num_eval_prompts=32",

@@ -274,7 +274,7 @@ def test_readme_lists_every_experiment_as_generated():
     assert rows == {p.relative_to(CONF_DIR / "experiment").with_suffix("").as_posix()
                     for p in (CONF_DIR / "experiment").rglob("*.yaml")}
     deepscaler = next(line for line in block.splitlines() if line.startswith("| `deepscaler/qwen3_4b_lora`"))
-    assert "5 samples" in deepscaler and "LoRA r64/α32" in deepscaler and "| grpo |" in deepscaler  # seed 003
+    assert "5 samples" in deepscaler and "LoRA r64/α32" in deepscaler and "| grpo |" in deepscaler  # DeepScaleR: 5 rollouts, LoRA r64/α32
     assert recipe_description(CONF_DIR / "experiment" / "r1" / "sft.yaml") == \
         "DeepSeek-R1 stage 1, cold-start SFT on long chain-of-thought data"
 

@@ -44,7 +44,7 @@ Performance:
   GPU memory:     4.32GB"""
 
 
-def test_block_matches_seed_004_layout():
+def test_block_matches_the_r1_zero_reproduction_layout():
     assert format_grpo_console(10, RECORD) == EXPECTED
 
 

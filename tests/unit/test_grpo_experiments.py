@@ -51,14 +51,14 @@ def test_experiment_has_the_seed_numbers(experiment):
         assert [f.weight for f in cfg.reward.functions] == WEIGHTS[experiment]
 
 
-def test_seed_003_takes_two_optimizer_steps_of_160_samples():
+def test_deepscaler_step_takes_two_optimizer_steps_of_160_samples():
     plan = StepPlan.build(compose(["experiment=deepscaler/qwen3_4b_lora"]), world=4, num_prompts=40_000)
     assert (plan.mini_batches, plan.updates_per_step, plan.total_steps) == (2, 2, 50)
     assert "2 mini-batch(es) of 32 prompts" in plan.describe()
     assert "each 5 micro-batch(es) of 8 x 4 process(es)" in plan.describe()  # 32 x 5 / 4 ranks / 8
 
 
-def test_seed_004_step_is_two_micro_batches_of_eight():
+def test_r1_zero_countdown_step_is_two_micro_batches_of_eight():
     """TRL's per-device batch of 8 completions x accumulation 2 = 2 prompts x 8 samples per optimizer step."""
     cfg = compose(["experiment=r1_zero/qwen2_5_7b_countdown"])
     plan = StepPlan.build(cfg, world=1, num_prompts=1000)
