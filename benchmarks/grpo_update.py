@@ -61,12 +61,14 @@ def one_update(layout: str, samples, a) -> float:
     import torch
     from omegaconf import OmegaConf
 
-    from stagewise.algorithms import policy_loss_kwargs
+    from stagewise.algorithms import PolicyLossSettings
     from stagewise.config import ModelConfig, TinyModelConfig
     from stagewise.hydra_config import compose
     from stagewise.models import load_model_and_tokenizer
-    from stagewise.stages.grpo import StepContext, StepPlan, make_mini_batches, train_on_batch
+    from stagewise.stages.grpo import StepPlan, make_mini_batches
+    from stagewise.training.policy_update import StepContext, train_on_batch
     from stagewise.training import build_accelerator, build_scheduler
+    from stagewise.training.batching import RowLayout
 
     cfg = compose(["stage=grpo", "algorithm=grpo", f"rollout.max_new_tokens={a.max_length}",
                    f"hardware.per_device_batch_size={a.per_device}"])
@@ -75,12 +77,14 @@ def one_update(layout: str, samples, a) -> float:
                                                                            num_hidden_layers=a.layers)))
     model.train()
     ctx = StepContext(acc=acc, model=model, policy=model, ref_model=None, tokenizer=tok,
-                      loss_kwargs=policy_loss_kwargs(cfg.algorithm, a.max_length), alg=cfg.algorithm,
-                      hw=cfg.hardware, temperature=1.0, use_tis=False, shared_prefix=layout == "shared",
-                      packed_shared_prefix=layout == "packed_shared")
+                      loss=PolicyLossSettings.from_config(cfg.algorithm, a.max_length), alg=cfg.algorithm,
+                      hw=cfg.hardware, temperature=1.0, use_tis=False)
+    row_layout = {"padded": RowLayout.PADDED, "shared": RowLayout.PADDED_SHARED_PREFIX, "packed": RowLayout.PACKED,
+                  "packed_shared": RowLayout.PACKED_SHARED_PREFIX}[layout]
     plan = StepPlan(prompts_per_step=a.prompts, n=a.group, mini_batches=1, ppo_epochs=1, steps_per_epoch=1,
                     total_steps=1, world=1, per_device_batch_size=a.per_device, filter_groups=False,
-                    max_resample_rounds=0, max_tokens_per_micro_batch=a.budget if layout.startswith("packed") else 0)
+                    max_resample_rounds=0, max_tokens_per_micro_batch=a.budget if row_layout.packed else 0,
+                    layout=row_layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     scheduler = build_scheduler(optimizer, cfg.stage, 1)
     start = time.perf_counter()

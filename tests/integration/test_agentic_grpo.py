@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from stagewise.algorithms import policy_loss_kwargs
+from stagewise.algorithms import PolicyLossSettings
 from stagewise.config import DataConfig, EnvConfig, ModelConfig, SourceConfig
 from stagewise.data import load_prompt_dataset
 from stagewise.data.generators.analysis_tasks import analysis_tasks, solution_code
@@ -25,7 +25,8 @@ from stagewise.models import load_model_and_tokenizer
 from stagewise.rewards import RewardRunner
 from stagewise.rollout import SamplingParams
 from stagewise.rollout.multiturn import STOP_TAGS, MultiTurnRollout, encode_observations, single_token_id
-from stagewise.stages.grpo import StepContext, StepPlan, collect_groups, make_mini_batches, train_on_batch
+from stagewise.stages.grpo import StepPlan, collect_groups, make_mini_batches
+from stagewise.training.policy_update import StepContext, train_on_batch
 from stagewise.tracking.rl_metrics import PhaseTimer
 from stagewise.training.batching import collate
 from stagewise.training import TrainState, build_accelerator, build_optimizer, build_scheduler
@@ -276,7 +277,7 @@ def test_one_grpo_step_trains_only_policy_tokens(tok, tmp_path):
 
     model, _ = load_model_and_tokenizer(ModelConfig())
     ctx = StepContext(acc=acc, model=model, policy=model, ref_model=None, tokenizer=tok,
-                      loss_kwargs=policy_loss_kwargs(cfg.algorithm, 256), alg=cfg.algorithm, hw=cfg.hardware,
+                      loss=PolicyLossSettings.from_config(cfg.algorithm, 256), alg=cfg.algorithm, hw=cfg.hardware,
                       temperature=1.0, use_tis=False)
     optimizer = build_optimizer(model, cfg.stage)
     update = train_on_batch(ctx, make_mini_batches(ctx, samples, plan, acc), optimizer,

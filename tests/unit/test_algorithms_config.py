@@ -9,7 +9,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from stagewise.algorithms import check_algorithm_config, group_advantages, policy_loss, policy_loss_kwargs
+from stagewise.algorithms import check_algorithm_config, group_advantages, policy_loss, PolicyLossSettings
 from stagewise.config import PolicyGradientAlgorithm, SFTAlgorithm, register_configs
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -75,9 +75,9 @@ HAND = {"grpo": 0.7, "dr_grpo": 0.2375, "dapo": 0.364, "gspo": (-(0.75 ** (1 / 3
 def test_variant_drives_policy_loss(composed, name):
     lp = torch.log(torch.tensor([[1.0, 1.5, 0.5], [1.5, 0.5, 7.0]]))
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    kwargs = policy_loss_kwargs(composed[name], max_new_tokens=4)
-    assert kwargs["max_tokens"] == 4
-    loss, _ = policy_loss(lp, torch.zeros(2, 3), torch.tensor([1.0, -2.0]), mask, **kwargs)
+    settings = PolicyLossSettings.from_config(composed[name], max_new_tokens=4)
+    assert settings.max_tokens == 4
+    loss, _ = policy_loss(lp, torch.zeros(2, 3), torch.tensor([1.0, -2.0]), mask, **settings.as_kwargs())
     assert loss.item() == pytest.approx(HAND[name], abs=1e-6)
 
 
@@ -88,7 +88,7 @@ def test_dr_grpo_scale_is_none_in_advantages(composed):
 
 def test_loss_agg_max_tokens_overrides_max_new_tokens():
     cfg = PolicyGradientAlgorithm(name="dr_grpo", loss_agg="seq_mean_token_sum_norm", loss_agg_max_tokens=1024)
-    assert policy_loss_kwargs(cfg, max_new_tokens=256)["max_tokens"] == 1024
+    assert PolicyLossSettings.from_config(cfg, max_new_tokens=256).max_tokens == 1024
 
 
 @pytest.mark.parametrize(

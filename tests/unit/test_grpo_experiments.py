@@ -40,7 +40,7 @@ def get(cfg, dotted):
 
 
 @pytest.mark.parametrize("experiment", sorted(SEEDS))
-def test_experiment_has_the_seed_numbers(experiment):
+def test_experiment_has_the_recipe_numbers(experiment):
     cfg = compose([f"experiment={experiment}"])
     check_config(cfg)
     assert cfg.stage.name == "grpo"

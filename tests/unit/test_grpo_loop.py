@@ -9,16 +9,18 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from stagewise.algorithms import policy_loss_kwargs
+from stagewise.algorithms import PolicyLossSettings
 from stagewise.config import ModelConfig, R1_ZERO_SYSTEM_PROMPT
 from stagewise.models import load_model_and_tokenizer
 from stagewise.rewards import RewardRunner
 from stagewise.rollout import SamplingParams
 from stagewise.rollout.hf import HFRollout
-from stagewise.stages.grpo import StepContext, StepPlan, collect_groups, make_mini_batches, train_on_batch
+from stagewise.stages.grpo import StepPlan, collect_groups, make_mini_batches
+from stagewise.training.policy_update import StepContext, train_on_batch
 from stagewise.tracking.rl_metrics import PhaseTimer, rollout_statistics
 from stagewise.tracking.window import Window
-from stagewise.training.batching import Sample, collate
+from stagewise.training.batching import RowLayout, Sample, collate
+from stagewise.training.modeling import completion_logprobs
 from stagewise.training import TrainState, build_accelerator, build_optimizer, build_scheduler
 
 from conftest import compose
@@ -35,16 +37,19 @@ def acc(cfg):
     return build_accelerator(cfg.hardware)
 
 
-def plan_for(per_device, n=4, prompts=2, minis=1, epochs=1, filter_groups=False, rounds=0, max_tokens=0):
+def plan_for(per_device, n=4, prompts=2, minis=1, epochs=1, filter_groups=False, rounds=0, max_tokens=0,
+             share=False):
+    """``share``: packed rows lay each group's prompt down once (padded rows always share it here)."""
     return StepPlan(prompts_per_step=prompts, n=n, mini_batches=minis, ppo_epochs=epochs, steps_per_epoch=10,
                     total_steps=1, world=1, per_device_batch_size=per_device, filter_groups=filter_groups,
-                    max_resample_rounds=rounds, max_tokens_per_micro_batch=max_tokens)
+                    max_resample_rounds=rounds, max_tokens_per_micro_batch=max_tokens,
+                    layout=RowLayout.choose(max_tokens, gradient_checkpointing=False, varlen_attention=share))
 
 
 def context(cfg, acc, model, tok, loss_agg):
     alg = OmegaConf.merge(cfg.algorithm, {"loss_agg": loss_agg})
     return StepContext(acc=acc, model=model, policy=model, ref_model=None, tokenizer=tok,
-                       loss_kwargs=policy_loss_kwargs(alg, 16), alg=alg, hw=cfg.hardware, temperature=1.0,
+                       loss=PolicyLossSettings.from_config(alg, 16), alg=alg, hw=cfg.hardware, temperature=1.0,
                        use_tis=False)
 
 
@@ -131,7 +136,6 @@ def test_packed_micro_batches_give_the_padded_update(cfg, acc, loss_agg):
     each group's prompt carried once (the shared-prefix layout, also under gradient checkpointing). On completions
     of 1 to 60 tokens the log-probs, the loss, the gradient norm and the updated weights equal the padded path's
     (one micro-batch of 8 rows), with one packed micro-batch and with a budget that splits them."""
-    import stagewise.stages.grpo as grpo
 
     results = []
     for budget, share, ckpt in PACKINGS:
@@ -140,11 +144,10 @@ def test_packed_micro_batches_give_the_padded_update(cfg, acc, loss_agg):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         ctx = context(cfg, acc, model, tok, loss_agg)
-        ctx.packed_shared_prefix = share
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = build_scheduler(optimizer, cfg.stage, 1)
         samples = wide_samples(tok)
-        minis = make_mini_batches(ctx, samples, plan_for(8, max_tokens=budget), acc)
+        minis = make_mini_batches(ctx, samples, plan_for(8, max_tokens=budget, share=share), acc)
         if budget:
             rows = [mb.packed.input_ids for mb in minis[0]]
             assert all(r.shape[0] == 1 for r in rows)
@@ -154,12 +157,12 @@ def test_packed_micro_batches_give_the_padded_update(cfg, acc, loss_agg):
                 assert sum(r.shape[1] for r in rows) == completions + 4 * sum(prompts)
             elif budget > 1000:  # one row: each of the two prompts once
                 assert sum(r.shape[1] for r in rows) == completions + sum(prompts)
-                assert [g.completion_lens for g in minis[0][0].packed.shared_prefix.groups] == [
+                assert [g.completion_lens for g in minis[0][0].packed.shared_prefix_layout.groups] == [
                     tuple(WIDE_LENGTHS[:4]), tuple(WIDE_LENGTHS[4:])]
             else:  # a group split over micro-batches carries its prompt in each
                 assert all(r.shape[1] <= budget for r, mb in zip(rows, minis[0]) if len(mb.tokens) > 1)
         with torch.no_grad():
-            lp = torch.cat([grpo.completion_logprobs(model, model.get_output_embeddings(), mb, 5, 0.8)[0].flatten()
+            lp = torch.cat([completion_logprobs(model, model.get_output_embeddings(), mb, 5, 0.8)[0].flatten()
                             for mb in minis[0]])
         update = train_on_batch(ctx, minis, optimizer, scheduler, max_grad_norm=0.0, ppo_epochs=1)
         weights = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -175,7 +178,7 @@ def test_packed_micro_batches_give_the_padded_update(cfg, acc, loss_agg):
 
 
 def test_two_mini_batches_take_two_optimizer_steps_with_old_logprobs(cfg, acc):
-    from stagewise.stages.grpo import fill_old_and_ref_logprobs
+    from stagewise.training.policy_update import fill_old_and_ref_logprobs
 
     model, tok = load_model_and_tokenizer(ModelConfig())
     ctx = context(cfg, acc, model, tok, "seq_mean_token_mean")
@@ -334,7 +337,6 @@ def test_window_and_rollout_statistics_over_two_steps():
 def test_chunked_and_plain_lm_head_paths_agree(tiny, monkeypatch):
     """Small batches take one plain LM-head matmul, big ones the chunked, recomputed path: same values, same
     gradients (prompts and completions of different lengths, so both paddings are exercised)."""
-    import stagewise.stages.grpo as grpo
     import stagewise.training.modeling as modeling
 
     model, tok = tiny
@@ -345,7 +347,7 @@ def test_chunked_and_plain_lm_head_paths_agree(tiny, monkeypatch):
     for limit in (modeling.SMALL_LOGITS_BYTES, 0):  # 0: everything goes through chunked_token_logprobs
         monkeypatch.setattr(modeling, "SMALL_LOGITS_BYTES", limit)
         model.zero_grad()
-        lp, ent = grpo.completion_logprobs(model, head, mb, chunk_size=5, temperature=0.8, with_entropy=True)
+        lp, ent = completion_logprobs(model, head, mb, chunk_size=5, temperature=0.8, with_entropy=True)
         (lp * mb.advantages[:, None]).sum().backward()
         results.append((lp.detach(), ent.detach(), head.weight.grad.clone(),
                         model.model.embed_tokens.weight.grad.clone()))
@@ -397,18 +399,19 @@ def test_a_zero3_partitioned_head_is_called_once_as_a_module_with_the_same_value
 def test_shared_prefix_pass_equals_the_full_sequence_pass(tiny):
     """Running each distinct prompt once and indexing its KV cache out to the group gives the same log-probs and
     the same gradients as running every prompt + completion row in full."""
-    import stagewise.stages.grpo as grpo
 
     model, tok = tiny
-    mb = collate(hand_samples(tok), tok.pad_token_id, "cpu")
-    assert mb.prompt_index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1] and mb.unique_rows.tolist() == [0, 4]
+    full = collate(hand_samples(tok), tok.pad_token_id, "cpu")
+    shared = collate(hand_samples(tok), tok.pad_token_id, "cpu", RowLayout.PADDED_SHARED_PREFIX)
+    assert full.unique_rows is None and full.prompt_index is None
+    assert shared.prompt_index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1] and shared.unique_rows.tolist() == [0, 4]
     head = model.get_output_embeddings()
     was_training = model.training
     model.train()
     results = []
-    for shared in (False, True):
+    for mb in (full, shared):
         model.zero_grad()
-        lp, _ = grpo.completion_logprobs(model, head, mb, chunk_size=64, temperature=1.0, shared_prefix=shared)
+        lp, _ = completion_logprobs(model, head, mb, chunk_size=64, temperature=1.0)
         (lp * mb.advantages[:, None]).sum().backward()
         results.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     model.zero_grad()
@@ -425,7 +428,7 @@ def test_reference_logprobs_from_a_frozen_copy_and_from_the_disabled_adapter(cfg
     from peft import LoraConfig, get_peft_model
 
     from stagewise.models import frozen_copy
-    from stagewise.stages.grpo import fill_old_and_ref_logprobs
+    from stagewise.training.policy_update import fill_old_and_ref_logprobs
 
     alg = OmegaConf.merge(cfg.algorithm, {"beta": 0.04})
     for lora in (False, True):
@@ -434,7 +437,7 @@ def test_reference_logprobs_from_a_frozen_copy_and_from_the_disabled_adapter(cfg
         if lora:
             model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
         ctx = StepContext(acc=acc, model=model, policy=model, ref_model=ref, tokenizer=tok,
-                          loss_kwargs=policy_loss_kwargs(alg, 16), alg=alg, hw=cfg.hardware, temperature=1.0,
+                          loss=PolicyLossSettings.from_config(alg, 16), alg=alg, hw=cfg.hardware, temperature=1.0,
                           use_tis=False)
         minis = make_mini_batches(ctx, hand_samples(tok), plan_for(8), acc)
         fill_old_and_ref_logprobs(ctx, minis, need_old=True)
@@ -458,10 +461,10 @@ def test_no_learning_signal_warns_once_after_the_first_steps_without_one(caplog)
 
     import numpy as np
 
-    from stagewise.stages.grpo import NoSignalWatch
+    from stagewise.tracking.alerts import NoSignalWatch
 
     watch = NoSignalWatch()
-    with caplog.at_level(logging.WARNING, logger="stagewise.stages.grpo"):
+    with caplog.at_level(logging.WARNING, logger="stagewise.alerts"):
         said = [watch.add(1.0, np.zeros(64)) for _ in range(5)]
     assert said[:2] == [None, None] and said[3:] == [None, None]
     assert said[2].startswith("no learning signal: in each of the first 3 steps every group's rewards were identical "

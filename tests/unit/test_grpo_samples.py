@@ -10,6 +10,7 @@ import torch
 from stagewise.rewards import RewardRunner
 from stagewise.rollout.base import RolloutBatch
 from stagewise.stages.grpo import GenerationRound, Groups
+from stagewise.tracking.samples import GroupKey
 from stagewise.tracking.samples import write_samples
 
 CODE = "<Analyze>count</Analyze>\n<Code>\n```python\nprint(18)\n```\n</Code>\n<Execute>\n18\n\n</Execute>\n"
@@ -37,7 +38,7 @@ def test_samples_parquet_records_the_trajectory_facts_and_each_reward(tmp_path):
     groups = Groups(samples=[], log_arrays={}, reward_names=list(per_fn), num_tokens=0,
                     rounds=[GenerationRound(batch=batch, columns=rows, total=torch.tensor(result.total), per_fn=per_fn,
                                             arrays={}, zero_std=np.zeros((1, 2), dtype=bool))],
-                    advantages={(0, 0, 0): torch.tensor([0.7, -0.7])}, rank=0, n=2)
+                    advantages={GroupKey(round=0, rank=0, group=0): torch.tensor([0.7, -0.7])}, rank=0, n=2)
     acc = SimpleNamespace(num_processes=1, is_main_process=True)
     path = tmp_path / "samples" / "step_3.parquet"
     write_samples(acc, path, groups.records(), step=3)

@@ -110,15 +110,15 @@ def test_pack_rows_with_shared_prefix_lays_each_prompt_once():
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 2]]  # completions continue from the prompt
     # the last prompt token (2) predicts each completion's first token (11 and 13); 3 predicts 12; 6 predicts 14
     assert packed.predict_index.tolist() == [2, 3, 2, 6, 7]
-    groups = packed.shared_prefix.groups
+    groups = packed.shared_prefix_layout.groups
     assert [(g.start, g.prompt_len, g.completion_lens) for g in groups] == [(0, 3, (2, 1, 0)), (6, 1, (2,))]
-    assert packed.shared_prefix.num_tokens == 9
+    assert packed.shared_prefix_layout.num_tokens == 9
 
 
 def test_shared_prefix_plan_gathers_the_prompt_keys_for_each_completion():
     packed = pack_rows([([5, 6, 7], [11, 12]), ([5, 6, 7], [13]), ([5, 6, 7], []), ([9], [14, 15])], "cpu",
                        share_prefix=True)
-    cu_q, cu_k, index = shared_prefix_plan(packed.shared_prefix)
+    cu_q, cu_k, index = shared_prefix_plan(packed.shared_prefix_layout)
     # query segments in row order: prompt [0, 3), completion [3, 5), completion [5, 6) (the empty one has none),
     # prompt [6, 7), completion [7, 9); each completion's keys are its prompt's, then its own
     assert cu_q == (0, 3, 5, 6, 7, 9)
@@ -139,7 +139,7 @@ def test_shared_prefix_row_equals_each_prompt_and_completion_alone(model):
     def shared_hidden(row):
         return model(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False,
                      output_hidden_states=True,
-                     **packed_forward_kwargs(model, row.cu_seq_lens, row.shared_prefix)).hidden_states[-1][0]
+                     **packed_forward_kwargs(model, row.cu_seq_lens, row.shared_prefix_layout)).hidden_states[-1][0]
 
     weight = torch.randn(len(packed.predict_index), model.config.hidden_size, generator=g)
     results = []
@@ -175,7 +175,7 @@ def test_shared_prefix_layout_needs_sdpa_varlen():
 
     packed = pack_rows([([5, 6], [7]), ([5, 6], [8])], "cpu", share_prefix=True)
     with pytest.raises(ValueError, match="sdpa_varlen"):
-        packed_forward_kwargs(Plain(), packed.cu_seq_lens, packed.shared_prefix)
+        packed_forward_kwargs(Plain(), packed.cu_seq_lens, packed.shared_prefix_layout)
 
 
 @pytest.mark.gpu
@@ -197,7 +197,7 @@ def test_flash_varlen_kernel_runs_packed_rows_as_each_sequence_alone(share_prefi
     assert attention._flash_runs(torch.zeros(1, device="cuda", dtype=torch.bfloat16))
     with torch.no_grad():
         row = m(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
-                output_hidden_states=True, **packed_forward_kwargs(m, packed.cu_seq_lens, packed.shared_prefix)
+                output_hidden_states=True, **packed_forward_kwargs(m, packed.cu_seq_lens, packed.shared_prefix_layout)
                 ).hidden_states[-1][0]
         alone = [m(input_ids=torch.tensor([p + c], device="cuda"), use_cache=False, output_hidden_states=True)
                  .hidden_states[-1][0, len(p) - 1:len(p) + len(c) - 1] for p, c in pairs]

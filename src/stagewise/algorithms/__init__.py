@@ -13,7 +13,7 @@ Metrics are detached 0-dim tensors, so the hot loop never syncs with the device;
 """
 
 from stagewise.algorithms.advantages import ADVANTAGE_SCALES, group_advantages
-from stagewise.algorithms.from_config import ALGORITHMS, check_algorithm_config, policy_loss_kwargs
+from stagewise.algorithms.from_config import ALGORITHMS, PolicyLossSettings, check_algorithm_config
 from stagewise.algorithms.kl import KL_ESTIMATORS, kl_estimate
 from stagewise.algorithms.logprobs import (
     chunked_token_logprobs,
@@ -37,5 +37,5 @@ __all__ = [
     "ADVANTAGE_SCALES", "ALGORITHMS", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "RATIO_LEVELS",
     "aggregate", "check_algorithm_config", "chunked_token_logprobs", "entropy_from_logits", "entropy_metrics",
     "group_advantages", "kl_estimate", "lm_head_logits", "loss_normalizer", "masked_max", "masked_mean", "masked_min", "masked_sum",
-    "policy_loss", "policy_loss_kwargs", "sft_loss", "token_logprobs_from_logits", "truncated_is_weights",
+    "policy_loss", "PolicyLossSettings", "sft_loss", "token_logprobs_from_logits", "truncated_is_weights",
 ]

@@ -1,8 +1,9 @@
-"""Bridge from ``AlgorithmConfig`` to the pure functions: validation at startup and the ``policy_loss`` kwargs."""
+"""Bridge from ``AlgorithmConfig`` to the pure functions: validation at startup and the ``policy_loss`` settings."""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+import dataclasses
+from typing import Any, Dict, Optional
 
 from stagewise.algorithms.advantages import ADVANTAGE_SCALES
 from stagewise.algorithms.kl import KL_ESTIMATORS
@@ -36,17 +37,27 @@ def check_algorithm_config(cfg: Any) -> None:
         raise ValueError(f"algorithm.tis_cap={cfg.tis_cap!r} must be > 0 (or null to turn TIS off)")
 
 
-def policy_loss_kwargs(cfg: Any, max_new_tokens: int) -> Dict[str, Any]:
-    """Keyword arguments of ``policy_loss`` for this config; ``max_new_tokens`` (``rollout.max_new_tokens``) is the
-    Dr. GRPO constant when ``algorithm.loss_agg_max_tokens`` is null."""
-    return {
-        "ratio_level": cfg.ratio_level,
-        "clip_eps_low": cfg.clip_eps_low,
-        "clip_eps_high": cfg.clip_eps_high,
-        "dual_clip_c": cfg.dual_clip_c,
-        "loss_agg": cfg.loss_agg,
-        "max_tokens": cfg.loss_agg_max_tokens or max_new_tokens,
-        "beta": cfg.beta,
-        "kl_estimator": cfg.kl_estimator,
-        "entropy_coef": cfg.entropy_coef,
-    }
+@dataclasses.dataclass(frozen=True)
+class PolicyLossSettings:
+    """The ``policy_loss`` keyword arguments one GRPO stage trains with, read once from ``algorithm.*``."""
+
+    ratio_level: str
+    clip_eps_low: float
+    clip_eps_high: float
+    dual_clip_c: Optional[float]
+    loss_agg: str
+    max_tokens: int  # the Dr. GRPO constant: ``algorithm.loss_agg_max_tokens``, else ``rollout.max_new_tokens``
+    beta: float
+    kl_estimator: str
+    entropy_coef: float
+
+    @classmethod
+    def from_config(cls, cfg: Any, max_new_tokens: int) -> "PolicyLossSettings":
+        """``cfg``: the ``algorithm`` config; ``max_new_tokens``: ``rollout.max_new_tokens``."""
+        return cls(ratio_level=cfg.ratio_level, clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
+                   dual_clip_c=cfg.dual_clip_c, loss_agg=cfg.loss_agg,
+                   max_tokens=cfg.loss_agg_max_tokens or max_new_tokens, beta=cfg.beta,
+                   kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef)
+
+    def as_kwargs(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)

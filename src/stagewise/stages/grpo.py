@@ -57,19 +57,12 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
 
-from stagewise.algorithms import (
-    check_algorithm_config,
-    group_advantages,
-    loss_normalizer,
-    policy_loss,
-    policy_loss_kwargs,
-    truncated_is_weights,
-)
+from stagewise.algorithms import PolicyLossSettings, check_algorithm_config, group_advantages
 from stagewise.config import GRPOStage, TrainConfig, stage_as
 from stagewise.data import load_prompt_dataset
 from stagewise.models import frozen_copy, load_model_and_tokenizer, num_params
@@ -80,13 +73,12 @@ from stagewise.run_folder import RunFolder
 from stagewise.tracking import Tracker, progress
 from stagewise.tracking.console import format_grpo_console
 from stagewise.tracking.rl_metrics import PhaseTimer, memory_metrics, per_sample_arrays, rollout_statistics
-from stagewise.tracking.samples import sample_records, write_samples
+from stagewise.tracking.samples import GroupKey, sample_records, write_samples
 from stagewise.tracking.window import Window
 from stagewise.training import (
     CheckpointManager,
     StepEnd,
     TrainState,
-    backward_micro_batch,
     build_accelerator,
     build_optimizer,
     build_scheduler,
@@ -94,14 +86,14 @@ from stagewise.training import (
     prepare_model,
     set_seed,
 )
-from stagewise.tracking.alerts import STOP, NanGuard
+from stagewise.tracking.alerts import NanGuard, NoSignalWatch, warn_nothing_trained
 from stagewise.training.preemption import install_preemption_handler
 from stagewise.evaluation import EvalSpec, evaluate_prompts
 from stagewise.training.early_stopping import EarlyStopping
 from stagewise.models.attention import shares_prefix_in_packed_rows
-from stagewise.training.batching import (MicroBatch, Sample, collate, forwards_per_rank, guarded_optimizer_step,
+from stagewise.training.batching import (MicroBatch, RowLayout, Sample, collate, forwards_per_rank,
                                         micro_batch_parts, sum_over_ranks)
-from stagewise.training.modeling import completion_logprobs
+from stagewise.training.policy_update import StepContext, fill_old_and_ref_logprobs, train_on_batch
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +115,8 @@ def run(cfg: TrainConfig) -> dict:
     with acc.main_process_first():
         data = load_prompt_dataset(cfg.data, tokenizer)
     train_ds, eval_ds = data.train, data.eval
-    plan = StepPlan.build(cfg, acc.num_processes, len(train_ds))
+    plan = StepPlan.build(cfg, acc.num_processes, len(train_ds),
+                          varlen_attention=shares_prefix_in_packed_rows(model))
     rewards = RewardRunner(cfg.reward)
     rewards.check_columns(train_ds.column_names, data_files(cfg.data))  # a gold column missing: stop here
     optimizer = build_optimizer(model, st)
@@ -144,10 +137,8 @@ def run(cfg: TrainConfig) -> dict:
     tracker = Tracker(cfg, run_folder.root, stage="grpo", is_main=acc.is_main_process, resume_step=state.step,
                       console_formatter=format_grpo_console)
     ctx = StepContext(acc=acc, model=model, policy=policy, ref_model=ref_model, tokenizer=tokenizer,
-                      loss_kwargs=policy_loss_kwargs(alg, ro.max_new_tokens), alg=alg, hw=hw,
-                      temperature=float(ro.temperature), use_tis=tis,
-                      shared_prefix=not hw.gradient_checkpointing,
-                      packed_shared_prefix=shares_prefix_in_packed_rows(policy))
+                      loss=PolicyLossSettings.from_config(alg, ro.max_new_tokens), alg=alg, hw=hw,
+                      temperature=float(ro.temperature), use_tis=tis)
     if acc.is_main_process:
         log.info("grpo: %d train prompts, %s eval, %.2fM params (%.2fM trainable); %s", len(train_ds),
                  len(eval_ds) if eval_ds is not None else "no", num_params(policy) / 1e6,
@@ -179,7 +170,7 @@ def run(cfg: TrainConfig) -> dict:
         with timer("update"):
             update = train_on_batch(ctx, minis, optimizer, scheduler, st.max_grad_norm, st.ppo_epochs)
         if update.skipped_updates or not minis:
-            warn_nothing_trained(alg, ro, groups)
+            warn_nothing_trained(groups.groups_kept, len(groups.rounds), ro.max_new_tokens)
         no_signal.add(groups.frac_zero_std, groups.log_arrays.get("reward/total"))
         with timer("sync"):
             rollout.sync_weights(policy)
@@ -272,13 +263,20 @@ class StepPlan:
     max_resample_rounds: int
     seed: int = 0
     max_tokens_per_micro_batch: int = 0
+    layout: RowLayout = RowLayout.PADDED_SHARED_PREFIX  # what a micro-batch's rows are (`RowLayout.choose`)
+
+    def __post_init__(self):
+        if self.layout.packed != (self.max_tokens_per_micro_batch > 0):
+            raise ValueError(f"StepPlan: layout {self.layout.value!r} with max_tokens_per_micro_batch="
+                             f"{self.max_tokens_per_micro_batch} (packed rows go with a token budget > 0)")
 
     @property
     def updates_per_step(self) -> int:
         return self.mini_batches * self.ppo_epochs
 
     @classmethod
-    def build(cls, cfg: TrainConfig, world: int, num_prompts: int) -> "StepPlan":
+    def build(cls, cfg: TrainConfig, world: int, num_prompts: int, varlen_attention: bool = False) -> "StepPlan":
+        """``varlen_attention``: the policy runs ``sdpa_varlen`` attention (`shares_prefix_in_packed_rows`)."""
         st = cfg.stage
         p = st.prompts_per_step
         if p % world:
@@ -294,7 +292,9 @@ class StepPlan:
                    per_device_batch_size=hw.per_device_batch_size,
                    filter_groups=bool(cfg.algorithm.filter_zero_std_groups),
                    max_resample_rounds=int(cfg.algorithm.max_resample_rounds), seed=int(cfg.seed),
-                   max_tokens_per_micro_batch=int(hw.max_tokens_per_micro_batch))
+                   max_tokens_per_micro_batch=int(hw.max_tokens_per_micro_batch),
+                   layout=RowLayout.choose(int(hw.max_tokens_per_micro_batch), bool(hw.gradient_checkpointing),
+                                           varlen_attention))
         accum = micro_batches_per_update(st, plan.n, world, hw.per_device_batch_size)
         if hw.grad_accum_steps not in (1, accum):
             log.warning("hardware.grad_accum_steps=%d is not used by stage=grpo: an optimizer step is one mini-batch "
@@ -310,7 +310,8 @@ class StepPlan:
                  f"{accum} micro-batch(es) of {self.per_device_batch_size}")
         return (f"{self.total_steps} steps of {self.prompts_per_step} prompts x {self.n} samples; "
                 f"{self.ppo_epochs} epoch(s) x {self.mini_batches} mini-batch(es) of {mini} prompts = "
-                f"{self.updates_per_step} optimizer step(s) per step, each {micro} x {self.world} process(es)")
+                f"{self.updates_per_step} optimizer step(s) per step, each {micro} x {self.world} process(es); "
+                f"rows {self.layout.value}")
 
 
 # ============================================================================================ prompts
@@ -343,7 +344,7 @@ class Groups:
     reward_names: List[str]
     num_tokens: int  # prompt + completion tokens generated in the step, all ranks
     rounds: List[GenerationRound] = field(default_factory=list)  # raw generation rounds (for the samples parquet)
-    advantages: Dict[tuple, torch.Tensor] = field(default_factory=dict)  # (round, rank, group) -> [n]
+    advantages: Dict[GroupKey, torch.Tensor] = field(default_factory=dict)  # a kept group -> its [n] advantages
     rank: int = 0
     n: int = 1
     groups_generated: int = 0  # over every round and rank
@@ -372,7 +373,7 @@ def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainSt
     trained. Advantages are computed over the kept groups of all ranks."""
     world, rank, n = acc.num_processes, acc.process_index, plan.n
     rounds: List[GenerationRound] = []
-    kept_global: List[tuple] = []  # (round, rank, local group), in generation order
+    kept_global: List[GroupKey] = []  # in generation order
     for round_idx in range(plan.max_resample_rounds + 1 if plan.filter_groups else 1):
         rows = next_prompt_rows(state, plan, len(train_ds))
         mine = [int(i) for i in rows[rank::world]]
@@ -396,7 +397,7 @@ def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainSt
         for r in range(world):
             for g in range(zero_std.shape[1]):
                 if not (plan.filter_groups and zero_std[r, g]):
-                    kept_global.append((round_idx, r, g))
+                    kept_global.append(GroupKey(round_idx, r, g))
         if len(kept_global) >= plan.prompts_per_step:
             break
     kept_global = kept_global[:plan.prompts_per_step]
@@ -410,9 +411,9 @@ def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainSt
     else:
         adv, adv_metrics = torch.zeros(0, n), {}
     samples: List[Sample] = []
-    adv_of: Dict[tuple, torch.Tensor] = {}
+    adv_of: Dict[GroupKey, torch.Tensor] = {}
     for k, (ri, r, g) in enumerate(kept_global):
-        adv_of[(ri, r, g)] = adv[k]
+        adv_of[GroupKey(ri, r, g)] = adv[k]
         if r != rank:
             continue
         batch = rounds[ri].batch
@@ -445,7 +446,7 @@ def gather_rows(acc, arrays: Dict[str, torch.Tensor]) -> Dict[str, np.ndarray]:
 
 
 # ============================================================================================ batches
-def make_mini_batches(ctx: "StepContext", samples: List[Sample], plan: StepPlan, acc) -> List[List[MicroBatch]]:
+def make_mini_batches(ctx: StepContext, samples: List[Sample], plan: StepPlan, acc) -> List[List[MicroBatch]]:
     """Split this rank's kept samples (group-major) into ``mini_batches`` optimizer steps of whole groups, each
     into micro-batches of ``per_device_batch_size`` rows, or of at most ``hardware.max_tokens_per_micro_batch``
     tokens packed into one row when that is set. Every rank gets the same number of micro-batches per
@@ -463,192 +464,19 @@ def make_mini_batches(ctx: "StepContext", samples: List[Sample], plan: StepPlan,
     for chunk in chunks:
         rows = [s for g in chunk for s in groups[g]]
         budget = plan.max_tokens_per_micro_batch
-        share = ctx.packed_shared_prefix
         costs = [len(s.prompt_ids) + len(s.completion_ids) for s in rows]
         # a packed row lays a group's prompt down once: a completion after its group's previous one costs only itself
         after = [len(s.completion_ids) if i and rows[i - 1].prompt_ids == s.prompt_ids else costs[i]
-                 for i, s in enumerate(rows)] if share and budget > 0 else None
+                 for i, s in enumerate(rows)] if plan.layout is RowLayout.PACKED_SHARED_PREFIX else None
         parts = micro_batch_parts(costs, plan.per_device_batch_size, budget, after)
-        micro = [collate([rows[i] for i in part], pad_id, acc.device, packed=budget > 0, share_prefix=share)
-                 for part in parts]
+        micro = [collate([rows[i] for i in part], pad_id, acc.device, plan.layout) for part in parts]
         needed = max(forwards_per_rank(acc, len(micro)))
         while len(micro) < needed:
             if not filler:
                 raise RuntimeError("a rank has no sample at all to build a dummy micro-batch from")
-            micro.append(collate(filler, pad_id, acc.device, dummy=True, packed=budget > 0, share_prefix=share))
+            micro.append(collate(filler, pad_id, acc.device, plan.layout, dummy=True))
         minis.append(micro)
     return minis
-
-
-# ============================================================================================ log-probs and loss
-@dataclass
-class StepContext:
-    acc: Any
-    model: Any  # the prepared (possibly DDP/DeepSpeed-wrapped) policy
-    policy: Any  # the unwrapped policy (PEFT or plain)
-    ref_model: Any
-    tokenizer: Any
-    loss_kwargs: Dict[str, Any]
-    alg: Any
-    hw: Any
-    temperature: float
-    use_tis: bool
-    shared_prefix: bool = True  # padded rows: off under gradient checkpointing (see completion_logprobs)
-    packed_shared_prefix: bool = False  # packed rows carry each prompt once (sdpa_varlen; also with checkpointing)
-    filler: List[Sample] = field(default_factory=list)
-    nan_guard: NanGuard = field(default_factory=NanGuard)  # a NaN/inf mini-batch loss skips its update
-
-
-def fill_old_and_ref_logprobs(ctx: StepContext, minis: List[List[MicroBatch]], need_old: bool) -> None:
-    """Old log-probs (policy before the update) when the batch feeds several optimizer steps; reference log-probs
-    when ``algorithm.beta`` > 0 (a frozen copy, or the base model with the LoRA adapter disabled)."""
-    need_ref = ctx.alg.beta > 0
-    if not (need_old or need_ref):
-        return
-    head = ctx.policy.get_output_embeddings()
-    chunk = ctx.hw.logprob_chunk_size
-    with torch.no_grad():
-        for mb in (m for mini in minis for m in mini):
-            if need_old:
-                mb.old_logprobs, _ = completion_logprobs(ctx.model, head, mb, chunk, ctx.temperature,
-                                                         shared_prefix=ctx.shared_prefix)
-            if need_ref:
-                if ctx.ref_model is not None:
-                    mb.ref_logprobs, _ = completion_logprobs(ctx.ref_model, ctx.ref_model.get_output_embeddings(),
-                                                             mb, chunk, ctx.temperature, shared_prefix=True)
-                else:  # LoRA: the base model is the reference
-                    with ctx.policy.disable_adapter():
-                        mb.ref_logprobs, _ = completion_logprobs(ctx.model, head, mb, chunk, ctx.temperature,
-                                                                 shared_prefix=ctx.shared_prefix)
-
-
-@dataclass(frozen=True)
-class UpdateResult:
-    """What one step's optimizer updates did."""
-
-    metrics: Dict[str, float]  # token-weighted loss metrics, loss, grad_norm (logged under these names)
-    optimizer_steps: int
-    skipped_updates: int  # mini-batches without an optimizer step (nothing trained, or a non-finite loss)
-    nan_stop: bool  # the NaN guard ran out of patience: checkpoint and stop
-
-    def logged(self) -> Dict[str, float]:
-        """The step's update metrics as logged, the counts and flags included."""
-        return {**self.metrics, "optimizer_steps": float(self.optimizer_steps),
-                "skipped_updates": float(self.skipped_updates), "nan_stop": float(self.nan_stop)}
-
-
-def train_on_batch(ctx: StepContext, minis: List[List[MicroBatch]], optimizer, scheduler, max_grad_norm: float,
-                   ppo_epochs: int) -> UpdateResult:
-    """``ppo_epochs`` passes over the mini-batches, one optimizer step per mini-batch. Each micro-batch loss is
-    normalised by the whole mini-batch's normaliser summed over micro-batches and ranks, and multiplied by the world
-    size (DDP averages gradients), so the update equals the one-big-batch update for any micro-batch split.
-    The metrics are token-weighted means over every update of the step."""
-    acc, model = ctx.acc, ctx.model
-    world = acc.num_processes
-    head = ctx.policy.get_output_embeddings()
-    kw = dict(ctx.loss_kwargs)
-    agg = kw["loss_agg"]
-    sums: Dict[str, float] = {}
-    weights: Dict[str, float] = {}
-    extremes = {"clip_ratio/low_min": math.inf, "clip_ratio/high_max": -math.inf}
-    losses, grad_norms, updates, skipped = [], [], 0, 0
-    out_of_guard = False
-    for _ in range(ppo_epochs):
-        for mini in minis:
-            norm = sum_over_ranks(acc, sum(float(loss_normalizer(mb.mask, agg)) for mb in mini))
-            if norm == 0:  # nothing trained on any rank (e.g. every completion truncated and masked): no step, so
-                scheduler.step()  # weight decay and Adam momentum do not move the weights without a signal
-                skipped += 1
-                continue
-            mini_loss = torch.zeros((), device=acc.device)
-            for k, mb in enumerate(mini):
-                lp, ent = completion_logprobs(model, head, mb, ctx.hw.logprob_chunk_size, ctx.temperature,
-                                              with_entropy=True, shared_prefix=ctx.shared_prefix,
-                                              entropy_grad=bool(kw["entropy_coef"]))
-                old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
-                is_w, tis_metrics = None, {}
-                if ctx.use_tis and mb.rollout_logprobs is not None:
-                    is_w, tis_metrics = truncated_is_weights(old, mb.rollout_logprobs, mb.mask, ctx.alg.tis_cap)
-                loss, metrics = policy_loss(lp, old, mb.advantages, mb.mask, **kw, ref_logprobs=mb.ref_logprobs,
-                                            is_weights=is_w, entropy=ent,
-                                            normalizer=norm)
-                backward_micro_batch(acc, model, loss * world, last=k == len(mini) - 1)
-                mini_loss += loss.detach()
-                tokens = float(mb.mask.sum())
-                for name, value in {**metrics, **tis_metrics}.items():
-                    sums[name] = sums.get(name, 0.0) + float(value) * tokens
-                    weights[name] = weights.get(name, 0.0) + tokens
-                if tokens:
-                    extremes["clip_ratio/low_min"] = min(extremes["clip_ratio/low_min"],
-                                                         float(metrics["clip_ratio/low_mean"]))
-                    extremes["clip_ratio/high_max"] = max(extremes["clip_ratio/high_max"],
-                                                          float(metrics["clip_ratio/high_mean"]))
-            mini_loss = sum_over_ranks(acc, float(mini_loss))  # the same reduced value on every rank
-            action, grad_norm = guarded_optimizer_step(acc, model, optimizer, scheduler, max_grad_norm,
-                                                       ctx.nan_guard, mini_loss)
-            if grad_norm is None:  # a non-finite loss: no update
-                skipped += 1
-            else:
-                grad_norms.append(grad_norm)
-                losses.append(mini_loss)
-                updates += 1
-            if action == STOP:
-                out_of_guard = True
-                break
-        if out_of_guard:
-            break
-    out = {("policy_loss" if k == "pg_loss" else k): v / weights[k] for k, v in sums.items() if weights[k] > 0}
-    out.update({k: v for k, v in extremes.items() if math.isfinite(v)})
-    out["loss"] = float(np.mean(losses)) if losses else 0.0
-    if grad_norms:
-        out["grad_norm"] = float(np.mean(grad_norms))
-    return UpdateResult(metrics=out, optimizer_steps=updates, skipped_updates=skipped, nan_stop=out_of_guard)
-
-
-class NoSignalWatch:
-    """Warn once when the run's first `STEPS` steps had identical rewards in every group: their advantages are all
-    zero, so nothing is learned (gradients 0, loss 0), usually because the model never produces what the reward
-    scores (an untrained model: start from an SFT checkpoint) or because the reward never fires."""
-
-    STEPS = 3
-
-    def __init__(self) -> None:
-        self.steps = 0  # leading steps without a signal; -1 once a step had one (or the warning was given)
-
-    def add(self, frac_zero_std: float, totals: Optional[np.ndarray]) -> Optional[str]:
-        if self.steps < 0:
-            return None
-        if frac_zero_std < 1.0:
-            self.steps = -1
-            return None
-        self.steps += 1
-        if self.steps < self.STEPS:
-            return None
-        self.steps = -1
-        seen = np.unique(np.asarray(totals if totals is not None else [], dtype=float))[:3]
-        message = (f"no learning signal: in each of the first {self.STEPS} steps every group's rewards were identical "
-                   f"(total reward {', '.join(f'{v:g}' for v in seen) or 'none'}), so every advantage is 0 and nothing "
-                   f"is learned; usually the model never produces what the reward scores (start from an SFT "
-                   f"checkpoint: model.name_or_path=<run>/final) or the reward never fires")
-        log.warning(message)
-        return message
-
-
-_warned: set = set()
-
-
-def warn_nothing_trained(alg, ro, groups: "Groups") -> None:
-    """Say once why a step trained nothing, with the setting to change."""
-    if groups.groups_kept == 0:
-        why = ("every group had identical rewards and algorithm.filter_zero_std_groups=true dropped them all "
-               f"(after {len(groups.rounds)} generation round(s); raise "
-               "algorithm.max_resample_rounds, or make the reward less all-or-nothing)")
-    else:
-        why = (f"no completion token was trained: every kept completion was truncated at rollout.max_new_tokens="
-               f"{ro.max_new_tokens} and algorithm.mask_truncated=true (raise rollout.max_new_tokens)")
-    if why not in _warned:
-        _warned.add(why)
-        log.warning("a step took no optimizer step: %s", why)
 
 
 # ============================================================================================ evaluation

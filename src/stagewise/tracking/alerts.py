@@ -40,6 +40,8 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Deque, Dict, Iterable, Mapping, Optional, Sequence
 
+import numpy as np
+
 log = logging.getLogger("stagewise.alerts")
 
 # Metric names the alerts (and stagewise.runs) recognise. The first key present in a record is used.
@@ -256,3 +258,49 @@ class NanGuard:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.consecutive = int(state["consecutive"])
         self.skipped_total = int(state["skipped_total"])
+
+
+class NoSignalWatch:
+    """GRPO: warn once when the run's first `STEPS` steps had identical rewards in every group: their advantages are all
+    zero, so nothing is learned (gradients 0, loss 0), usually because the model never produces what the reward
+    scores (an untrained model: start from an SFT checkpoint) or because the reward never fires."""
+
+    STEPS = 3
+
+    def __init__(self) -> None:
+        self.steps = 0  # leading steps without a signal; -1 once a step had one (or the warning was given)
+
+    def add(self, frac_zero_std: float, totals: Optional[np.ndarray]) -> Optional[str]:
+        if self.steps < 0:
+            return None
+        if frac_zero_std < 1.0:
+            self.steps = -1
+            return None
+        self.steps += 1
+        if self.steps < self.STEPS:
+            return None
+        self.steps = -1
+        seen = np.unique(np.asarray(totals if totals is not None else [], dtype=float))[:3]
+        message = (f"no learning signal: in each of the first {self.STEPS} steps every group's rewards were identical "
+                   f"(total reward {', '.join(f'{v:g}' for v in seen) or 'none'}), so every advantage is 0 and nothing "
+                   f"is learned; usually the model never produces what the reward scores (start from an SFT "
+                   f"checkpoint: model.name_or_path=<run>/final) or the reward never fires")
+        log.warning(message)
+        return message
+
+
+_warned: set = set()
+
+
+def warn_nothing_trained(groups_kept: int, generation_rounds: int, max_new_tokens: int) -> None:
+    """Say once why a GRPO step trained nothing, with the setting to change."""
+    if groups_kept == 0:
+        why = ("every group had identical rewards and algorithm.filter_zero_std_groups=true dropped them all "
+               f"(after {generation_rounds} generation round(s); raise "
+               "algorithm.max_resample_rounds, or make the reward less all-or-nothing)")
+    else:
+        why = (f"no completion token was trained: every kept completion was truncated at rollout.max_new_tokens="
+               f"{max_new_tokens} and algorithm.mask_truncated=true (raise rollout.max_new_tokens)")
+    if why not in _warned:
+        _warned.add(why)
+        log.warning("a step took no optimizer step: %s", why)

@@ -4,25 +4,33 @@ with its rewards, advantage and multi-turn facts; what the notebook and `stagewi
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, NamedTuple, Sequence
 
 import torch
 
 
-def sample_records(rounds: Sequence, rank: int, n: int, adv_of: Dict[tuple, torch.Tensor]) -> List[Dict[str, Any]]:
+class GroupKey(NamedTuple):
+    """One generated group of a GRPO step: its generation round, the rank that generated it, its index there."""
+
+    round: int
+    rank: int
+    group: int
+
+
+def sample_records(rounds: Sequence, rank: int, n: int, adv_of: Dict[GroupKey, torch.Tensor]
+                   ) -> List[Dict[str, Any]]:
     """Rows of ``samples/step_<N>.parquet``. The columns an eval's samples also have keep its names
     (`stagewise.evaluation.results_table`): ``prompt_index``, ``sample``, ``prompt``, ``completion``,
     ``reward_<fn>``, ``reward_total``, ``completion_tokens``, ``truncated``, ``turns`` and the gold columns; GRPO adds
     ``round``, ``advantage``, ``kept``, ``prompt_tokens``, ``completion_chars``, ``finish_reason`` and the
     multi-turn counts. ``rounds``: GRPO's generation rounds on this rank (each a ``batch``, a `RolloutBatch`, the
-    dataset ``columns``, the ``total`` and ``per_fn`` rewards); ``adv_of``: ``(round, rank, group)`` -> the
-    advantages of a kept group."""
+    dataset ``columns``, the ``total`` and ``per_fn`` rewards); ``adv_of``: a kept group -> its advantages."""
     records = []
     for ri, rd in enumerate(rounds):
         batch, columns = rd.batch, rd.columns
         for j in range(len(batch)):
             g = j // n
-            adv = adv_of.get((ri, rank, g))
+            adv = adv_of.get(GroupKey(ri, rank, g))
             rec = {
                 "round": ri, "prompt_index": g, "sample": j % n,
                 "prompt": columns["prompt"][g] if "prompt" in columns else "",

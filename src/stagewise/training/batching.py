@@ -15,7 +15,8 @@ ranks in step, and takes the guarded optimizer step:
   update (DeepSpeed has already stepped inside the boundary backward, so it always counts as taken).
 * `sum_over_ranks`: a scalar summed over the ranks (loss normalisers, group counts).
 * `Sample` / `MicroBatch` / `collate`: GRPO's rows (a prompt and one completion) and the micro-batch the loss reads,
-  padded, or packed into one unpadded row (`stagewise.training.modeling.pack_rows`). SFT's rows are chat
+  padded, or packed into one unpadded row (`stagewise.training.modeling.pack_rows`), as the stage's `RowLayout`
+  says (chosen once: packed or padded, each group's shared prompt run once or per row). SFT's rows are chat
   documents collated by `stagewise.data.SFTCollator`.
 What accumulates between two log lines is `stagewise.tracking.window.Window`, for both stages too.
 
@@ -25,6 +26,7 @@ micro-batch and rank, `stagewise.algorithms`), so any split gives the one-big-ba
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -112,18 +114,47 @@ class MicroBatch:
     mask: torch.Tensor  # [B, T] bool: trained tokens
     advantages: torch.Tensor  # [B]
     prompt_index: Optional[torch.Tensor] = None  # [B]: which distinct prompt (of `unique_rows`) each row has
-    unique_rows: Optional[torch.Tensor] = None  # [U]: the first row of each distinct prompt
+    unique_rows: Optional[torch.Tensor] = None  # [U]: the first row of each distinct prompt (set: run each once)
     rollout_logprobs: Optional[torch.Tensor] = None  # [B, T] engine log-probs (vLLM), for TIS
     old_logprobs: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None
     packed: Optional[PackedRows] = None  # hardware.max_tokens_per_micro_batch > 0: what the model runs on
 
 
-def collate(samples: Sequence[Sample], pad_id: int, device, dummy: bool = False, packed: bool = False,
-            share_prefix: bool = False) -> MicroBatch:
-    """One micro-batch. The per-token tensors the loss reads (targets, masks, log-probs) are always ``[B, T]``;
-    ``packed`` adds the unpadded row the model runs on instead of the padded ``input_ids`` (`pack_rows`), with
-    each group's prompt laid down once when ``share_prefix``.
+class RowLayout(enum.Enum):
+    """What the model runs a GRPO micro-batch on, chosen once per stage (`RowLayout.choose`) and carried by each
+    `MicroBatch` (``packed``, ``unique_rows``), so the log-prob code reads the batch, not a flag."""
+
+    PADDED = "padded"  # left-padded prompts + right-padded completions, every row runs its own prompt
+    PADDED_SHARED_PREFIX = "padded, shared prefix"  # each distinct prompt runs once, its KV cache indexed out
+    PACKED = "packed"  # one unpadded row of prompt + completion sequences (`pack_rows`)
+    PACKED_SHARED_PREFIX = "packed, shared prefix"  # one unpadded row, each group's prompt laid down once
+
+    @classmethod
+    def choose(cls, max_tokens_per_micro_batch: int, gradient_checkpointing: bool,
+               varlen_attention: bool) -> "RowLayout":
+        """Packed when a token budget is set (``hardware.max_tokens_per_micro_batch`` > 0); the shared prompt runs
+        once where it can: in a packed row with ``sdpa_varlen`` attention (which attends a group's completions to
+        their one prompt), in padded rows unless gradient checkpointing drops the KV cache the completions read."""
+        if max_tokens_per_micro_batch > 0:
+            return cls.PACKED_SHARED_PREFIX if varlen_attention else cls.PACKED
+        return cls.PADDED if gradient_checkpointing else cls.PADDED_SHARED_PREFIX
+
+    @property
+    def packed(self) -> bool:
+        return self in (RowLayout.PACKED, RowLayout.PACKED_SHARED_PREFIX)
+
+    @property
+    def shares_prefix(self) -> bool:
+        return self in (RowLayout.PADDED_SHARED_PREFIX, RowLayout.PACKED_SHARED_PREFIX)
+
+
+def collate(samples: Sequence[Sample], pad_id: int, device, layout: RowLayout = RowLayout.PADDED,
+            dummy: bool = False) -> MicroBatch:
+    """One micro-batch laid out as ``layout`` says. The per-token tensors the loss reads (targets, masks, log-probs)
+    are always ``[B, T]``; a packed layout adds the unpadded row the model runs on instead of the padded
+    ``input_ids`` (`pack_rows`); a shared prefix sets ``unique_rows`` / ``prompt_index`` (padded) or lays each
+    group's prompt down once in the packed row.
     ``dummy`` keeps the shapes but trains nothing (a rank with fewer micro-batches than the others runs these so
     every rank calls forward/backward the same number of times)."""
     b = len(samples)
@@ -151,13 +182,14 @@ def collate(samples: Sequence[Sample], pad_id: int, device, dummy: bool = False,
     first: Dict[tuple, int] = {}
     prompt_index = [first.setdefault(tuple(s.prompt_ids), len(first)) for s in samples]
     unique_rows = [prompt_index.index(u) for u in range(len(first))]
+    share_padded = layout is RowLayout.PADDED_SHARED_PREFIX and len(unique_rows) < b  # else nothing to share
     return MicroBatch(
-        prompt_index=torch.tensor(prompt_index, dtype=torch.long, device=device),
-        unique_rows=torch.tensor(unique_rows, dtype=torch.long, device=device),
+        prompt_index=torch.tensor(prompt_index, dtype=torch.long, device=device) if share_padded else None,
+        unique_rows=torch.tensor(unique_rows, dtype=torch.long, device=device) if share_padded else None,
         input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=position_ids.to(device),
         prompt_width=pw, targets=targets.to(device), tokens=tokens.to(device),
         mask=(tokens & trained[:, None] & policy_token).to(device),
         advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device),
         rollout_logprobs=rollout_lp.to(device) if rollout_lp is not None else None,
-        packed=(pack_rows([(s.prompt_ids, s.completion_ids) for s in samples], device, share_prefix=share_prefix)
-                if packed else None))
+        packed=(pack_rows([(s.prompt_ids, s.completion_ids) for s in samples], device,
+                          share_prefix=layout.shares_prefix) if layout.packed else None))

@@ -16,24 +16,36 @@ there); a checkpoint and exit when the job is being preempted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+
+import torch
 
 from stagewise.training.early_stopping import save_final_model
 from stagewise.training.preemption import checkpoint_and_exit_if_preempted
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+    from stagewise.run_folder import RunFolder
+    from stagewise.tracking import Tracker
+    from stagewise.tracking.alerts import NanGuard
+    from stagewise.training.checkpoint import CheckpointManager
+    from stagewise.training.early_stopping import EarlyStopping
 
 Evaluate = Optional[Callable[[], Dict[str, Any]]]  # the stage's held-out metrics now; None: the stage has none
 
 
 @dataclass
 class StepEnd:
-    acc: Any
-    ckpt: Any  # CheckpointManager
-    model: Any
-    tokenizer: Any
-    run_folder: Any
-    tracker: Any
-    stopper: Any  # EarlyStopping or None
-    nan_guard: Any
+    acc: "Accelerator"
+    ckpt: "CheckpointManager"
+    model: torch.nn.Module  # the prepared (possibly wrapped) model
+    tokenizer: "PreTrainedTokenizerBase"
+    run_folder: "RunFolder"
+    tracker: "Tracker"
+    stopper: Optional["EarlyStopping"]
+    nan_guard: "NanGuard"
     eval_steps: int
     save_steps: int
     total_steps: int

@@ -125,15 +125,15 @@ def vocab_size(head) -> int:
 
 def final_hidden(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
-                 shared_prefix: "SharedPrefixLayout | None" = None) -> torch.Tensor:
+                 shared_prefix_layout: "SharedPrefixLayout | None" = None) -> torch.Tensor:
     """The final-norm hidden states ``[B, T, H]`` from the wrapped model's own forward (so DDP/DeepSpeed/PEFT hooks
     run), with ``logits_to_keep`` set to a single position: no full-vocabulary logits are built. ``cu_seq_lens``:
     ``input_ids`` is one packed row of sequences starting at those offsets, ``position_ids`` restarting at 0 for
-    each (`PackedRows`, `stagewise.models.attention`); ``shared_prefix``: the row shares prompts that way."""
+    each (`PackedRows`, `stagewise.models.attention`); ``shared_prefix_layout``: the row shares prompts that way."""
     from stagewise.models.attention import packed_forward_kwargs
 
     keep = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
-    extra = (packed_forward_kwargs(model, cu_seq_lens, shared_prefix) if cu_seq_lens is not None
+    extra = (packed_forward_kwargs(model, cu_seq_lens, shared_prefix_layout) if cu_seq_lens is not None
              else {"attention_mask": attention_mask})
     out = model(input_ids=input_ids, position_ids=position_ids, output_hidden_states=True, logits_to_keep=keep,
                 use_cache=False, **extra)
@@ -197,7 +197,7 @@ class PackedRows:
     ``packing_samples``): no pad token goes through any layer. ``position_ids`` restart at 0 for each sequence and
     no attention mask is passed: ``sdpa_varlen`` (the CPU default) attends within each sequence from
     ``cu_seq_lens``, flash-attention runs varlen from the positions, plain sdpa/eager get transformers'
-    block-diagonal mask (`stagewise.models.attention`). With ``shared_prefix`` set, consecutive sequences with the
+    block-diagonal mask (`stagewise.models.attention`). With ``shared_prefix_layout`` set, consecutive sequences with the
     same prompt carry it once (``[prompt, completion_1, ..., completion_n]``, each completion's positions
     continuing from the prompt; ``sdpa_varlen`` only)."""
 
@@ -206,7 +206,7 @@ class PackedRows:
     cu_seq_lens: torch.Tensor  # [S + 1] int32 on the CPU: where each sequence (each group when shared) starts
     predict_index: torch.Tensor  # [N]: the packed position whose hidden state predicts each completion token,
     #                              in the row-major order of the padded ``tokens`` mask
-    shared_prefix: Optional["SharedPrefixLayout"] = None
+    shared_prefix_layout: Optional["SharedPrefixLayout"] = None
 
 
 def group_by_prompt(sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[Sequence[int], list]]:
@@ -247,7 +247,8 @@ def pack_rows(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], device,
     layout = SharedPrefixLayout.build([(len(p), [len(c) for c in cs]) for p, cs in groups]) if share_prefix else None
     return PackedRows(input_ids=as_row(ids), position_ids=as_row(positions),
                       cu_seq_lens=torch.tensor(starts, dtype=torch.int32),
-                      predict_index=torch.tensor(predict, dtype=torch.long, device=device), shared_prefix=layout)
+                      predict_index=torch.tensor(predict, dtype=torch.long, device=device),
+                      shared_prefix_layout=layout)
 
 
 class CompletionRows(Protocol):
@@ -260,12 +261,12 @@ class CompletionRows(Protocol):
     targets: torch.Tensor  # [B, T] completion ids, -1 at padding
     tokens: torch.Tensor  # [B, T] bool: real completion tokens
     prompt_index: Optional[torch.Tensor]  # [B]: which distinct prompt (of `unique_rows`) each row has
-    unique_rows: Optional[torch.Tensor]  # [U]: the first row of each distinct prompt
+    unique_rows: Optional[torch.Tensor]  # [U]: the first row of each distinct prompt; set: run each prompt once
     packed: Optional[PackedRows]  # set: the model runs on this unpadded row instead of ``input_ids``
 
 
 def completion_logprobs(model, head, mb: CompletionRows, chunk_size: int, temperature: float,
-                        with_entropy: bool = False, shared_prefix: bool = False, entropy_grad: bool = True):
+                        with_entropy: bool = False, entropy_grad: bool = True):
     """Log-probs (and entropies) of the completion tokens, ``[B, T]`` each (0 on padding).
 
     The model's own forward runs (so DDP/DeepSpeed/PEFT hooks do) with one kept logit, and only the completion
@@ -273,21 +274,24 @@ def completion_logprobs(model, head, mb: CompletionRows, chunk_size: int, temper
     time and recomputed in backward (`chunked_token_logprobs`) unless all of them fit in ``SMALL_LOGITS_BYTES``,
     where one plain matmul is kept instead. Under ZeRO-3 the head module is called (see the note above).
 
-    ``shared_prefix``: the rows of a group share one prompt, so each distinct prompt is run once (with gradients)
-    and its KV cache is indexed out to its rows before the completions run: exact, and n times less prompt compute
-    (a group's 8 samples of an R1-Zero prompt: half the tokens of the step). Not under gradient checkpointing,
-    which drops the KV cache (packed rows share prompts under checkpointing too).
+    ``mb.unique_rows`` set (`RowLayout.PADDED_SHARED_PREFIX`): the rows of a group share one prompt, so each
+    distinct prompt is run once (with gradients) and its KV cache is indexed out to its rows before the completions
+    run: exact, and n times less prompt compute (a group's 8 samples of an R1-Zero prompt: half the tokens of the
+    step). Not under gradient checkpointing, which drops the KV cache (packed rows share prompts under checkpointing
+    too).
 
     ``mb.packed`` (``hardware.max_tokens_per_micro_batch`` > 0): the model runs on one unpadded row instead, and the
     hidden states that predict completion tokens are picked out of it; values equal the padded path's. When the
-    row shares prompts (``mb.packed.shared_prefix``), each prompt runs once in it, with or without checkpointing.
+    row shares prompts (``mb.packed.shared_prefix_layout``), each prompt runs once in it, with or without
+    checkpointing.
     """
     if mb.packed is not None:
         hidden = final_hidden(model, mb.packed.input_ids, position_ids=mb.packed.position_ids,
-                              cu_seq_lens=mb.packed.cu_seq_lens, shared_prefix=mb.packed.shared_prefix)
+                              cu_seq_lens=mb.packed.cu_seq_lens,
+                              shared_prefix_layout=mb.packed.shared_prefix_layout)
         selected = hidden[0].index_select(0, mb.packed.predict_index)  # [N, H]
     else:
-        if shared_prefix and mb.unique_rows is not None and len(mb.unique_rows) < len(mb.prompt_index):
+        if mb.unique_rows is not None:
             hidden = shared_prefix_hidden(model, mb)
         else:
             t = mb.targets.shape[1]
