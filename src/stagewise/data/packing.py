@@ -156,6 +156,7 @@ class SFTCollator:
             del cols["attention_mask"]
         batch = {k: torch.tensor(v, dtype=torch.long) for k, v in cols.items()}
         if self.flatten:
-            starts = [i for i, p in enumerate(rows[0][2]) if p == 0] + [width]
-            batch["cu_seq_lens"] = torch.tensor(starts, dtype=torch.int32)
+            from stagewise.models.attention import sequence_starts
+
+            batch["cu_seq_lens"] = sequence_starts(rows[0][2])
         return batch

@@ -95,6 +95,14 @@ def shared_prefix_plan(layout: SharedPrefixLayout, device: str = "cpu"
     return tuple(cu_q), tuple(cu_k), torch.tensor(index, dtype=torch.long, device=device)  # once per layout
 
 
+def sequence_starts(position_ids: Sequence[int]) -> torch.Tensor:
+    """``cu_seq_lens`` of one packed row: where its positions restart at 0, then the row length (int32, on the CPU).
+    The one rule both flattened-row builders use (SFT's `stagewise.data.SFTCollator` and GRPO's
+    `stagewise.training.modeling.pack_rows`): a sequence is a run of positions counting up from 0."""
+    starts = [i for i, p in enumerate(position_ids) if p == 0] + [len(position_ids)]
+    return torch.tensor(starts, dtype=torch.int32)
+
+
 def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_q: Sequence[int],
                      cu_k: Sequence[int], dropout: float, scaling: Optional[float]) -> torch.Tensor:
     """``query [1, H, Tq, D]``, ``key``/``value`` ``[1, Hkv, Tk, D]`` -> ``[1, Tq, H, D]``: queries

@@ -224,14 +224,13 @@ def pack_rows(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], device,
               share_prefix: bool = False) -> PackedRows:
     """``[(prompt_ids, completion_ids), ...]`` -> `PackedRows` (every prompt non-empty). ``share_prefix``: a run
     of sequences with one prompt lays it down once (see `PackedRows`)."""
-    from stagewise.models.attention import SharedPrefixLayout
+    from stagewise.models.attention import SharedPrefixLayout, sequence_starts
 
     groups = (group_by_prompt(sequences) if share_prefix
               else [(prompt, [completion]) for prompt, completion in sequences])
     ids: list[int] = []
     positions: list[int] = []
     predict: list[int] = []
-    starts = [0]
     for prompt, completions in groups:
         last_prompt = len(ids) + len(prompt) - 1  # its hidden state predicts every completion's first token
         ids.extend(prompt)
@@ -242,11 +241,10 @@ def pack_rows(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], device,
                            if completion else [])
             ids.extend(completion)
             positions.extend(range(len(prompt), len(prompt) + len(completion)))
-        starts.append(len(ids))
     as_row = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
     layout = SharedPrefixLayout.build([(len(p), [len(c) for c in cs]) for p, cs in groups]) if share_prefix else None
     return PackedRows(input_ids=as_row(ids), position_ids=as_row(positions),
-                      cu_seq_lens=torch.tensor(starts, dtype=torch.int32),
+                      cu_seq_lens=sequence_starts(positions),
                       predict_index=torch.tensor(predict, dtype=torch.long, device=device),
                       shared_prefix_layout=layout)
 
