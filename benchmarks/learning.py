@@ -6,6 +6,7 @@
     python benchmarks/learning.py --pipeline r1_zero_tiny --metric eval/accuracy
     python benchmarks/learning.py -- stage.max_steps=10        # extra overrides after `--` go to every run
     python benchmarks/learning.py --rollout vllm               # generate with the colocated vLLM engine
+    python benchmarks/learning.py --max-staleness 1            # + the RL stage again, asynchronous (k=1)
 
 Each run is a real ``python train.py pipeline=<name> seed=<s>`` in its own process with ``OMP_NUM_THREADS`` set, in
 ``--workdir`` (a temporary folder unless given; kept, so every run folder can be opened afterwards). The table reads
@@ -13,6 +14,11 @@ each stage's ``metrics.jsonl``: a stage's first held-out eval is its start, its 
 metric at the start of the first stage, after each stage, the RL margin (end - start of the last stage), the mean
 held-out completion length and format compliance at the start and end of the last stage, and the run's wall time.
 Then the margin's mean and sample standard deviation over all runs. Exit status 1 if a run failed.
+
+``--max-staleness k [k ...]``: after each pipeline run, its last (RL) stage runs again from the previous stage's
+``final/`` with ``stage.max_staleness=k`` (asynchronous GRPO, same seed and engine), and a second table puts each
+k's margin and RL-stage wall time beside the synchronous stage of the same run (its ``pipeline_state.json``
+seconds), with the speed-up.
 
 With ``--jobs 2`` runs share the machine, so their wall times are not comparable with ``--jobs 1`` ones; the
 numbers themselves do not depend on it (every run is single-process and seeded; ``OMP_NUM_THREADS`` fixes the
@@ -90,6 +96,46 @@ def run_one(pipeline: str, seed: int, threads: int, workdir: Path, extra: list[s
                      "" if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1:][0] if proc.stderr else "")
 
 
+def rl_stage_again(pipeline: str, result: RunResult, k: int, workdir: Path, extra: list[str]) -> RunResult:
+    """The pipeline run's last stage again, from the previous stage's final/, with ``stage.max_staleness=k``."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from stagewise.hydra_config import compose
+
+    stages = compose([f"pipeline={pipeline}"]).pipeline.stages
+    state = json.loads((Path(result.folder) / "pipeline_state.json").read_text())
+    previous_final = state["finished"][-2]["outputs"]["final"]
+    run_id = f"learning_{pipeline}_s{result.seed}_t{result.threads}_k{k}"
+    env = {**os.environ, "OMP_NUM_THREADS": str(result.threads), "MKL_NUM_THREADS": str(result.threads)}
+    env.pop("STAGEWISE_RUN_ID", None)
+    cmd = [sys.executable, str(ROOT / "train.py"), *stages[-1].overrides, f"model.name_or_path={previous_final}",
+           f"stage.max_staleness={k}", f"seed={result.seed}", f"run_id={run_id}", f"paths.output_dir={workdir}",
+           "resume=never", *extra]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    seconds = time.monotonic() - start
+    (workdir / f"{run_id}.log").write_text(proc.stdout + proc.stderr)
+    folders = sorted(workdir.glob(f"*/{run_id}"))
+    return RunResult(result.seed, result.threads, seconds, proc.returncode, str(folders[-1]) if folders else "",
+                     [stage_curve(folders[-1])] if folders else [],
+                     "" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or [""])[-1])
+
+
+def staleness_table(pairs: list[tuple[RunResult, int, RunResult]], metric: str) -> str:
+    """Each k's RL stage beside the synchronous one of the same pipeline run."""
+    head = ["seed", "threads", "sync margin (pts)", "sync RL s", "k", "async margin (pts)", "async RL s", "speed-up"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for sync, k, again in pairs:
+        state = json.loads((Path(sync.folder) / "pipeline_state.json").read_text())
+        sync_s = state["finished"][-1]["seconds"]
+        m0, m1 = margin(sync, metric), margin(again, metric)
+        fmt = lambda m: "-" if m is None else f"{100 * m:+.1f}"  # noqa: E731
+        ok = again.returncode == 0
+        lines.append(f"| {sync.seed} | {sync.threads} | {fmt(m0)} | {sync_s:.0f} | {k} | "
+                     f"{fmt(m1) if ok else f'failed: {again.error}'} | {again.seconds:.0f} | "
+                     f"{sync_s / again.seconds:.2f}x |")
+    return "\n".join(lines)
+
+
 def margin(result: RunResult, metric: str) -> float | None:
     last = result.stages[-1] if result.stages else None
     if last is None or metric not in last.start or metric not in last.end:
@@ -141,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", default="eval/accuracy")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--max-staleness", type=int, nargs="*", default=[],
+                        help="rerun each pipeline's RL stage asynchronously with these stage.max_staleness values")
     parser.add_argument("--rollout", default="hf", choices=["hf", "vllm"],
                         help="generation engine of every stage (vllm: the colocated engine; vLLM's CPU build on CPU)")
     args = parser.parse_args(argv)
@@ -163,6 +211,16 @@ def main(argv: list[str] | None = None) -> int:
         results = list(pool.map(one, grid))
     print(f"\npipeline={args.pipeline} {' '.join(extra)}".rstrip() + f", metric {args.metric}, held-out greedy\n")
     print(table(results, args.metric))
+    pairs = []
+    for result in results:
+        for k in args.max_staleness if result.returncode == 0 else []:
+            again = rl_stage_again(args.pipeline, result, k, workdir, extra)
+            print(f"  seed {result.seed} threads {result.threads} k={k}: exit {again.returncode}, "
+                  f"{again.seconds:.0f} s", flush=True)
+            pairs.append((result, k, again))
+    if pairs:
+        print(f"\nRL stage, synchronous vs stage.max_staleness=k (same seed, threads and engine), metric {args.metric}\n")
+        print(staleness_table(pairs, args.metric))
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ | {"stages": [s.__dict__ for s in r.stages]} for r in results],
                                         indent=2, default=str))

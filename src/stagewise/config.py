@@ -237,6 +237,10 @@ class GRPOStage(TrainingStageBase):
     mini_batch_size: int = 0  # prompts per optimizer step inside one rollout batch; 0 = all (on-policy)
     ppo_epochs: int = 1
     samples_steps: int = 1  # write samples/step_<N>.parquet every N steps; 0 = never
+    # asynchronous GRPO: the next batches are generated while this one trains, on weights at most this many steps
+    # old (0 = synchronous); generation runs in its own process with generator_threads torch threads
+    max_staleness: int = 0
+    generator_threads: int = 1
 
 
 @dataclass

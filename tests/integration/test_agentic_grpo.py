@@ -25,7 +25,7 @@ from stagewise.models import load_model_and_tokenizer
 from stagewise.rewards import RewardRunner
 from stagewise.rollout import SamplingParams
 from stagewise.rollout.multiturn import STOP_TAGS, MultiTurnRollout, encode_observations, single_token_id
-from stagewise.stages.grpo import StepPlan, collect_groups, make_mini_batches
+from stagewise.stages.grpo import StepPlan, SyncBatches, collect_groups, make_mini_batches
 from stagewise.training.policy_update import StepContext, train_on_batch
 from stagewise.tracking.rl_metrics import PhaseTimer
 from stagewise.training.batching import collate
@@ -262,7 +262,8 @@ def test_one_grpo_step_trains_only_policy_tokens(tok, tmp_path):
     plan = StepPlan(prompts_per_step=2, n=2, mini_batches=1, ppo_epochs=1, steps_per_epoch=1, total_steps=1,
                     world=1, per_device_batch_size=4, filter_groups=False, max_resample_rounds=0)
     with RewardRunner(cfg.reward) as rewards:
-        groups = collect_groups(acc, agent, rewards, train_ds, TrainState(), plan, cfg.algorithm, PhaseTimer())
+        groups = collect_groups(acc, SyncBatches(agent, train_ds, TrainState(), plan), rewards, plan, cfg.algorithm,
+                                PhaseTimer())
     arrays = groups.log_arrays
     assert arrays["reward/deepanalyze"].tolist() == [1.0, 0.0, 1.0, 0.0]  # right answer vs "?"
     assert arrays["env/turns"].tolist() == [2.0] * 4 and arrays["env/code_errors"].tolist() == [0.0] * 4

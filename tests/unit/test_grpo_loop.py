@@ -15,7 +15,7 @@ from stagewise.models import load_model_and_tokenizer
 from stagewise.rewards import RewardRunner
 from stagewise.rollout import SamplingParams
 from stagewise.rollout.hf import HFRollout
-from stagewise.stages.grpo import StepPlan, collect_groups, make_mini_batches
+from stagewise.stages.grpo import StepPlan, SyncBatches, collect_groups, make_mini_batches
 from stagewise.training.policy_update import StepContext, train_on_batch
 from stagewise.tracking.rl_metrics import PhaseTimer, rollout_statistics
 from stagewise.tracking.window import Window
@@ -236,7 +236,7 @@ def test_dynamic_sampling_keeps_varied_groups_and_refills(acc, prompt_data, cfg)
     plan.seed = 5
     state = TrainState()
     torch.manual_seed(0)
-    groups = collect_groups(acc, rollout, rewards, ds, state, plan, alg, PhaseTimer())
+    groups = collect_groups(acc, SyncBatches(rollout, ds, state, plan), rewards, plan, alg, PhaseTimer())
 
     order = np.random.default_rng([5, 0]).permutation(20)  # the epoch's prompt order for seed 5
     answers = [int(ds[int(i)]["answer"]) for i in order]
@@ -273,7 +273,8 @@ def test_truncated_completions_are_masked_when_asked(acc, prompt_data, cfg):
     rewards = RewardRunner({"functions": [{"name": f"{__file__}:parity_reward"}]})
     for mask_truncated in (False, True):
         alg = OmegaConf.merge(cfg.algorithm, {"mask_truncated": mask_truncated})
-        groups = collect_groups(acc, rollout, rewards, ds, TrainState(), plan_for(2, n=2, prompts=2), alg,
+        plan = plan_for(2, n=2, prompts=2)
+        groups = collect_groups(acc, SyncBatches(rollout, ds, TrainState(), plan), rewards, plan, alg,
                                 PhaseTimer())
         assert [s.trained for s in groups.samples] == [not mask_truncated] * 4
         mb = collate(groups.samples, tok.pad_token_id, "cpu")

@@ -53,6 +53,7 @@ Where we depart from peers:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -69,6 +70,7 @@ from stagewise.models import frozen_copy, load_model_and_tokenizer, num_params
 from stagewise.rewards import RewardRunner
 from stagewise.rewards.runner import data_files
 from stagewise.rollout import RolloutBatch, build_generator, check_sampling, generate, reward_columns
+from stagewise.rollout.async_generation import AsyncGenerator, trainer_threads
 from stagewise.run_folder import RunFolder
 from stagewise.tracking import Tracker, progress
 from stagewise.tracking.console import format_grpo_console
@@ -125,7 +127,9 @@ def run(cfg: TrainConfig) -> dict:
     if ref_model is not None:
         ref_model.to(acc.device)
     policy = acc.unwrap_model(model)
-    tis = alg.tis_cap is not None and ro.backend != "hf"
+    asynchronous = st.max_staleness > 0
+    # engine log-probs: vLLM's (TIS), or the generator process's (the decoupled objective's behaviour policy)
+    tis = alg.tis_cap is not None and (ro.backend != "hf" or asynchronous)
     # env=code_sandbox: the multi-turn agent loop drives the backend
     rollout = build_generator(cfg, policy, tokenizer, accelerator=acc, run_dir=run_folder.root, return_logprobs=tis)
     ckpt = CheckpointManager(acc, run_folder, keep_last=st.save_total_limit)
@@ -139,6 +143,8 @@ def run(cfg: TrainConfig) -> dict:
     ctx = StepContext(acc=acc, model=model, policy=policy, ref_model=ref_model, tokenizer=tokenizer,
                       loss=PolicyLossSettings.from_config(alg, ro.max_new_tokens), alg=alg, hw=hw,
                       temperature=float(ro.temperature), use_tis=tis)
+    batches = (AsyncBatches.start(cfg, policy, train_ds, state, plan) if asynchronous
+               else SyncBatches(rollout, train_ds, state, plan))
     if acc.is_main_process:
         log.info("grpo: %d train prompts, %s eval, %.2fM params (%.2fM trainable); %s", len(train_ds),
                  len(eval_ds) if eval_ds is not None else "no", num_params(policy) / 1e6,
@@ -161,8 +167,9 @@ def run(cfg: TrainConfig) -> dict:
         timer = PhaseTimer()
         step_start = time.perf_counter()
         # 1-3. rollouts, rewards, advantages (dynamic sampling refills groups with identical rewards)
-        groups = collect_groups(acc, rollout, rewards, train_ds, state, plan, alg, timer)
-        # 4. micro-batches, old and reference log-probs
+        groups = collect_groups(acc, batches, rewards, plan, alg, timer)
+        # 4. micro-batches, old and reference log-probs (old = the decoupled objective's proximal policy; with one
+        # update per step it is the update's own detached forward, as in the synchronous loop: no extra pass)
         minis = make_mini_batches(ctx, groups.samples, plan, acc)
         with timer("logprobs"):
             fill_old_and_ref_logprobs(ctx, minis, need_old=plan.updates_per_step > 1)
@@ -173,15 +180,16 @@ def run(cfg: TrainConfig) -> dict:
             warn_nothing_trained(groups.groups_kept, len(groups.rounds), ro.max_new_tokens)
         no_signal.add(groups.frac_zero_std, groups.log_arrays.get("reward/total"))
         with timer("sync"):
-            rollout.sync_weights(policy)
+            batches.push_weights(policy, version=state.step + 1)
 
         # bookkeeping
         state.step += 1
+        batches.after_step(state.step)
         state.extra["num_tokens"] = state.extra.get("num_tokens", 0) + groups.num_tokens
         bar.update(1)
         timer.add("step", time.perf_counter() - step_start)
         # metrics.jsonl (and W&B / TensorBoard) get every step; the console a summary of each logging window
-        step_scalars = {**update.logged(), **groups.sampling_metrics(),
+        step_scalars = {**update.logged(), **groups.sampling_metrics(), **batches.metrics(),
                         **{f"time/{k}": v for k, v in timer.seconds.items()}}
         window.add(step_scalars, arrays=groups.log_arrays, step_seconds=timer.seconds["step"])
         progress_now = {"lr": scheduler.get_last_lr()[0], "num_tokens": state.extra["num_tokens"],
@@ -208,6 +216,7 @@ def run(cfg: TrainConfig) -> dict:
     # ------------------------------------------------------------------ cleanup
     tracker.close()
     rewards.close()
+    batches.close()
     rollout.close()
     if acc.is_main_process:
         log.info("saved %s", run_folder.final)
@@ -239,6 +248,19 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("stage=grpo needs at least one reward: set reward=<preset> or reward.functions")
     if cfg.hardware.per_device_batch_size < 1:
         raise ValueError(f"hardware.per_device_batch_size={cfg.hardware.per_device_batch_size!r} must be >= 1")
+    if st.max_staleness < 0 or st.generator_threads < 1:
+        raise ValueError(f"stage.max_staleness={st.max_staleness!r} must be >= 0 and stage.generator_threads="
+                         f"{st.generator_threads!r} >= 1")
+    if st.max_staleness > 0:  # what asynchronous GRPO does not run yet, each with the setting to change
+        limits = [(ro.backend != "hf", f"rollout={ro.backend} (the generator process runs rollout=hf)"),
+                  (cfg.hardware.num_processes * cfg.hardware.num_machines > 1, "more than one training process"),
+                  (cfg.model.lora.enabled, "model.lora.enabled=true (the generator loads full weights)"),
+                  (cfg.algorithm.max_resample_rounds > 0, "algorithm.max_resample_rounds > 0"),
+                  (cfg.algorithm.tis_cap is None, "algorithm.tis_cap=null (the off-policy correction needs a cap)")]
+        bad = [why for cond, why in limits if cond]
+        if bad:
+            raise ValueError(f"stage.max_staleness={st.max_staleness} (asynchronous GRPO) does not run with "
+                             f"{'; '.join(bad)}: change it or set stage.max_staleness=0")
 
 
 def micro_batches_per_update(stage, n: int, world: int, per_device_batch_size: int) -> int:
@@ -325,6 +347,95 @@ def next_prompt_rows(state: TrainState, plan: StepPlan, num_rows: int) -> np.nda
 
 
 # ============================================================================================ rollouts
+class SyncBatches:
+    """The synchronous loop's batches: step ``s``'s prompts generated when step ``s`` asks, on its weights."""
+
+    def __init__(self, rollout, train_ds, state: TrainState, plan: StepPlan):
+        self.rollout, self.train_ds, self.state, self.plan = rollout, train_ds, state, plan
+
+    def next_round(self, acc) -> tuple:
+        """The next prompt batch's dataset columns (this rank's rows) and its completions; advances ``state``."""
+        rows = next_prompt_rows(self.state, self.plan, len(self.train_ds))
+        columns = self.train_ds[[int(i) for i in rows[acc.process_index::acc.num_processes]]]
+        return columns, generate(self.rollout, columns)
+
+    def push_weights(self, policy, version: int) -> None:
+        self.rollout.sync_weights(policy)
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def metrics(self) -> Dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class AsyncBatches(SyncBatches):
+    """``stage.max_staleness`` = k > 0: batches from the generator process (`stagewise.rollout.async_generation`).
+    Jobs are submitted k + 1 steps ahead from their own copy of the prompt position; ``state`` (what a checkpoint
+    saves) advances only when a batch is trained on, so a resume generates the in-flight batches again: no prompt is
+    lost or used twice. Each sample records the policy version it was generated with (``policy_version``)."""
+
+    def __init__(self, generator: AsyncGenerator, train_ds, state: TrainState, plan: StepPlan, max_staleness: int,
+                 threads_before: int):
+        super().__init__(None, train_ds, state, plan)
+        self.generator, self.max_staleness, self.threads_before = generator, max_staleness, threads_before
+        self.ahead = copy.deepcopy(state)  # the submission position, up to k + 1 batches past ``state``
+        self.last: Dict[str, float] = {}
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, policy, train_ds, state: TrainState, plan: StepPlan) -> "AsyncBatches":
+        st = stage_as(cfg, GRPOStage)
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(trainer_threads(st.generator_threads))  # the generator's cores are its own
+        log.info("asynchronous GRPO: a generator process (%d torch thread(s); the trainer keeps %d) generates up to "
+                 "%d step(s) ahead", st.generator_threads, torch.get_num_threads(), st.max_staleness)
+        batches = cls(AsyncGenerator(cfg, policy, version=state.step, threads=st.generator_threads), train_ds,
+                      state, plan, st.max_staleness, threads_before)
+        for step in range(state.step, min(state.step + st.max_staleness + 1, plan.total_steps)):
+            batches.submit(step)
+        return batches
+
+    def submit(self, step: int) -> None:
+        rows = [int(i) for i in next_prompt_rows(self.ahead, self.plan, len(self.train_ds))]
+        self.generator.submit(step, rows, self.train_ds[rows])
+
+    def next_round(self, acc) -> tuple:
+        rows = [int(i) for i in next_prompt_rows(self.state, self.plan, len(self.train_ds))]
+        start = time.perf_counter()
+        got = self.generator.take()
+        staleness = self.state.step - got.version
+        if got.rows != rows or not 0 <= staleness <= self.max_staleness:
+            raise RuntimeError(f"asynchronous GRPO: step {self.state.step} got the batch of rows {got.rows[:4]}... "
+                               f"generated at version {got.version} (expected rows {rows[:4]}..., staleness <= "
+                               f"{self.max_staleness})")
+        got.batch.env_columns["policy_version"] = [got.version] * len(got.batch)
+        self.last = {"async/staleness": float(staleness), "async/policy_version": float(got.version),
+                     "async/wait_s": time.perf_counter() - start, "async/generate_s": got.generate_s,
+                     "async/generator_idle_s": got.idle_s, "async/weight_load_s": got.load_s}
+        return self.train_ds[rows], got.batch
+
+    def push_weights(self, policy, version: int) -> None:
+        start = time.perf_counter()
+        self.generator.publish(policy, version)
+        self.last["async/push_s"] = time.perf_counter() - start
+
+    def after_step(self, step: int) -> None:
+        if step + self.max_staleness < self.plan.total_steps:
+            self.submit(step + self.max_staleness)
+        if step >= self.plan.total_steps:  # nothing left to generate: the final eval gets every thread back
+            torch.set_num_threads(self.threads_before)
+
+    def metrics(self) -> Dict[str, float]:
+        return dict(self.last)
+
+    def close(self) -> None:
+        self.generator.close()
+        torch.set_num_threads(self.threads_before)
+
+
 @dataclass
 class GenerationRound:
     """One prompt batch generated and scored on this rank (``L`` prompts x ``n`` samples = ``N`` rows)."""
@@ -365,7 +476,7 @@ class Groups:
         return sample_records(self.rounds, self.rank, self.n, self.advantages)
 
 
-def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainState, plan: StepPlan, alg,
+def collect_groups(acc, batches: SyncBatches, rewards: RewardRunner, plan: StepPlan, alg,
                    timer: "PhaseTimer") -> Groups:
     """Generate, score and keep groups for one step. With ``filter_zero_std_groups``, groups whose rewards are all
     equal are dropped and further prompt batches are generated (at most ``max_resample_rounds`` more) until
@@ -375,11 +486,8 @@ def collect_groups(acc, rollout, rewards: RewardRunner, train_ds, state: TrainSt
     rounds: List[GenerationRound] = []
     kept_global: List[GroupKey] = []  # in generation order
     for round_idx in range(plan.max_resample_rounds + 1 if plan.filter_groups else 1):
-        rows = next_prompt_rows(state, plan, len(train_ds))
-        mine = [int(i) for i in rows[rank::world]]
-        columns = train_ds[mine]
-        with timer("generate"):
-            batch = generate(rollout, columns)
+        with timer("generate"):  # asynchronous: the wait for the generator process
+            columns, batch = batches.next_round(acc)
         if batch.timing is not None:  # multi-turn: of time/generate, the seconds spent in the env (code runs)
             timer.add("env", batch.timing.env_s)
         with timer("score"):
