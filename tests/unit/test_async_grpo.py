@@ -139,3 +139,27 @@ def test_generator_process_serves_fresh_enough_batches_and_a_restart_consumes_ea
     assert first + rest == order  # the in-flight batches were generated again: every prompt once, in order
     assert sorted(a for batch in order for a in batch) == sorted(ds["answer"])
     assert math.isfinite(resumed.last["async/push_s"]) and resumed.last["async/generate_s"] > 0
+
+
+def test_the_grpo_stage_runs_asynchronously_and_logs_versions(tmp_path):
+    """``stage.max_staleness=1`` through the GRPO stage: every step logs its staleness (<= 1) and the version it
+    trained on, the samples parquet records each completion's version, and the trainer gets its threads back."""
+    import json
+
+    import pandas as pd
+
+    from conftest import run_stage_in_process
+
+    threads = torch.get_num_threads()
+    run = run_stage_in_process(["experiment=tiny/grpo", "stage.max_staleness=1", "stage.max_steps=3",
+                                "stage.prompts_per_step=4", "rollout.n=4", "rollout.max_new_tokens=8",
+                                "stage.num_eval_prompts=4", "stage.samples_steps=3", "logger.progress_bar=false"],
+                               tmp_path / "run")
+    assert torch.get_num_threads() == threads
+    steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "async/staleness" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:  # step s trains on a batch generated at version s - 1 - staleness, never older than k = 1
+        assert r["async/staleness"] in (0.0, 1.0) and r["async/policy_version"] == r["step"] - 1 - r["async/staleness"]
+        assert r["async/push_s"] >= 0 and r["async/wait_s"] >= 0 and "tis/weight_mean" in r
+    samples = pd.read_parquet(run / "samples" / "step_3.parquet")
+    assert len(samples) == 16 and set(samples["policy_version"]) == {steps[-1]["async/policy_version"]}
