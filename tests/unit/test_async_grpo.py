@@ -14,7 +14,8 @@ from conftest import compose
 from stagewise.algorithms import policy_loss, truncated_is_weights
 from stagewise.hydra_config import typed_config
 from stagewise.models import load_model_and_tokenizer
-from stagewise.stages.grpo import AsyncBatches, StepPlan, check_config, next_prompt_rows
+from stagewise.rollout.prompt_batches import AsyncBatches, next_prompt_rows
+from stagewise.stages.grpo import StepPlan, check_config
 from stagewise.training import TrainState
 from stagewise.training.batching import RowLayout
 

@@ -15,7 +15,8 @@ from stagewise.models import load_model_and_tokenizer
 from stagewise.rewards import RewardRunner
 from stagewise.rollout import SamplingParams
 from stagewise.rollout.hf import HFRollout
-from stagewise.stages.grpo import StepPlan, SyncBatches, collect_groups, make_mini_batches
+from stagewise.rollout.prompt_batches import SyncBatches
+from stagewise.stages.grpo import StepPlan, collect_groups, make_mini_batches
 from stagewise.training.policy_update import StepContext, train_on_batch
 from stagewise.tracking.rl_metrics import PhaseTimer, rollout_statistics
 from stagewise.tracking.window import Window

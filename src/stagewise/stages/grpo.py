@@ -30,6 +30,10 @@ One step (``stage.*``, ``rollout.*``, ``algorithm.*``, ``hardware.*``):
      ranks, so accumulation is exact for every ``algorithm.loss_agg``
   6. with vLLM: truncated importance sampling against the engine's log-probs (``algorithm.tis_cap``; null = off),
      and the new weights are pushed to the engine (LoRA merged) before the next generation
+With ``stage.max_staleness`` = k > 0 (asynchronous GRPO) steps 1-2 run ahead in a generator process, on weights at
+most k steps old (`stagewise.rollout.prompt_batches`, `stagewise.rollout.async_generation`); the loss is then the
+decoupled objective: the clip against the trainer's log-probs at the step's weights (the old log-probs), the TIS
+weights against the generator's (behaviour) log-probs.
 Logs TRL's metric set for every step in metrics.jsonl (and W&B / TensorBoard), and every ``logging_steps`` the
 R1-Zero tutorial's console block over the steps since the last one (see `stagewise.tracking.console`);
 ``samples/step_<N>.parquet`` every ``samples_steps``; held-out mean reward (greedy) at step 0, every ``eval_steps``
@@ -53,7 +57,6 @@ Where we depart from peers:
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -69,8 +72,8 @@ from stagewise.data import load_prompt_dataset
 from stagewise.models import frozen_copy, load_model_and_tokenizer, num_params
 from stagewise.rewards import RewardRunner
 from stagewise.rewards.runner import data_files
-from stagewise.rollout import RolloutBatch, build_generator, check_sampling, generate, reward_columns
-from stagewise.rollout.async_generation import AsyncGenerator, trainer_threads
+from stagewise.rollout import RolloutBatch, build_generator, check_sampling, reward_columns
+from stagewise.rollout.prompt_batches import AsyncBatches, SyncBatches
 from stagewise.run_folder import RunFolder
 from stagewise.tracking import Tracker, progress
 from stagewise.tracking.console import format_grpo_console
@@ -336,106 +339,7 @@ class StepPlan:
                 f"rows {self.layout.value}")
 
 
-# ============================================================================================ prompts
-def next_prompt_rows(state: TrainState, plan: StepPlan, num_rows: int) -> np.ndarray:
-    """The next ``prompts_per_step`` dataset rows; advances ``state`` (epoch, batch_in_epoch)."""
-    order = state.epoch_order(num_rows, plan.seed)
-    p = plan.prompts_per_step
-    rows = order[state.batch_in_epoch * p:(state.batch_in_epoch + 1) * p]
-    state.advance(plan.steps_per_epoch)
-    return rows
-
-
 # ============================================================================================ rollouts
-class SyncBatches:
-    """The synchronous loop's batches: step ``s``'s prompts generated when step ``s`` asks, on its weights."""
-
-    def __init__(self, rollout, train_ds, state: TrainState, plan: StepPlan):
-        self.rollout, self.train_ds, self.state, self.plan = rollout, train_ds, state, plan
-
-    def next_round(self, acc) -> tuple:
-        """The next prompt batch's dataset columns (this rank's rows) and its completions; advances ``state``."""
-        rows = next_prompt_rows(self.state, self.plan, len(self.train_ds))
-        columns = self.train_ds[[int(i) for i in rows[acc.process_index::acc.num_processes]]]
-        return columns, generate(self.rollout, columns)
-
-    def push_weights(self, policy, version: int) -> None:
-        self.rollout.sync_weights(policy)
-
-    def after_step(self, step: int) -> None:
-        pass
-
-    def metrics(self) -> Dict[str, float]:
-        return {}
-
-    def close(self) -> None:
-        pass
-
-
-class AsyncBatches(SyncBatches):
-    """``stage.max_staleness`` = k > 0: batches from the generator process (`stagewise.rollout.async_generation`).
-    Jobs are submitted k + 1 steps ahead from their own copy of the prompt position; ``state`` (what a checkpoint
-    saves) advances only when a batch is trained on, so a resume generates the in-flight batches again: no prompt is
-    lost or used twice. Each sample records the policy version it was generated with (``policy_version``)."""
-
-    def __init__(self, generator: AsyncGenerator, train_ds, state: TrainState, plan: StepPlan, max_staleness: int,
-                 threads_before: int):
-        super().__init__(None, train_ds, state, plan)
-        self.generator, self.max_staleness, self.threads_before = generator, max_staleness, threads_before
-        self.ahead = copy.deepcopy(state)  # the submission position, up to k + 1 batches past ``state``
-        self.last: Dict[str, float] = {}
-
-    @classmethod
-    def start(cls, cfg: TrainConfig, policy, train_ds, state: TrainState, plan: StepPlan) -> "AsyncBatches":
-        st = stage_as(cfg, GRPOStage)
-        threads_before = torch.get_num_threads()
-        torch.set_num_threads(trainer_threads(st.generator_threads))  # the generator's cores are its own
-        log.info("asynchronous GRPO: a generator process (%d torch thread(s); the trainer keeps %d) generates up to "
-                 "%d step(s) ahead", st.generator_threads, torch.get_num_threads(), st.max_staleness)
-        batches = cls(AsyncGenerator(cfg, policy, version=state.step, threads=st.generator_threads), train_ds,
-                      state, plan, st.max_staleness, threads_before)
-        for step in range(state.step, min(state.step + st.max_staleness + 1, plan.total_steps)):
-            batches.submit(step)
-        return batches
-
-    def submit(self, step: int) -> None:
-        rows = [int(i) for i in next_prompt_rows(self.ahead, self.plan, len(self.train_ds))]
-        self.generator.submit(step, rows, self.train_ds[rows])
-
-    def next_round(self, acc) -> tuple:
-        rows = [int(i) for i in next_prompt_rows(self.state, self.plan, len(self.train_ds))]
-        start = time.perf_counter()
-        got = self.generator.take()
-        staleness = self.state.step - got.version
-        if got.rows != rows or not 0 <= staleness <= self.max_staleness:
-            raise RuntimeError(f"asynchronous GRPO: step {self.state.step} got the batch of rows {got.rows[:4]}... "
-                               f"generated at version {got.version} (expected rows {rows[:4]}..., staleness <= "
-                               f"{self.max_staleness})")
-        got.batch.env_columns["policy_version"] = [got.version] * len(got.batch)
-        self.last = {"async/staleness": float(staleness), "async/policy_version": float(got.version),
-                     "async/wait_s": time.perf_counter() - start, "async/generate_s": got.generate_s,
-                     "async/generator_idle_s": got.idle_s, "async/weight_load_s": got.load_s}
-        return self.train_ds[rows], got.batch
-
-    def push_weights(self, policy, version: int) -> None:
-        start = time.perf_counter()
-        self.generator.publish(policy, version)
-        self.last["async/push_s"] = time.perf_counter() - start
-
-    def after_step(self, step: int) -> None:
-        if step + self.max_staleness < self.plan.total_steps:
-            self.submit(step + self.max_staleness)
-        if step >= self.plan.total_steps:  # nothing left to generate: the final eval gets every thread back
-            torch.set_num_threads(self.threads_before)
-
-    def metrics(self) -> Dict[str, float]:
-        return dict(self.last)
-
-    def close(self) -> None:
-        self.generator.close()
-        torch.set_num_threads(self.threads_before)
-
-
 @dataclass
 class GenerationRound:
     """One prompt batch generated and scored on this rank (``L`` prompts x ``n`` samples = ``N`` rows)."""
