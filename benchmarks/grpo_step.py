@@ -263,6 +263,11 @@ def main() -> None:
         print(f"  {name:<22} {v:7.3f} {best['TRL'] / v:8.2f}x")
     padded, packed = list(runs)
     training = {name: phases[name]["logprobs"] + phases[name]["update"] for name in runs}
+    generation = [phases[name]["generate"] for name in runs]
+    if max(generation) > 1.25 * min(generation):  # the same work in both runs: a gap is the machine, not the code
+        print(f"  WARNING: generation, the same work in both runs, took {generation[0]:.2f} s (padded) and "
+              f"{generation[1]:.2f} s (packed): something else used the CPU during one of them, so the ratios below "
+              f"are not reliable; rerun on an idle machine or with --repeats 3 (each run keeps its best median)")
     print(f"  packed / padded speed-up: {best[padded] / best[packed]:.2f}x per step, "
           f"{training[padded] / training[packed]:.2f}x in the training phases (log-probs + update; generation is "
           f"the same work in both)")
