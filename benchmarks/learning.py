@@ -16,7 +16,8 @@ held-out completion length and format compliance at the start and end of the las
 Then the margin's mean and sample standard deviation over all runs. Exit status 1 if a run failed.
 
 ``--max-staleness k [k ...]``: after each pipeline run, its last (RL) stage runs again from the previous stage's
-``final/`` with ``stage.max_staleness=k`` (asynchronous GRPO, same seed and engine), and a second table puts each
+``final/`` with ``stage.max_staleness=k`` (asynchronous GRPO, same seed and engine; ``algorithm.tis_cap=2.0``
+where the stage has none, as asynchronous GRPO needs one), and a second table puts each
 k's margin and RL-stage wall time beside the synchronous stage of the same run (its ``pipeline_state.json``
 seconds), with the speed-up.
 
@@ -102,12 +103,15 @@ def rl_stage_again(pipeline: str, result: RunResult, k: int, workdir: Path, extr
     from stagewise.hydra_config import compose
 
     stages = compose([f"pipeline={pipeline}"]).pipeline.stages
+    overrides = list(stages[-1].overrides)
+    if compose(overrides).algorithm.tis_cap is None:  # asynchronous GRPO corrects with capped weights: the default cap
+        overrides.append("algorithm.tis_cap=2.0")
     state = json.loads((Path(result.folder) / "pipeline_state.json").read_text())
     previous_final = state["finished"][-2]["outputs"]["final"]
     run_id = f"learning_{pipeline}_s{result.seed}_t{result.threads}_k{k}"
     env = {**os.environ, "OMP_NUM_THREADS": str(result.threads), "MKL_NUM_THREADS": str(result.threads)}
     env.pop("STAGEWISE_RUN_ID", None)
-    cmd = [sys.executable, str(ROOT / "train.py"), *stages[-1].overrides, f"model.name_or_path={previous_final}",
+    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"model.name_or_path={previous_final}",
            f"stage.max_staleness={k}", f"seed={result.seed}", f"run_id={run_id}", f"paths.output_dir={workdir}",
            "resume=never", *extra]
     start = time.monotonic()
