@@ -15,7 +15,10 @@ import time
 
 import pytest
 
-from conftest import REPO, metric_by_step, run_train
+import torch
+import yaml
+
+from conftest import REPO, metric_by_step, run_stage_in_process, run_train
 
 CONF = REPO / "tests" / "fixtures" / "conf"
 ARGS = ["pipeline=preempt_test", f"hydra.searchpath=[file://{CONF}]", "logger.progress_bar=false"]
@@ -57,11 +60,19 @@ def test_signal_pipeline_mid_stage_then_rerun_equals_uninterrupted(tmp_path):
     state = json.loads((cut / "pipeline_state.json").read_text())
     assert [r["name"] for r in state["finished"]] == ["sft1", "sft2"] and state["interrupted"] is None
 
-    other = tmp_path / "outputs" / "train" / "straight"  # the same pipeline never interrupted
-    proc = run_train([*ARGS, "run_id=straight"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    for stage in ("00_sft1", "01_sft2"):
-        got, want = metric_by_step(cut / stage / "metrics.jsonl", "loss"), metric_by_step(other / stage / "metrics.jsonl", "loss")
+    # the same two stages never interrupted, run in this process (one thread, as the pipeline's were), sft2 from
+    # sft1's final/ as the pipeline wires it
+    stages = yaml.safe_load((CONF / "pipeline" / "preempt_test.yaml").read_text())["stages"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sft1 = run_stage_in_process(stages[0]["overrides"], tmp_path / "straight" / "00_sft1")
+        sft2 = run_stage_in_process([*stages[1]["overrides"], f"model.name_or_path={sft1 / 'final'}"],
+                                    tmp_path / "straight" / "01_sft2")
+    finally:
+        torch.set_num_threads(threads)
+    for stage, straight in (("00_sft1", sft1), ("01_sft2", sft2)):
+        got, want = metric_by_step(cut / stage / "metrics.jsonl", "loss"), metric_by_step(straight / "metrics.jsonl", "loss")
         assert sorted(got) == sorted(want) and got == want, stage
-    assert json.loads((cut / "pipeline_summary.json").read_text())["sft2"]["loss"] == \
-        json.loads((other / "pipeline_summary.json").read_text())["sft2"]["loss"]
+    want = metric_by_step(sft2 / "metrics.jsonl", "loss")
+    assert json.loads((cut / "pipeline_summary.json").read_text())["sft2"]["loss"] == want[max(want)]
