@@ -40,7 +40,7 @@ _POLL_S = 1.0  # how often a waiting generator checks that the trainer is still 
 
 class WeightBoard:
     """The policy's weights in shared memory with a version: the trainer `publish`es after a step, the generator
-    `load_into`s its copy before a job. ``names``: the tensors pushed (the trainer's state dict)."""
+    `load_into`s its copy before a job; the tensors are the trainer's state dict."""
 
     def __init__(self, state_dict: Dict[str, torch.Tensor], version: int):
         self.tensors = {name: t.detach().to("cpu", copy=True).contiguous().share_memory_()
