@@ -86,12 +86,24 @@ def build_accelerator(hw: HardwareConfig, max_grad_norm: float = 0.0, accum_step
                              "(DeepSpeed would pick the visible GPU)")
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        skip_deepspeed_shm_allreduce_build()
         cpu = False
     acc = Accelerator(cpu=cpu, mixed_precision=mp, deepspeed_plugin=plugin, kwargs_handlers=handlers,
                       step_scheduler_with_optimizer=False)
     log.info("accelerator: %s, %d process(es), device %s, mixed precision %s", acc.distributed_type.value,
              acc.num_processes, acc.device, mp)
     return acc
+
+
+def skip_deepspeed_shm_allreduce_build() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce op (``deepspeed_shm_comm``) when it initialises on
+    CPU. It is built with g++ on a machine's first CPU init (~35 s, before the first step), and only
+    ``inference_all_reduce`` (tensor-parallel inference) calls it: ZeRO's all-gathers and reduce-scatters go through
+    torch.distributed (gloo) either way. Marked incompatible, DeepSpeed skips it as it does on non-Linux systems;
+    ``deepspeed.ops.__compatible_ops__`` is the dict DeepSpeed keeps for such edits (its probe runs once)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def end_run(acc: Accelerator) -> None:
