@@ -34,8 +34,8 @@ def test_the_curriculum_runs_offline_and_rl_moves_task_success(learning_run):
     for stage in ("00_vocab", "01_single_ability", "02_cold_start", "03_rl"):
         assert (run / stage / "final" / "config.json").is_file(), stage
 
-    evals = [json.loads(line) for line in (run / "03_rl" / "metrics.jsonl").read_text().splitlines()
-             if '"eval/accuracy"' in line]
+    metrics = [json.loads(line) for line in (run / "03_rl" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in metrics if "eval/accuracy" in r]
     start, end = evals[0], evals[-1]
     assert (start["step"], end["step"]) == (0, RL_STEPS) and start["eval/num_prompts"] == end["eval/num_prompts"] == 64
     assert start["eval/accuracy"] < 0.1 and start.get("eval/turns/mean", 1.0) < 1.2  # greedy: answers without code
@@ -54,3 +54,13 @@ def test_the_curriculum_runs_offline_and_rl_moves_task_success(learning_run):
     assert set(samples["finish_reason"]) <= {"answer", "eos", "max_turns", "context", "turn_length", "env_error"}
     right = samples[samples["reward_deepanalyze"] == 1.0]
     assert all(str(a) in c for a, c in zip(right["answer"], right["completion"]))  # a 1.0 names the gold answer
+
+    # the rest of an agentic run a user reads: env metrics at every step, the generated workspaces in the cache
+    # folder, and the judge-less reward said in the log
+    steps = [r for r in metrics if "reward/deepanalyze/mean" in r]
+    assert [r["step"] for r in steps] == list(range(1, RL_STEPS + 1))
+    for r in steps:
+        assert r["env/turns/mean"] >= 1.0 and 0.0 <= r["env/code_error_rate"] <= 1.0, r
+        assert r["quality/num_completions"] == 64 and -1.0 <= r["reward/deepanalyze/mean"] <= 1.0, r
+    assert (root / "outputs" / ".cache" / "analysis_tasks" / "files").is_dir()
+    assert "deepanalyze: no judge configured" in (run / "03_rl" / "train.log").read_text()
