@@ -77,21 +77,28 @@ def train_py_in_process(args: list[str], cwd: Path, monkeypatch, capsys) -> subp
     return subprocess.CompletedProcess(sys.argv, code, out.out, out.err)
 
 
-def run_stage_in_process(overrides: list[str], run_dir: Path) -> Path:
+def run_stage_in_process(overrides: list[str], run_dir: Path, threads: int | None = None) -> Path:
     """The single stage ``python train.py <overrides>`` would run, run in this process (no interpreter start, no
     imports: seconds instead of half a minute) into ``run_dir``, its tokenised-data cache beside it. For one-process
-    runs whose console and run-folder setup other tests cover; the signal handler the stage installs is removed."""
+    runs whose console and run-folder setup other tests cover; the signal handler the stage installs is removed.
+    ``threads``: torch's thread count for the run (e.g. 1, to equal a subprocess run with OMP_NUM_THREADS=1)."""
     import importlib
+
+    import torch
 
     from stagewise.hydra_config import compose as compose_typed
     from stagewise.training.preemption import uninstall_preemption_handler
 
     cfg = compose_typed(overrides)
     cfg.run_dir, cfg.paths.cache_dir = str(run_dir), str(run_dir.parent / "cache")
+    run_dir.mkdir(parents=True, exist_ok=True)  # as Hydra makes the job's folder before train.py's main
     stage = importlib.import_module(f"stagewise.stages.{cfg.stage.name}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     try:
         stage.run(cfg)
     finally:
+        torch.set_num_threads(before)
         uninstall_preemption_handler()
     return run_dir
 

@@ -9,7 +9,7 @@ from math import comb
 import pandas as pd
 import pytest
 
-from conftest import only_run_dir, run_train
+from conftest import only_run_dir, run_stage_in_process, run_train
 
 REWARD = '''
 def chars(completions, **columns):
@@ -54,11 +54,10 @@ def test_two_processes_give_the_single_process_numbers(tmp_path):
     (tmp_path / "reward.py").write_text(REWARD)
     common = ["stage=eval", "data=tiny_grpo", "stage.num_eval_prompts=7", "rollout.max_new_tokens=12",
               f"reward.functions=[{{name:'{tmp_path / 'reward.py'}:chars'}}]", "logger.progress_bar=false"]
-    runs = {}
-    for hw in ("cpu", "cpu_2proc"):
-        proc = run_train([*common, f"hardware={hw}", f"task_name={hw}"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[hw] = only_run_dir(tmp_path, hw)
+    proc = run_train([*common, "hardware=cpu_2proc"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {"cpu_2proc": only_run_dir(tmp_path),
+            "cpu": run_stage_in_process([*common, "hardware=cpu"], tmp_path / "one_process", threads=1)}
     one, two = (json.loads((runs[h] / "eval.json").read_text())["metrics"] for h in ("cpu", "cpu_2proc"))
     assert one == two and one["eval/num_prompts"] == 7
     t1, t2 = (pd.read_parquet(runs[h] / "samples" / "step_0.parquet") for h in ("cpu", "cpu_2proc"))

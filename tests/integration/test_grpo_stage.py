@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, only_run_dir, run_train
+from conftest import REPO, only_run_dir, run_stage_in_process, run_train
 
 # The reward: the share of digit characters. The untrained tiny model samples ~1 digit character in 6, so every
 # group's rewards differ from step 0 and every step has a gradient to compare across runs.
@@ -46,9 +46,7 @@ def test_sigkill_then_resume_gives_the_same_steps(tmp_path):
             "rollout.n=4", "rollout.max_new_tokens=8", "stage.prompts_per_step=4", "stage.learning_rate=1e-3",
             "stage.max_steps=8", "stage.save_steps=2", "stage.save_total_limit=1", "stage.logging_steps=1",
             "stage.samples_steps=0", "logger.progress_bar=false"]
-    ref = run_train([*args, "task_name=ref"], tmp_path, env=ENV)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    ref_run = only_run_dir(tmp_path, "ref")
+    ref_run = run_stage_in_process(args, tmp_path / "ref", threads=1)  # never killed; one thread, as the victim
 
     env = {**os.environ, **ENV, "PROJECT_ROOT": str(tmp_path)}
     env.pop("STAGEWISE_RUN_ID", None)

@@ -15,7 +15,6 @@ import time
 
 import pytest
 
-import torch
 import yaml
 
 from conftest import REPO, metric_by_step, run_stage_in_process, run_train
@@ -63,14 +62,9 @@ def test_signal_pipeline_mid_stage_then_rerun_equals_uninterrupted(tmp_path):
     # the same two stages never interrupted, run in this process (one thread, as the pipeline's were), sft2 from
     # sft1's final/ as the pipeline wires it
     stages = yaml.safe_load((CONF / "pipeline" / "preempt_test.yaml").read_text())["stages"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        sft1 = run_stage_in_process(stages[0]["overrides"], tmp_path / "straight" / "00_sft1")
-        sft2 = run_stage_in_process([*stages[1]["overrides"], f"model.name_or_path={sft1 / 'final'}"],
-                                    tmp_path / "straight" / "01_sft2")
-    finally:
-        torch.set_num_threads(threads)
+    sft1 = run_stage_in_process(stages[0]["overrides"], tmp_path / "straight" / "00_sft1", threads=1)
+    sft2 = run_stage_in_process([*stages[1]["overrides"], f"model.name_or_path={sft1 / 'final'}"],
+                                tmp_path / "straight" / "01_sft2", threads=1)
     for stage, straight in (("00_sft1", sft1), ("01_sft2", sft2)):
         got, want = metric_by_step(cut / stage / "metrics.jsonl", "loss"), metric_by_step(straight / "metrics.jsonl", "loss")
         assert sorted(got) == sorted(want) and got == want, stage
