@@ -82,43 +82,42 @@ def wait_for_step(run_dir: Path, proc, n: int, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> Path:
-    """The loop never interrupted (run once for both ways of preempting it): its folder."""
-    straight = tmp_path_factory.mktemp("straight")
-    (straight / "loop.py").write_text(LOOP)
-    q = torchrun(straight / "loop.py", straight)
-    out, _ = q.communicate(timeout=300)
-    assert q.returncode == 0, out
-    return straight
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("how", ["sigterm_to_launcher", "sigusr1_to_rank1"])
-def test_preempt_then_resume_equals_uninterrupted(tmp_path, how, straight):
+def interrupt(p: subprocess.Popen, cut: Path, how: str, after_step: int) -> int:
+    """Preempt the running job ``p`` once it has logged ``after_step``; returns the step it checkpointed at."""
     import torch
 
-    script = tmp_path / "loop.py"
-    script.write_text(LOOP)
-    cut = tmp_path / "cut"
-    cut.mkdir()
-
-    p = torchrun(script, cut)
-    wait_for_step(cut, p, 5)
+    wait_for_step(cut, p, after_step)
     if how == "sigterm_to_launcher":
         p.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
     else:
         os.kill(int((cut / "pid1").read_text()), signal.SIGUSR1)  # only rank 1 hears it
     out, _ = p.communicate(timeout=120)
     assert p.returncode != 0, out
-    assert "will checkpoint at the next step boundary" in out
+    assert "will checkpoint at the next step boundary" in out, (how, out)
     assert not (cut / "DONE").exists()
     stopped_at = torch.load(cut / "ckpt.pt")["step"]
-    assert 5 <= stopped_at < TOTAL and steps(cut)[-1]["step"] == stopped_at  # saved at the step it stopped on
+    assert after_step <= stopped_at < TOTAL and steps(cut)[-1]["step"] == stopped_at  # saved where it stopped
+    return stopped_at
 
-    p = torchrun(script, cut)  # the requeued job: same folder, resumes
+
+@pytest.mark.slow
+def test_preempt_twice_then_resume_equals_uninterrupted(tmp_path):
+    """One job preempted twice, each way (SIGTERM to the launcher, then SIGUSR1 to rank 1 of the requeued job),
+    each time resumed from its checkpoint: it ends with the uninterrupted run's losses and weights."""
+    import torch
+
+    script = tmp_path / "loop.py"
+    script.write_text(LOOP)
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    straight.mkdir(), cut.mkdir()
+    q = torchrun(script, straight)  # the reference runs beside the interrupted job
+    first = interrupt(torchrun(script, cut), cut, "sigterm_to_launcher", 5)
+    interrupt(torchrun(script, cut), cut, "sigusr1_to_rank1", first + 5)  # the requeued job: resumes, then stops
+    p = torchrun(script, cut)  # requeued again: resumes and finishes
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
+    out, _ = q.communicate(timeout=300)
+    assert q.returncode == 0, out
 
     assert [r["step"] for r in steps(cut)] == list(range(1, TOTAL + 1))
     assert [r["loss"] for r in steps(cut)] == [r["loss"] for r in steps(straight)]
