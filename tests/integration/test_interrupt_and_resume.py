@@ -7,7 +7,7 @@ reference run of the same command (built once for the file):
   step boundary, exit 75 and a line saying how to resume; the rerun ends with the reference's per-step losses and
   final eval loss.
 
-GRPO's kill -9 resume is in test_grpo_stage.py, a signal to a pipeline in test_pipeline_preemption.py, torchrun's
+GRPO's kill -9 resume is in test_grpo_stage.py, a signal to a pipeline in test_pipeline_resume.py, torchrun's
 ranks in test_preemption_torchrun.py."""
 
 from __future__ import annotations

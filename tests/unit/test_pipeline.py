@@ -162,7 +162,7 @@ CHILD = ("import signal, sys, time\n"
 @pytest.mark.parametrize("sig, child_exit", [("SIGUSR1", 10), ("SIGTERM", 15)])
 def test_a_signal_to_the_pipeline_is_recorded_and_forwarded_to_the_running_stage(sig, child_exit, capfd):
     """What the pipeline process does with SIGUSR1 and SIGTERM (the whole round trip through a real stage, for
-    SIGUSR1, is test_pipeline_preemption.py): the stage's process gets the same signal, the pipeline records it
+    SIGUSR1, is test_pipeline_resume.py): the stage's process gets the same signal, the pipeline records it
     and says so once, and its own handlers are restored afterwards."""
     import os
     import signal
