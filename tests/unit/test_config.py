@@ -40,11 +40,17 @@ def test_every_config_file_composes(group, option):
         raw = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
         if OmegaConf.is_config(raw.get(group)):  # a global-package file (every stage file) nests its group
             raw = raw[group]
+        def leaves(node, prefix=()):  # (path, value) of every scalar the file sets, nested mappings included
+            for key, value in node.items():
+                if OmegaConf.is_dict(value):
+                    yield from leaves(value, (*prefix, key))
+                elif key != "defaults" and not OmegaConf.is_config(value):
+                    yield (*prefix, key), value
+
         checked = 0
-        for key, value in raw.items():
-            if key == "defaults" or OmegaConf.is_config(value):
-                continue
-            assert cfg[group][key] == value, f"{group}/{option}.yaml sets {key}={value} but composed {cfg[group][key]}"
+        for path, value in leaves(raw):
+            composed = OmegaConf.select(cfg[group], ".".join(path))
+            assert composed == value, f"{group}/{option}.yaml sets {'.'.join(path)}={value} but composed {composed}"
             checked += 1
         assert checked, f"{group}/{option}.yaml: no value checked"
     typed = typed_config(cfg)  # what train.py hands the stage: objects of the chosen schemas, all resolved
