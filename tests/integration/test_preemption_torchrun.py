@@ -109,7 +109,8 @@ def test_preempt_twice_then_resume_equals_uninterrupted(tmp_path):
     script = tmp_path / "loop.py"
     script.write_text(LOOP)
     straight, cut = tmp_path / "straight", tmp_path / "cut"
-    straight.mkdir(), cut.mkdir()
+    straight.mkdir()
+    cut.mkdir()
     q = torchrun(script, straight)  # the reference runs beside the interrupted job
     first = interrupt(torchrun(script, cut), cut, "sigterm_to_launcher", 5)
     interrupt(torchrun(script, cut), cut, "sigusr1_to_rank1", first + 5)  # the requeued job: resumes, then stops
