@@ -164,3 +164,32 @@ def test_the_grpo_stage_runs_asynchronously_and_logs_versions(tmp_path):
         assert r["async/push_s"] >= 0 and r["async/wait_s"] >= 0 and "tis/weight_mean" in r
     samples = pd.read_parquet(run / "samples" / "step_3.parquet")
     assert len(samples) == 16 and set(samples["policy_version"]) == {steps[-1]["async/policy_version"]}
+
+
+def test_weight_board_copies_tied_embeddings_once_and_the_generator_loads_them_tied():
+    """A tied policy (input and output embeddings one tensor): the board keeps one shared tensor for both names,
+    `publish` copies it once, and a copy of the board as the generator process receives it (pickled for spawn)
+    still has one tensor for both names, which `load_into` loads into a tied model."""
+    from multiprocessing.reduction import ForkingPickler
+
+    from stagewise.rollout.async_generation import WeightBoard
+
+    cfg = typed_config(compose(["experiment=tiny/grpo", "model.tiny.tie_word_embeddings=true"]))
+    trainer, _ = load_model_and_tokenizer(cfg.model)
+    generator, _ = load_model_and_tokenizer(cfg.model)
+    names = list(trainer.state_dict())
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(names)
+    board = WeightBoard(trainer.state_dict(), version=0)
+    assert len(board.unique) == len(names) - 1 and "lm_head.weight" not in board.unique
+    assert board.tensors["lm_head.weight"] is board.tensors["model.embed_tokens.weight"]
+    received = copy.copy(board)  # its tensors as spawn pickles them (the version and lock are inherited objects)
+    received.tensors = ForkingPickler.loads(ForkingPickler.dumps(board.tensors))
+    assert received.tensors["lm_head.weight"] is received.tensors["model.embed_tokens.weight"]
+    with torch.no_grad():
+        trainer.get_input_embeddings().weight.add_(1.0)
+        trainer.model.layers[0].mlp.up_proj.weight.mul_(-1.0)
+    board.publish(trainer.state_dict(), version=1)
+    assert received.load_into(generator, have=0) == 1 and received.load_into(generator, have=1) == 1
+    for name, tensor in generator.state_dict().items():
+        assert torch.equal(tensor, trainer.state_dict()[name]), name
+    assert generator.get_output_embeddings().weight is generator.get_input_embeddings().weight

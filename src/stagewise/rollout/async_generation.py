@@ -40,18 +40,26 @@ _POLL_S = 1.0  # how often a waiting generator checks that the trainer is still 
 
 class WeightBoard:
     """The policy's weights in shared memory with a version: the trainer `publish`es after a step, the generator
-    `load_into`s its copy before a job; the tensors are the trainer's state dict."""
+    `load_into`s its copy before a job; the tensors are the trainer's state dict. Names that share one tensor (tied
+    input and output embeddings) share one board tensor, copied once per push."""
 
     def __init__(self, state_dict: Dict[str, torch.Tensor], version: int):
-        self.tensors = {name: t.detach().to("cpu", copy=True).contiguous().share_memory_()
-                        for name, t in state_dict.items()}
+        self.tensors: Dict[str, torch.Tensor] = {}
+        self.unique: List[str] = []  # one name per distinct tensor: what `publish` copies
+        seen: Dict[tuple, torch.Tensor] = {}
+        for name, t in state_dict.items():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            if key not in seen:
+                seen[key] = t.detach().to("cpu", copy=True).contiguous().share_memory_()
+                self.unique.append(name)
+            self.tensors[name] = seen[key]
         self.version = mp.get_context("spawn").Value("q", int(version))
         self.lock = mp.get_context("spawn").Lock()
 
     def publish(self, state_dict: Dict[str, torch.Tensor], version: int) -> None:
         with self.lock, torch.no_grad():
-            for name, tensor in state_dict.items():
-                self.tensors[name].copy_(tensor.detach())
+            for name in self.unique:
+                self.tensors[name].copy_(state_dict[name].detach())
             self.version.value = int(version)
 
     def load_into(self, model: torch.nn.Module, have: int) -> int:

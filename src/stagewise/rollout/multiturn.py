@@ -196,7 +196,7 @@ class MultiTurnRollout:
         self.num_workers = max(1, int(num_workers))
         self.sampling = sampling or getattr(backend, "sampling", None) or SamplingParams()
         self.prewarm = prewarm  # called at the start of each batch with the number of sandboxes to start ahead
-        self._code_trajectories: Optional[int] = None  # trajectories of the last batch that ran code
+        self._code_trajectories: Optional[int] = None  # the most trajectories of one batch that ran code, so far
         self.tag_ids: Dict[str, int] = {}
         for tag in stop_tags:
             tid = single_token_id(tokenizer, tag)
@@ -283,7 +283,7 @@ class MultiTurnRollout:
                 timing, with_logprobs = drive(prompts, trajs, envs, sampling, shared_first_turn)
         finally:
             list(self.pool.map(lambda env: env.close(), envs))
-        self._code_trajectories = sum(t.code_calls > 0 for t in trajs)
+        self._code_trajectories = max(self._code_trajectories or 0, sum(t.code_calls > 0 for t in trajs))
         return self._batch(trajs, n, timing, with_logprobs)
 
     def _lockstep(self, prompts, trajs: List[Trajectory], envs: List[Env], sampling: SamplingParams,
@@ -412,8 +412,11 @@ class MultiTurnRollout:
         return RolloutTiming(generate_s=generate_s, env_s=env_s, turns=requests), with_logprobs
 
     def _prewarm_count(self, trajectories: int) -> int:
-        """How many sandbox processes to start ahead: as many trajectories as ran code in the last batch (each holds
-        one for its whole episode), ``env.num_workers`` for the first batch; at least 1, at most ``trajectories``."""
+        """How many sandbox processes to keep started ahead: the most trajectories that ran code in one batch so far
+        (each holds one for its whole episode), ``env.num_workers`` before the first batch; at least 1, at most
+        ``trajectories``. The most, not the last batch's count: a count that follows the batches up and down stops
+        spare processes after a batch with little code and starts them again (a second of CPU each: the data stack's
+        imports) after the next, and the run's peak memory is the most one batch held anyway."""
         want = self.num_workers if self._code_trajectories is None else self._code_trajectories
         return max(1, min(trajectories, want))
 

@@ -78,6 +78,7 @@ class AsyncBatches(SyncBatches):
         super().__init__(None, train_ds, state, plan)
         self.generator, self.max_staleness, self.threads_before = generator, max_staleness, threads_before
         self.ahead = copy.deepcopy(state)  # the submission position, up to k + 1 batches past ``state``
+        self.submitted: Dict[int, tuple] = {}  # step -> (its dataset rows, their columns), until trained on
         self.last: Dict[str, float] = {}
 
     @classmethod
@@ -95,7 +96,8 @@ class AsyncBatches(SyncBatches):
 
     def submit(self, step: int) -> None:
         rows = [int(i) for i in next_prompt_rows(self.ahead, self.plan, len(self.train_ds))]
-        self.generator.submit(step, rows, self.train_ds[rows])
+        self.submitted[step] = (rows, self.train_ds[rows])
+        self.generator.submit(step, rows, self.submitted[step][1])
 
     def next_round(self, acc) -> tuple:
         rows = [int(i) for i in next_prompt_rows(self.state, self.plan, len(self.train_ds))]
@@ -110,7 +112,10 @@ class AsyncBatches(SyncBatches):
         self.last = {"async/staleness": float(staleness), "async/policy_version": float(got.version),
                      "async/wait_s": time.perf_counter() - start, "async/generate_s": got.generate_s,
                      "async/generator_idle_s": got.idle_s, "async/weight_load_s": got.load_s}
-        return self.train_ds[rows], got.batch
+        if got.batch.timing is not None:  # the generator's code-run seconds: not a part of the trainer's wait
+            self.last["async/env_s"] = got.batch.timing.env_s
+            got.batch.timing = None
+        return self.submitted.pop(self.state.step)[1], got.batch
 
     def push_weights(self, policy, version: int) -> None:
         start = time.perf_counter()
