@@ -1,12 +1,14 @@
 """Scripted generation backends for the multi-turn loop's tests: fixed token ids for each trajectory's next turn, cut
 at the stop ids the loop asks for, as a real backend does. `ScriptedPolicy` is a batch backend (the loop runs it in
 lockstep); `StreamingScriptedPolicy` takes each turn as its own request on a thread, as a vLLM server does (the loop
-streams)."""
+streams); `ReportingScriptedPolicy` is a batch backend that, like ``rollout=hf``, reports each row the moment it
+stops (the loop starts its code run while the call goes on)."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from stagewise.rollout import RolloutBatch
@@ -61,6 +63,28 @@ class ScriptedPolicy:
 
     def close(self):
         pass
+
+
+class ReportingScriptedPolicy(ScriptedPolicy):
+    """`ScriptedPolicy` with ``rollout=hf``'s ``on_finished``: during a call, each row that stopped is reported with
+    its final ids, shortest first (the order a token-by-token generator finishes them in); the call then lingers for
+    ``linger_s`` and records in ``returned_at`` when it returned."""
+
+    reports_finished_rows = True
+
+    def __init__(self, tok, scripts, linger_s: float = 0.0):
+        super().__init__(tok, scripts)
+        self.linger_s, self.returned_at = linger_s, []
+
+    def generate(self, prompts, sampling, on_finished=None):
+        batch = super().generate(prompts, sampling)
+        if on_finished is not None:
+            for j in sorted(range(len(batch)), key=lambda j: len(batch.completion_ids[j])):
+                if not batch.truncated[j]:
+                    on_finished(j, list(batch.completion_ids[j]))
+        time.sleep(self.linger_s)
+        self.returned_at.append(time.monotonic())
+        return batch
 
 
 class StreamingScriptedPolicy(ScriptedPolicy):

@@ -10,6 +10,8 @@ Everything else is real: tokenizer, sandbox processes, files, rewards, the GRPO 
 from __future__ import annotations
 
 
+import time
+
 import pandas as pd
 import pytest
 import torch
@@ -33,12 +35,14 @@ from stagewise.training.batching import collate
 from stagewise.training import TrainState, build_accelerator, build_optimizer, build_scheduler
 
 from conftest import compose
-from scripted_policy import ScriptedPolicy, StreamingScriptedPolicy
+from scripted_policy import ReportingScriptedPolicy, ScriptedPolicy, StreamingScriptedPolicy
 
 
-@pytest.fixture(params=[ScriptedPolicy, StreamingScriptedPolicy], ids=["lockstep", "streaming"])
+@pytest.fixture(params=[ScriptedPolicy, ReportingScriptedPolicy, StreamingScriptedPolicy],
+                ids=["lockstep", "lockstep_early_code", "streaming"])
 def Policy(request):
-    """Each loop test runs twice: turns batched in lockstep (rollout=hf) and streamed one request each (vLLM)."""
+    """Each loop test runs three ways: turns batched in lockstep, with each code run started when its turn ends or
+    once the call returns (rollout=hf does the first), and streamed one request each (vLLM)."""
     return request.param
 
 
@@ -87,7 +91,7 @@ def test_trajectory_masks_layout_and_stop_ids(tok, tasks, Policy):
     # lockstep: one generate call per turn over all live trajectories; streaming: the prompt once with its n samples,
     # then one request per trajectory's turn. Stop ids = EOS + </Code> + </Answer>, restored after
     calls = [(c["prompts"], c["n"]) for c in policy.calls]
-    assert calls == ([(1, 2), (2, 1)] if Policy is ScriptedPolicy else [(1, 2), (1, 1), (1, 1)])
+    assert calls == ([(1, 2), (1, 1), (1, 1)] if Policy is StreamingScriptedPolicy else [(1, 2), (2, 1)])
     assert all(c["stop_ids"] == [tok.eos_token_id, code_close, answer_close] for c in policy.calls)
     assert policy.stop_ids == [tok.eos_token_id]
 
@@ -239,6 +243,73 @@ def test_hf_backend_stops_on_the_tag_ids(tok):
         assert ids == expected
         assert cols["code_calls"] == cols["code_errors"] == policy_ids.count(code_close)
         assert cols["finish_reason"] == ("answer" if policy_ids[-1] == answer_close else "max_turns")
+
+
+def test_hf_backend_reports_each_stopped_row_once_with_its_final_ids(tok):
+    """``on_finished`` on the real hf backend: a seeded run without extra stops gives rows R; the same seed with a
+    token of R[0] (its 5th) as a stop id must stop each row at its first stop id (kept) and run the others to
+    max_new_tokens (the rows are independent, so their tokens are R's). Exactly the stopped rows are reported, once,
+    with those ids and their index in the batch (the prompts are not in length order: the backend sorts them)."""
+    from stagewise.rollout.hf import HFRollout
+
+    model, _ = load_model_and_tokenizer(ModelConfig())
+    prompts = [tok(t)["input_ids"] for t in ("a longer prompt than the others, by far", "hi", "a middle one")]
+    assert sorted(range(3), key=lambda i: len(prompts[i])) != [0, 1, 2]
+    sampling = SamplingParams(n=2, temperature=1.0, max_new_tokens=12)
+    backend = HFRollout(model, tok, sampling, batch_size=6)
+    torch.manual_seed(0)
+    free = backend.generate(prompts).completion_ids
+    stop = free[0][4]
+    backend.stop_ids = backend.stop_ids + [stop]
+    expected = [ids[:next((k + 1 for k, t in enumerate(ids) if t in backend.stop_ids), len(ids))] for ids in free]
+    reported = []
+    torch.manual_seed(0)
+    batch = backend.generate(prompts, on_finished=lambda i, ids: reported.append((i, ids)))
+    assert batch.completion_ids == expected
+    stopped = [i for i, ids in enumerate(expected) if ids[-1] in backend.stop_ids]
+    assert 0 in stopped and len(stopped) < 6 and batch.truncated == [i not in stopped for i in range(6)]
+    assert sorted(reported) == [(i, expected[i]) for i in stopped]
+
+
+def test_lockstep_code_runs_start_while_the_turn_still_generates(tok, tasks):
+    """With a backend that reports rows as they stop (rollout=hf), each code run starts during the generate call
+    whose turn ended it, not after the call: here every call lingers 1 s after reporting, and each env step started
+    before its call returned. The batch is the one the loop builds when code runs wait for the call."""
+    from stagewise.envs.code_sandbox import CodeSandboxEnv
+
+    row = tasks[0]
+    gold = row["reward_spec"]["ground_truth"]
+    p = tuple(prompt_ids(tok, row))
+    scripts = {(p, 0): ["<Analyze>compute</Analyze>\n" + fenced(solution_code(row)), f"<Answer>Answer: {gold}</Answer>"],
+               (p, 1): [fenced("print(6 * 7)"), "<Answer>Answer: 42</Answer>"]}
+    started = []
+
+    class Recording(CodeSandboxEnv):  # the real env, noting when each step starts
+        def step(self, action):
+            started.append(time.monotonic())
+            return super().step(action)
+
+    env_cfg = OmegaConf.structured(EnvConfig(name="code_sandbox", max_turns=5))
+
+    def run(policy):
+        agent = MultiTurnRollout(policy, tok, lambda: Recording.from_config(env_cfg), max_context_tokens=4096,
+                                 stop_tags=STOP_TAGS["code_sandbox"], num_workers=4,
+                                 sampling=SamplingParams(n=2, max_new_tokens=256))
+        return agent.generate([list(p)], tasks=[row])
+
+    early = ReportingScriptedPolicy(tok, scripts, linger_s=1.0)
+    batch = run(early)
+    first_turn_steps, answer_steps = sorted(started[:2]), sorted(started[2:])
+    assert len(started) == 4 and len(early.returned_at) == 2
+    assert first_turn_steps[-1] < early.returned_at[0] - 0.5  # both code runs began while call 1 lingered
+    assert early.returned_at[0] < answer_steps[0] and answer_steps[-1] < early.returned_at[1] - 0.5
+    assert batch.env_columns["finish_reason"] == ["answer", "answer"] and batch.env_columns["code_errors"] == [0, 0]
+    assert "\n<Execute>\n42\n\n</Execute>\n" in batch.texts[1]
+    started.clear()
+    waited = run(ScriptedPolicy(tok, scripts))
+    assert len(started) == 4
+    for field in ("completion_ids", "loss_mask", "texts", "truncated", "env_columns"):
+        assert getattr(batch, field) == getattr(waited, field), field
 
 
 def test_one_grpo_step_trains_only_policy_tokens(tok, tmp_path):

@@ -82,7 +82,7 @@ class RolloutTiming:
     """Where the multi-turn loop's time went in one ``generate`` call."""
 
     generate_s: float  # seconds with generation running (lockstep: in generate calls; streaming: a turn in flight)
-    env_s: float  # seconds generation stood still waiting for code runs (lockstep: every env step)
+    env_s: float  # seconds generation stood still waiting for code runs (lockstep: after each generate call)
     turns: int  # generation calls: one per turn of the batch (lockstep) or one per trajectory turn (streaming)
 
 

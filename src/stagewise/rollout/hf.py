@@ -6,7 +6,8 @@ repeated for its ``n`` samples (``num_return_sequences`` would prefill it ``n`` 
 R1-Zero's long system prompt and n=8).
 Stopping is tracked per row by one stopping criterion (stop token ids, vectorised, and ``rollout.stop`` strings),
 which records the step at which each row finished: completion lengths are exact even when a stop string spans
-several tokens, and a row that reaches ``max_new_tokens`` is ``truncated``. Stop strings are matched on decoded text
+several tokens, and a row that reaches ``max_new_tokens`` is ``truncated``. ``on_finished``, when given, hears of each completion the moment it stops (the agent loop starts that trajectory's
+code run while the batch's other rows are still generating). Stop strings are matched on decoded text
 (the last few generated tokens of each running row, one batched decode per step), as vLLM does; HF's
 ``StopStringCriteria`` matches token strings instead and fires on byte-level tokens whose decoded text does not
 contain the stop string.
@@ -19,7 +20,7 @@ around the call (``gather_zero3``, TRL's ``ds3_gather_for_generation``) instead 
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
@@ -54,11 +55,12 @@ class FinishTracker(StoppingCriteria):
     (``finished_at``; -1 = still running, i.e. truncated if generation ends)."""
 
     def __init__(self, prompt_width: int, rows: int, stop_ids: Sequence[int], strings: Optional[StopStrings],
-                 device):
+                 device, on_finished: Optional[Callable[[int, List[int]], None]] = None):
         self.prompt_width = prompt_width
         self.stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=device) if stop_ids else None
         self.strings = strings
         self.finished_at = torch.full((rows,), -1, dtype=torch.long, device=device)
+        self.on_finished = on_finished  # (row, its completion's token ids), once, at the step the row stops
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -69,11 +71,16 @@ class FinishTracker(StoppingCriteria):
         fresh = done & (self.finished_at < 0)
         self.finished_at = torch.where(fresh, torch.full_like(self.finished_at, input_ids.shape[1] - self.prompt_width),
                                        self.finished_at)
+        if self.on_finished is not None and bool(fresh.any()):
+            for row in fresh.nonzero().flatten().tolist():
+                self.on_finished(row, input_ids[row, self.prompt_width:].tolist())
         return self.finished_at >= 0
 
 
 class HFRollout:
     """Generate with the training model itself. ``model`` is the unwrapped (PEFT or plain) causal LM."""
+
+    reports_finished_rows = True  # generate(..., on_finished=...): see the module docstring
 
     def __init__(self, model, tokenizer, sampling: SamplingParams, batch_size: int = 64,
                  return_logprobs: bool = False, gather_zero3: bool = False):
@@ -118,8 +125,11 @@ class HFRollout:
         )
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: Optional[SamplingParams] = None) -> RolloutBatch:
-        """``n`` completions for each prompt (token ids), prompt-major."""
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Optional[SamplingParams] = None, *,
+                 on_finished: Optional[Callable[[int, List[int]], None]] = None) -> RolloutBatch:
+        """``n`` completions for each prompt (token ids), prompt-major. ``on_finished(index, completion_ids)`` is
+        called during generation, once per completion that ends at a stop token or stop string (not for one cut at
+        ``max_new_tokens``), with its final token ids and its index in the returned batch."""
         sampling = sampling or self.sampling
         if not prompts:
             raise ValueError("generate() got no prompts")
@@ -133,7 +143,10 @@ class HFRollout:
             with self._gathered():
                 for start in range(0, len(order), per_call):
                     chunk = order[start:start + per_call]
-                    rows = self._generate_chunk([prompts[i] for i in chunk], sampling, strings)
+                    report = None if on_finished is None else (  # row r of the chunk: prompt r // n, sample r % n
+                        lambda r, ids, chunk=chunk: on_finished(chunk[r // sampling.n] * sampling.n + r % sampling.n,
+                                                                ids))
+                    rows = self._generate_chunk([prompts[i] for i in chunk], sampling, strings, report)
                     for j, i in enumerate(chunk):
                         results[i] = tuple(r[j * sampling.n:(j + 1) * sampling.n] for r in rows)
         finally:
@@ -153,7 +166,7 @@ class HFRollout:
     def _wants_logprobs(self, sampling: SamplingParams) -> bool:
         return self.return_logprobs and sampling.temperature > 0
 
-    def _generate_chunk(self, prompts, sampling: SamplingParams, strings):
+    def _generate_chunk(self, prompts, sampling: SamplingParams, strings, on_finished=None):
         device = next(self.model.parameters()).device
         input_ids, attention_mask = left_pad(prompts, self.pad_id, device)
         width, n = input_ids.shape[1], sampling.n
@@ -161,7 +174,7 @@ class HFRollout:
         if cache is not None:  # the n samples of a prompt share its KV cache; generate() only runs the last token
             input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
         tracker = FinishTracker(width, len(prompts) * n, [] if sampling.ignore_eos else self.stop_ids,
-                                strings, device)
+                                strings, device, on_finished)
         want_lp = self._wants_logprobs(sampling)
         config = self.generation_config(sampling)
         if cache is not None:

@@ -17,14 +17,17 @@ of two ways, chosen by the backend:
   env pool while the engine generates the other trajectories' turns. Nobody waits for the slowest program or the
   longest turn of the batch.
 * **lockstep** (``rollout=hf``, a batch ``generate``): one ``generate`` call per turn over every unfinished
-  trajectory, once all code runs of the turn before returned. Which trajectories share a call never depends on how
-  long a program ran, so a seeded run is reproducible (the streaming order is not; vLLM sampling on GPU is not
-  bit-reproducible either). `InLockstep(backend)` runs a vLLM backend this way.
+  trajectory, once all code runs of the turn before returned. A trajectory's code run starts the moment its turn
+  stops, while the call goes on generating the others (the hf backend reports each row as it stops:
+  ``generate(..., on_finished=...)``), so programs run during generation instead of after it. Which trajectories
+  share a call never depends on how long a program ran, so a seeded run is reproducible (the streaming order is
+  not; vLLM sampling on GPU is not bit-reproducible either). `InLockstep(backend)` runs a vLLM backend this way.
 
 Per turn:
   1. Generation stops on token ids: the env's stop tags (``</Code>``, ``</Answer>``; single tokens, checked at
      construction) are added to the backend's own stop ids (EOS) for the batch. The stop token is kept.
-  2. a turn that ends with a stop tag goes to ``env.step`` on a thread pool (``env.num_workers`` code runs at once),
+  2. a turn that ends with a stop tag goes to ``env.step`` on a thread pool (``env.num_workers`` code runs at once;
+     in lockstep with ``rollout=hf``, as soon as the turn stops),
      each trajectory in its own sandbox process (started ahead, while turn 0 is generated: as many as ran code in
      the previous batch);
   3. the observation is tokenised (tags as their single ids, the program's text with special tokens split, so a
@@ -64,7 +67,7 @@ import logging
 import re
 import queue
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -302,12 +305,21 @@ class MultiTurnRollout:
                 break
             budgets = {i: self._budget(trajs[i]) for i in live}
             turn_sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, max(budgets.values())))
+            early: Dict[int, Future] = {}  # trajectory -> its code run, started while the batch still generates
+
+            def start_code_run(j: int, ids: List[int]) -> None:  # the backend says: row j's turn is final
+                i = live[j]  # (the shared first turn's rows are the trajectories, prompt-major, as `live` is)
+                if ids and ids[-1] in self.tag_ids.values() and len(ids) <= budgets[i]:  # `_take_turn` sends it
+                    text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                    early[i] = self.pool.submit(self._safe_step, envs[i], text)
+
+            report = {"on_finished": start_code_run} if getattr(self.backend, "reports_finished_rows", False) else {}
             start = time.perf_counter()
             if shared_first_turn and turns == 0 and len(live) == len(trajs):
-                out = self.backend.generate([list(p) for p in prompts], turn_sampling)
+                out = self.backend.generate([list(p) for p in prompts], turn_sampling, **report)
             else:
                 out = self.backend.generate([trajs[i].prompt_ids + trajs[i].completion_ids for i in live],
-                                            replace(turn_sampling, n=1))
+                                            replace(turn_sampling, n=1), **report)
             generate_s += time.perf_counter() - start
             turns += 1
             with_logprobs = with_logprobs and out.logprobs is not None
@@ -317,7 +329,7 @@ class MultiTurnRollout:
                 if self._take_turn(trajs[i], out.completion_ids[j], lp, budgets[i]):
                     pending.append((i, len(out.completion_ids[j])))
             start = time.perf_counter()
-            self._step_envs(envs, trajs, pending)
+            self._step_envs(envs, trajs, pending, early)
             env_s += time.perf_counter() - start
         return RolloutTiming(generate_s=generate_s, env_s=env_s, turns=turns), with_logprobs
 
@@ -443,13 +455,20 @@ class MultiTurnRollout:
             t.finish_reason = "context" if len(ids) >= budget else "turn_length"
         return False
 
-    def _step_envs(self, envs, trajs, pending: List[tuple]) -> None:
-        """Run env.step for every trajectory whose turn ended at a stop tag, in parallel; apply the results."""
+    def _step_envs(self, envs, trajs, pending: List[tuple], started: Optional[Dict[int, Future]] = None) -> None:
+        """Run env.step for every trajectory whose turn ended at a stop tag, in parallel (``started``: the ones
+        already running, each on the same text); apply the results in trajectory order."""
+        started = dict(started or {})
+        if set(started) - {i for i, _ in pending}:
+            raise RuntimeError(f"code runs started for trajectories {sorted(set(started) - {i for i, _ in pending})} "
+                               "whose turns do not go to the env")
         if not pending:
             return
         turn_ids = [trajs[i].completion_ids[-k:] for i, k in pending]
         texts = self.tokenizer.batch_decode(turn_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        steps = list(self.pool.map(lambda i, text: self._safe_step(envs[i], text), [i for i, _ in pending], texts))
+        runs = [started.get(i) or self.pool.submit(self._safe_step, envs[i], text)
+                for (i, _), text in zip(pending, texts)]
+        steps = [run.result() for run in runs]
         obs_ids = encode_observations(self.tokenizer, [s.observation if s is not None else "" for s in steps])
         for (i, _), step, ids in zip(pending, steps, obs_ids):
             self._apply_step(trajs[i], step, ids)
