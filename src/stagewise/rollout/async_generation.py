@@ -128,19 +128,26 @@ def _generator_main(cfg, board: WeightBoard, jobs, results, threads: int, parent
 
 class AsyncGenerator:
     """The trainer's side: start the generator process, `submit` jobs in step order, `take` their batches in the same
-    order, `publish` weights after each step, `close` at the end (also called at exit: the process is a daemon)."""
+    order, `publish` weights after each step, `close` at the end (also called at exit: the process is a daemon).
+    The process starts (imports, loads its model) while the trainer goes on (its step-0 eval); the first `take`
+    waits for it, at most ``start_timeout_s``."""
 
     def __init__(self, cfg, policy: torch.nn.Module, version: int, threads: int, start_timeout_s: float = 600.0):
         ctx = mp.get_context("spawn")
         self.board = WeightBoard(policy.state_dict(), version)
         self.jobs, self.results = ctx.Queue(), ctx.Queue()
         self.pending: List[int] = []
+        self.started, self.start_timeout_s = False, start_timeout_s
         self.process = ctx.Process(target=_generator_main, name="stagewise-generator", daemon=True,
                                    args=(cfg, self.board, self.jobs, self.results, int(threads), os.getpid()))
         self.process.start()
-        kind, payload = self._get(start_timeout_s)
-        if kind != "ready":
-            raise RuntimeError(f"the generator process did not start: {payload}")
+
+    def _wait_started(self) -> None:
+        if not self.started:
+            kind, payload = self._get(self.start_timeout_s)
+            if kind != "ready":
+                raise RuntimeError(f"the generator process did not start: {payload}")
+            self.started = True
 
     def _get(self, timeout_s: Optional[float] = None):
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -163,6 +170,7 @@ class AsyncGenerator:
 
     def take(self) -> Generated:
         """The oldest submitted job's batch (blocks until it is there)."""
+        self._wait_started()
         _, got = self._get()
         expected = self.pending.pop(0)
         if got.step != expected:
