@@ -280,7 +280,8 @@ def test_lockstep_code_runs_start_while_the_turn_still_generates(tok, tasks):
     row = tasks[0]
     gold = row["reward_spec"]["ground_truth"]
     p = tuple(prompt_ids(tok, row))
-    scripts = {(p, 0): ["<Analyze>compute</Analyze>\n" + fenced(solution_code(row)), f"<Answer>Answer: {gold}</Answer>"],
+    scripts = {(p, 0): ["<Analyze>compute</Analyze>\n" + fenced(solution_code(row)),
+                        f"<Answer>Answer: {gold}</Answer>"],
                (p, 1): [fenced("print(6 * 7)"), "<Answer>Answer: 42</Answer>"]}
     started = []
 

@@ -6,11 +6,11 @@ repeated for its ``n`` samples (``num_return_sequences`` would prefill it ``n`` 
 R1-Zero's long system prompt and n=8).
 Stopping is tracked per row by one stopping criterion (stop token ids, vectorised, and ``rollout.stop`` strings),
 which records the step at which each row finished: completion lengths are exact even when a stop string spans
-several tokens, and a row that reaches ``max_new_tokens`` is ``truncated``. ``on_finished``, when given, hears of each completion the moment it stops (the agent loop starts that trajectory's
-code run while the batch's other rows are still generating). Stop strings are matched on decoded text
+several tokens, and a row that reaches ``max_new_tokens`` is ``truncated``. Stop strings are matched on decoded text
 (the last few generated tokens of each running row, one batched decode per step), as vLLM does; HF's
 ``StopStringCriteria`` matches token strings instead and fires on byte-level tokens whose decoded text does not
-contain the stop string.
+contain the stop string. ``generate(..., on_finished=...)`` hears of each completion the moment it stops (the agent
+loop starts that trajectory's code run while the batch's other rows are still generating).
 
 The model is switched to eval mode for the call (no dropout, and gradient checkpointing, which disables the KV
 cache in train mode, is inactive) and restored afterwards. Under DeepSpeed ZeRO-3 the parameters are gathered once

@@ -28,8 +28,8 @@ Per turn:
      construction) are added to the backend's own stop ids (EOS) for the batch. The stop token is kept.
   2. a turn that ends with a stop tag goes to ``env.step`` on a thread pool (``env.num_workers`` code runs at once;
      in lockstep with ``rollout=hf``, as soon as the turn stops),
-     each trajectory in its own sandbox process (started ahead, while turn 0 is generated: as many as ran code in
-     the previous batch);
+     each trajectory in its own sandbox process (started ahead, while turn 0 is generated: as many as the most
+     trajectories that ran code in one batch so far);
   3. the observation is tokenised (tags as their single ids, the program's text with special tokens split, so a
      printed ``<|im_end|>`` is plain text) and appended with mask 0;
   4. a trajectory ends when the env says done (``</Answer>``, or ``env.max_turns`` steps), when a turn ends with
