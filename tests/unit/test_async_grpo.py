@@ -193,3 +193,21 @@ def test_weight_board_copies_tied_embeddings_once_and_the_generator_loads_them_t
     for name, tensor in generator.state_dict().items():
         assert torch.equal(tensor, trainer.state_dict()[name]), name
     assert generator.get_output_embeddings().weight is generator.get_input_embeddings().weight
+
+
+def test_a_generator_that_cannot_start_fails_the_first_batch_naming_the_cause(tmp_path):
+    """The generator process starts beside the trainer; when it cannot load its model, the trainer's first `take`
+    raises with the process's own error (here: the missing model folder), instead of waiting for a batch."""
+    from stagewise.rollout.async_generation import AsyncGenerator
+
+    missing = tmp_path / "no_such_model"
+    cfg = typed_config(compose(["experiment=tiny/grpo", f"model.name_or_path={missing}"]))
+    policy, _ = load_model_and_tokenizer(typed_config(compose(["experiment=tiny/grpo"])).model)
+    generator = AsyncGenerator(cfg, policy, version=0, threads=1)
+    try:
+        generator.submit(0, [0], {"prompt_ids": [[1, 2, 3]]})
+        with pytest.raises(RuntimeError, match="generator process failed") as err:
+            generator.take()
+        assert str(missing) in str(err.value)
+    finally:
+        generator.close()
