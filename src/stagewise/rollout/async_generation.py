@@ -48,7 +48,7 @@ class WeightBoard:
         self.unique: List[str] = []  # one name per distinct tensor: what `publish` copies
         seen: Dict[tuple, torch.Tensor] = {}
         for name, t in state_dict.items():
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            key = (t.data_ptr(), tuple(t.shape))  # tied weights: the same memory under two names
             if key not in seen:
                 seen[key] = t.detach().to("cpu", copy=True).contiguous().share_memory_()
                 self.unique.append(name)

@@ -309,9 +309,8 @@ class MultiTurnRollout:
 
             def start_code_run(j: int, ids: List[int]) -> None:  # the backend says: row j's turn is final
                 i = live[j]  # (the shared first turn's rows are the trajectories, prompt-major, as `live` is)
-                if ids and ids[-1] in self.tag_ids.values() and len(ids) <= budgets[i]:  # `_take_turn` sends it
-                    text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-                    early[i] = self.pool.submit(self._safe_step, envs[i], text)
+                if self._goes_to_env(ids, budgets[i]):
+                    early[i] = self._start_step(envs[i], ids)
 
             report = {"on_finished": start_code_run} if getattr(self.backend, "reports_finished_rows", False) else {}
             start = time.perf_counter()
@@ -361,10 +360,8 @@ class MultiTurnRollout:
             self.backend.submit_turn(context, turn, lambda f: events.put(("turn", rows, budget, f)))
 
         def run_code(i: int, k: int) -> None:
-            text = self.tokenizer.decode(trajs[i].completion_ids[-k:], skip_special_tokens=False,
-                                         clean_up_tokenization_spaces=False)
             in_flight["env"] += 1
-            self.pool.submit(self._safe_step, envs[i], text).add_done_callback(
+            self._start_step(envs[i], trajs[i].completion_ids[-k:]).add_done_callback(
                 lambda f: events.put(("env", [i], None, f)))
 
         def next_turn_or_finish(i: int) -> None:
@@ -435,9 +432,19 @@ class MultiTurnRollout:
     def _budget(self, t: Trajectory) -> int:
         return self.max_context_tokens - t.length
 
+    def _goes_to_env(self, ids: Sequence[int], budget: int) -> bool:
+        """Does a generated turn go to ``env.step``? When it fits the context budget and ends with a stop tag."""
+        return 0 < len(ids) <= budget and int(ids[-1]) in self.tag_ids.values()
+
+    def _start_step(self, env: Env, turn_ids: Sequence[int]) -> Future:
+        """``env.step`` on the turn's text, on the env pool."""
+        text = self.tokenizer.decode(list(turn_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self.pool.submit(self._safe_step, env, text)
+
     def _take_turn(self, t: Trajectory, ids: Sequence[int], logprobs, budget: int) -> bool:
-        """Append one generated turn; True when it ends with a stop tag and goes to the env."""
+        """Append one generated turn; True when it goes to the env (`_goes_to_env`)."""
         ids = [int(x) for x in ids]
+        to_env = self._goes_to_env(ids, budget)
         over = len(ids) > budget
         if over:
             ids = ids[:budget]
@@ -447,7 +454,7 @@ class MultiTurnRollout:
         last = ids[-1] if ids else None
         if over:
             t.finish_reason = "context"
-        elif last is not None and last in self.tag_ids.values():
+        elif to_env:
             return True
         elif last is not None and last in self.eos_ids:
             t.finish_reason = "eos"
@@ -458,16 +465,10 @@ class MultiTurnRollout:
     def _step_envs(self, envs, trajs, pending: List[tuple], started: Optional[Dict[int, Future]] = None) -> None:
         """Run env.step for every trajectory whose turn ended at a stop tag, in parallel (``started``: the ones
         already running, each on the same text); apply the results in trajectory order."""
-        started = dict(started or {})
-        if set(started) - {i for i, _ in pending}:
-            raise RuntimeError(f"code runs started for trajectories {sorted(set(started) - {i for i, _ in pending})} "
-                               "whose turns do not go to the env")
+        started = started or {}
         if not pending:
             return
-        turn_ids = [trajs[i].completion_ids[-k:] for i, k in pending]
-        texts = self.tokenizer.batch_decode(turn_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        runs = [started.get(i) or self.pool.submit(self._safe_step, envs[i], text)
-                for (i, _), text in zip(pending, texts)]
+        runs = [started.get(i) or self._start_step(envs[i], trajs[i].completion_ids[-k:]) for i, k in pending]
         steps = [run.result() for run in runs]
         obs_ids = encode_observations(self.tokenizer, [s.observation if s is not None else "" for s in steps])
         for (i, _), step, ids in zip(pending, steps, obs_ids):
